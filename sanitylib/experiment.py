@@ -32,7 +32,7 @@ from .randomize import (Perturbation, cascading_stages, get_blocks, independent_
                         randomized, snapshot)  # fmt: skip
 
 __all__ = ["DEFAULT_METRICS", "MapStore", "run_randomization", "cascading_randomization",
-           "independent_randomization", "summarize", "config_key"]  # fmt: skip
+           "independent_randomization", "summarize", "config_key", "explain_methods"]  # fmt: skip
 
 DEFAULT_METRICS = ("spearman_abs", "spearman", "ssim", "hog_spearman")
 ORIGINAL = "original"
@@ -271,4 +271,18 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     and metric, in stage order."""
     g = df.groupby(["stage_index", "stage", "method", "metric"], sort=True)["value"]
     out = g.agg(mean="mean", std=lambda v: float(v.std(ddof=0)), n="count").reset_index()
+    return out
+
+
+def explain_methods(model: nn.Module, x: Tensor, methods: Sequence[str],
+                    method_options: dict[str, dict] | None = None, seed: int = 0,
+                    batch_size: int = 32, progress: bool = True) -> dict[str, Tensor]:  # fmt: skip
+    """Maps of several methods on the same images (each for the model's predicted class),
+    with a progress bar: ``{method: (N, C, H, W)}``."""
+    method_options = method_options or {}
+    target = predict(model, x, batch_size).argmax(1)
+    out = {}
+    for m in tqdm(methods, desc="saliency maps", unit="method", disable=not progress):
+        out[m] = explain(model, x, m, target=target, seed=seed, batch_size=batch_size,
+                         **method_options.get(m, {}))  # fmt: skip
     return out

@@ -222,10 +222,3 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="at least 11x11"):
         M.similarity(x[..., :8, :8], x[..., :8, :8], "ssim")
     M.similarity(x[:, 0], x[:, 0], "spearman", normalize=False)  # 3-D is fine for prepared maps
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu(pair64):
-    a, b = to_t(pair64[0]), to_t(pair64[1])
-    for m in M.METRICS:
-        torch.testing.assert_close(M.similarity(a.cuda(), b.cuda(), m).cpu(), M.similarity(a, b, m), rtol=0, atol=1e-6)

@@ -127,10 +127,3 @@ def test_check_maps_name_and_ndims():
     with pytest.raises(ValueError, match="^b must be"):
         P.check_maps(torch.zeros(8, 8), "b", (3, 4))
     P.check_maps(torch.zeros(2, 8, 8), "b", (3, 4))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu(maps3):
-    x = to_t(maps3)
-    for fn in (P.abs_normalize, P.diverging_normalize, P.unit_normalize):
-        torch.testing.assert_close(fn(x.cuda()).cpu(), fn(x))

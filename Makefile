@@ -1,0 +1,30 @@
+# Two commands for a newcomer (see README.md):
+#   make book   set up .venv, execute every chapter (offline defaults) and build the HTML book strictly
+#   make test   set up .venv and run the whole test suite (unit tests, notebooks, strict book build)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install book test clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q -e ".[book,test]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import sanitylib, captum, jupyter_book, papermill, pytest" 
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# A stale Sphinx environment can hide warnings from a -W build: always start from a fresh one.
+book: $(STAMP)
+	rm -rf _build/.doctrees _build/html
+	$(BIN)/jupyter-book build . -W -n --keep-going
+	@echo "Book: $(CURDIR)/_build/html/index.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf _build

@@ -1,0 +1,23 @@
+"""Shared test set-up: a private result cache and a bounded thread count."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Every test session uses its own sanitylib cache (also inherited by notebook kernels)."""
+    old = os.environ.get("SANITYLIB_CACHE")
+    os.environ["SANITYLIB_CACHE"] = str(tmp_path_factory.mktemp("sanitylib-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SANITYLIB_CACHE", None)
+    else:
+        os.environ["SANITYLIB_CACHE"] = old
+
+
+if not torch.cuda.is_available():
+    collect_ignore = ["test_gpu.py"]

@@ -75,6 +75,28 @@ def _tensor_hash(tensors) -> str:
     return h.hexdigest()[:20]
 
 
+def _identify(obj, model: nn.Module):
+    """A JSON-friendly identity for cache keys: modules by their path in ``model``, callables
+    by their qualified name, code, defaults and closure values (so two closures from one
+    factory, or a function redefined in a notebook, do not collide)."""
+    if isinstance(obj, nn.Module):
+        for name, m in model.named_modules():
+            if m is obj:
+                return f"<module {name}>"
+        return f"<foreign module {type(obj).__name__} {_tensor_hash(obj.state_dict().values())}>"
+    if callable(obj) and hasattr(obj, "__code__"):
+        cells = [_identify(c.cell_contents, model) for c in (obj.__closure__ or ())]
+        return [obj.__qualname__, hashlib.sha256(obj.__code__.co_code).hexdigest()[:16],
+                repr(obj.__defaults__), cells]  # fmt: skip
+    if isinstance(obj, dict):
+        return {str(k): _identify(v, model) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_identify(v, model) for v in obj]
+    if isinstance(obj, Tensor):
+        return f"<tensor {_tensor_hash([obj])}>"
+    return obj if isinstance(obj, (int, float, str, bool, type(None))) else repr(obj)
+
+
 def config_key(config: dict) -> str:
     """sha256 of a JSON-serializable configuration (sorted keys), 24 hex characters."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -179,8 +201,9 @@ def run_randomization(
             "x": _tensor_hash([x]), "methods": list(methods), "metrics": list(metrics),
             "blocks": [[b.name, list(b.modules)] for b in blocks_], "seed": seed,
             "perturbation": [perturbation.kind, perturbation.sigma, perturbation.relative,
-                             init if isinstance(init, str) else getattr(init, "__qualname__", repr(init))],
-            "target": target, "options": method_options, "kept": kept, "names": names,
+                             _identify(init, model)],
+            "target": target, "options": _identify(method_options, model), "kept": kept,
+            "names": names,
         }  # fmt: skip
         root = Path(cache) if not isinstance(cache, bool) else cache_dir("runs")
         folder = root / config_key(config)

@@ -116,8 +116,8 @@ def convert_relu6(model: nn.Module) -> nn.Module:
     """Replace every ``nn.ReLU6`` by a :class:`GuidedReLU6` in place (shared instances stay
     shared).  The logits are unchanged; Guided BackProp then applies to those activations."""
     replaced: dict[int, nn.Module] = {}
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):  # named_children() de-duplicates
             if isinstance(child, nn.ReLU6):
                 new = replaced.setdefault(id(child), GuidedReLU6())
                 setattr(parent, name, new)

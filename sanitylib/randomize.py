@@ -146,9 +146,12 @@ def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple
                          "pass blocks=[...] explicitly")  # fmt: skip
     order = [n for n, _ in children]
     if example is not None:
+        # a child is placed where any of its submodules first starts running (a ModuleList's
+        # own forward never runs; its layers do)
         seen: list[str] = []
-        hooks = [m.register_forward_hook(lambda *_, n=n: seen.append(n) if n not in seen else None)
-                 for n, m in children]  # fmt: skip
+        hooks = [sub.register_forward_pre_hook(
+                     lambda *_, n=n: seen.append(n) if n not in seen else None)
+                 for n, m in children for sub in m.modules()]  # fmt: skip
         try:
             with torch.no_grad():
                 model(example[:1])

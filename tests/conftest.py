@@ -19,5 +19,13 @@ def _private_cache(tmp_path_factory):
         os.environ["SANITYLIB_CACHE"] = old
 
 
+@pytest.fixture(scope="session")
+def effnet():
+    """The real EfficientNet-Lite0 with its shipped ImageNet weights (shared, read-only use)."""
+    from sanitylib.models import load_model
+
+    return load_model("efficientnet_lite0")
+
+
 if not torch.cuda.is_available():
     collect_ignore = ["test_gpu.py"]

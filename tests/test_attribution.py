@@ -74,19 +74,6 @@ def captum_noise_tunnel(attr, x, target, nt_type, n_samples, seed, **kwargs):
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def effnet():
-    return load_model("efficientnet_lite0")
-
-
 @pytest.fixture(scope="module")
 def photos(effnet):
     return load_photos(effnet, names=["chelsea", "coffee"], verbose=False)

@@ -18,23 +18,10 @@ MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     """Keep sanitylib's cache (MNIST download root) out of the home directory."""
     monkeypatch.setenv("SANITYLIB_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def effnet():
-    return load_model("efficientnet_lite0")
 
 
 @pytest.fixture(scope="module")

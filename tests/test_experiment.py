@@ -59,14 +59,6 @@ def state_equal(a: dict, b: dict) -> bool:
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     with torch.random.fork_rng():
@@ -376,11 +368,6 @@ def test_summarize_real_table(tiny_table):
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0 end to end
-@pytest.fixture(scope="module")
-def effnet():
-    return load_model("efficientnet_lite0")
-
-
 @pytest.fixture(scope="module")
 def photos(effnet):
     return load_photos(effnet, names=["chelsea", "coffee"], verbose=False)

@@ -35,19 +35,6 @@ COFFEE_CLASSES = {"espresso", "cup"}
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def effnet():
-    return M.load_model("efficientnet_lite0")
-
-
 @pytest.fixture(scope="module")
 def effnet_raw():
     """The unmodified package model, loaded exactly as its documentation says."""

@@ -223,6 +223,7 @@ def run_randomization(
     store = MapStore(kept)
     rows: list[dict] = []
     original: dict[str, Tensor] | None = None
+    orig_const: dict[str, Tensor] = {}
     orig_target = predict(model, x, batch_size).argmax(1)
     original_file = folder / "original.pt" if folder else None
     if original_file is not None and original_file.exists():
@@ -240,6 +241,7 @@ def run_randomization(
         if original is None:
             bar.set_postfix_str("trained model")
             original = maps_for(model, orig_target)
+            orig_const = {m: is_constant(abs_normalize(v).flatten(1)) for m, v in original.items()}
             store.stages[ORIGINAL] = {m: v[kept].half().cpu() for m, v in original.items()}
             if original_file is not None:
                 _atomic_save(store.stages[ORIGINAL], original_file)
@@ -249,8 +251,7 @@ def run_randomization(
             maps = maps_for(rmodel, cur)
         stage_rows = []
         for meth, rmaps in maps.items():
-            const = (is_constant(abs_normalize(rmaps).flatten(1))
-                     | is_constant(abs_normalize(original[meth]).flatten(1))).tolist()  # fmt: skip
+            const = (is_constant(abs_normalize(rmaps).flatten(1)) | orig_const[meth]).tolist()
             for metric in metrics:
                 vals = similarity(original[meth], rmaps, metric).tolist()
                 for i, v in enumerate(vals):

@@ -8,27 +8,11 @@ from skimage import data, transform
 from skimage.feature import hog as sk_hog
 from skimage.metrics import structural_similarity as sk_ssim
 
+from reference import ref_abs, ref_div, ref_unit, to_t
 from sanitylib import metrics as M
 
 
 # ---------------------------------------------------------------- references and data
-def ref_abs(e: np.ndarray) -> np.ndarray:
-    if e.ndim == 2:
-        return np.abs(e) / np.abs(e).max()
-    m = np.abs(e).sum(-1)
-    return np.clip((m - m.min()) / (np.percentile(m, 99) - m.min()), 0, 1)
-
-
-def ref_div(e: np.ndarray) -> np.ndarray:
-    if e.ndim == 2:
-        return e / np.abs(e).max()
-    s = e.sum(-1)
-    span = abs(np.percentile(s, 99))
-    return np.clip((s + span) / (2 * span), -1, 1)
-
-
-def ref_unit(e: np.ndarray) -> np.ndarray:
-    return (e - e.min()) / (e.max() - e.min())
 
 
 def ref_hog(im: np.ndarray) -> np.ndarray:
@@ -47,12 +31,6 @@ def photo_maps(size: int) -> tuple[np.ndarray, np.ndarray]:
     grad = np.stack([np.gradient(i, axis=0) + np.gradient(i, axis=1) for i in imgs])
     hp = np.stack([i - ndimage.gaussian_filter(i, sigma=(2, 2, 0)) for i in imgs])
     return grad, hp
-
-
-def to_t(x: np.ndarray) -> torch.Tensor:
-    """(N, H, W, C) -> (N, C, H, W); (N, H, W) -> (N, 1, H, W)."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    return t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
 
 
 @pytest.fixture(scope="module")

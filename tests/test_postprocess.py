@@ -6,29 +6,11 @@ import torch
 from scipy import ndimage
 from skimage import data, transform
 
+from reference import ref_abs, ref_div, ref_unit, to_t
 from sanitylib import postprocess as P
 
 
 # ---------------------------------------------------------------- numpy references (protocol section 4)
-def ref_abs(e: np.ndarray) -> np.ndarray:
-    """(H, W, C) or (H, W) raw map -> ABS-normalized (H, W)."""
-    if e.ndim == 2:
-        return np.abs(e) / np.abs(e).max()
-    m = np.abs(e).sum(-1)
-    return np.clip((m - m.min()) / (np.percentile(m, 99) - m.min()), 0, 1)
-
-
-def ref_div(e: np.ndarray) -> np.ndarray:
-    """(H, W, C) or (H, W) raw map -> diverging-normalized (H, W)."""
-    if e.ndim == 2:
-        return e / np.abs(e).max()
-    s = e.sum(-1)
-    span = abs(np.percentile(s, 99))
-    return np.clip((s + span) / (2 * span), -1, 1)
-
-
-def ref_unit(e: np.ndarray) -> np.ndarray:
-    return (e - e.min()) / (e.max() - e.min())
 
 
 def photo_maps(size: int = 64) -> np.ndarray:
@@ -38,12 +20,6 @@ def photo_maps(size: int = 64) -> np.ndarray:
         im = transform.resize(img, (size, size), anti_aliasing=True)
         out.append(im - ndimage.gaussian_filter(im, sigma=(2, 2, 0)))
     return np.stack(out)
-
-
-def to_t(x: np.ndarray) -> torch.Tensor:
-    """(N, H, W, C) numpy -> (N, C, H, W) torch; (N, H, W) -> (N, 1, H, W)."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    return t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
 
 
 @pytest.fixture(scope="module")

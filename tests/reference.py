@@ -1,0 +1,32 @@
+"""numpy ports of the paper's normalizations (paper-protocol.md section 4), shared by the tests."""
+
+import numpy as np
+import torch
+
+
+def ref_abs(e: np.ndarray) -> np.ndarray:
+    """(H, W, C) or (H, W) raw map -> ABS-normalized (H, W)."""
+    if e.ndim == 2:
+        return np.abs(e) / np.abs(e).max()
+    m = np.abs(e).sum(-1)
+    return np.clip((m - m.min()) / (np.percentile(m, 99) - m.min()), 0, 1)
+
+
+def ref_div(e: np.ndarray) -> np.ndarray:
+    """(H, W, C) or (H, W) raw map -> diverging-normalized (H, W)."""
+    if e.ndim == 2:
+        return e / np.abs(e).max()
+    s = e.sum(-1)
+    span = abs(np.percentile(s, 99))
+    return np.clip((s + span) / (2 * span), -1, 1)
+
+
+def ref_unit(e: np.ndarray) -> np.ndarray:
+    """Global min-max to [0, 1]."""
+    return (e - e.min()) / (e.max() - e.min())
+
+
+def to_t(x: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) -> (N, C, H, W); (N, H, W) -> (N, 1, H, W)."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)

@@ -12,12 +12,12 @@ The public API works on any ``torch.nn.Module`` returning logits::
 
 __version__ = "0.1.0"
 
-from . import attribution, data, experiment, metrics, models, plots, postprocess, profiles, randomize  # noqa: E402
+from . import attribution, data, experiment, findings, metrics, models, plots, postprocess, profiles, randomize  # noqa: E402
 from .attribution import METHODS, GuidedBackpropError, check_guided_backprop, explain, predict  # noqa: E402
 from .data import load_mnist, load_photos  # noqa: E402
 from .experiment import (cascading_randomization, explain_methods, independent_randomization,  # noqa: E402
                          run_randomization, summarize)
-from .metrics import METRICS, similarity  # noqa: E402
+from .metrics import METRICS, noise_floor, similarity  # noqa: E402
 from .models import MODELS, WeightsUnavailableError, load_model  # noqa: E402
 from .postprocess import abs_normalize, diverging_normalize, unit_normalize  # noqa: E402
 from .profiles import PROFILES, get_profile  # noqa: E402
@@ -26,8 +26,8 @@ from .randomize import Perturbation, randomized  # noqa: E402
 __all__ = [
     "METHODS", "METRICS", "MODELS", "PROFILES", "GuidedBackpropError", "Perturbation",
     "WeightsUnavailableError", "abs_normalize", "attribution", "cascading_randomization",
-    "check_guided_backprop", "data", "diverging_normalize", "experiment", "explain", "explain_methods",
+    "check_guided_backprop", "data", "diverging_normalize", "experiment", "explain", "explain_methods", "findings",
     "get_profile", "independent_randomization", "load_mnist", "load_model", "load_photos",
-    "metrics", "models", "plots", "postprocess", "predict", "profiles", "randomize",
+    "metrics", "models", "noise_floor", "plots", "postprocess", "predict", "profiles", "randomize",
     "randomized", "run_randomization", "similarity", "summarize", "unit_normalize",
 ]

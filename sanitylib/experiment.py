@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import __version__
 from .attribution import METHODS, explain, predict
 from .data import cache_dir
-from .metrics import METRICS, is_constant, similarity
+from .metrics import METRICS, is_constant, noise_floor, similarity
 from .models import get_info
 from .postprocess import abs_normalize
 from .randomize import (Perturbation, cascading_stages, get_blocks, independent_stages,
@@ -166,7 +166,9 @@ def run_randomization(
     Returns:
         Tidy table with columns ``schedule, stage_index, stage, method, image, image_name,
         metric, value, constant, target, original_target, perturbation, model``; the maps in
-        ``df.attrs["maps"]``.
+        ``df.attrs["maps"]``; the noise floors of the trained model's maps
+        (:func:`sanitylib.metrics.noise_floor`: pairs of different images, random masks) in
+        ``df.attrs["floor"]`` (``None`` with a single image).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -226,14 +228,16 @@ def run_randomization(
     orig_const: dict[str, Tensor] = {}
     orig_target = predict(model, x, batch_size).argmax(1)
     original_file = folder / "original.pt" if folder else None
+    floor = None
     if original_file is not None and original_file.exists():
-        store.stages[ORIGINAL] = torch.load(original_file)
+        saved = torch.load(original_file, weights_only=False)
+        store.stages[ORIGINAL], floor = saved["maps"], saved["floor"]
         bar.update(len(methods))
     snap = snapshot(model)
     for k, stage in enumerate(stages):
         stage_file = folder / f"stage_{k:03d}.pt" if folder else None
         if stage_file is not None and stage_file.exists():
-            saved = torch.load(stage_file)
+            saved = torch.load(stage_file, weights_only=False)
             rows += saved["rows"]
             store.stages[stage.name] = saved["maps"]
             bar.update(len(methods))
@@ -243,8 +247,9 @@ def run_randomization(
             original = maps_for(model, orig_target)
             orig_const = {m: is_constant(abs_normalize(v).flatten(1)) for m, v in original.items()}
             store.stages[ORIGINAL] = {m: v[kept].half().cpu() for m, v in original.items()}
+            floor = noise_floor(original, metrics, seed=seed) if len(x) > 1 else None
             if original_file is not None:
-                _atomic_save(store.stages[ORIGINAL], original_file)
+                _atomic_save({"maps": store.stages[ORIGINAL], "floor": floor}, original_file)
         bar.set_postfix_str(f"stage {stage.name}")
         with randomized(model, stage.blocks, perturbation, seed, snap=snap) as rmodel:
             cur = predict(rmodel, x, batch_size).argmax(1) if target == "current" else orig_target
@@ -271,6 +276,7 @@ def run_randomization(
     df = pd.DataFrame(rows)
     df.attrs["maps"] = store
     df.attrs["stages"] = [s.name for s in stages]
+    df.attrs["floor"] = floor
     return df
 
 

@@ -14,6 +14,7 @@ value per image. Reference equivalences (checked in tests/test_metrics.py):
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ from torch import Tensor
 
 from .postprocess import abs_normalize, check_maps, diverging_normalize, unit_normalize
 
-__all__ = ["METRICS", "similarity", "rankdata", "pearson", "spearman", "is_constant", "ssim", "hog"]
+__all__ = ["METRICS", "similarity", "rankdata", "pearson", "spearman", "is_constant", "ssim", "hog",
+           "FLOOR_KINDS", "different_images_floor", "random_mask_floor", "noise_floor"]  # fmt: skip
 
 METRICS = ("spearman_abs", "spearman", "ssim", "hog_pearson", "hog_spearman")
 _PREPARE = {
@@ -238,3 +240,72 @@ def similarity(
     r = torch.cat([corr(x.flatten(1), y.flatten(1), on_constant="nan")  # NaN <=> constant (inputs are finite)
                    for x, y in zip(a.split(step), b.split(step))])
     return _apply_policy(r, r.isnan(), on_constant)
+
+
+# ----------------------------------------------------------------------------- noise floors
+FLOOR_KINDS = ("different images", "random masks")
+
+
+def different_images_floor(maps: Tensor, metric: str, *, on_constant: str = "zero") -> Tensor:
+    """Similarity of the maps of *different* images under one model: every unordered pair
+    ``(i, j)``, ``i < j``, of the ``(N, C, H, W)`` raw maps -> ``(N*(N-1)/2,)`` float64.
+
+    This is what "unrelated maps" score for this method and metric on these images (maps
+    share a centre bias, a frame or an image-independent pattern); a randomized model's map
+    is only "as dissimilar as it gets" when it scores near this floor.
+    """
+    check_maps(maps, "maps", (4,))
+    if len(maps) < 2:
+        raise ValueError("the different-images floor needs maps of at least 2 images")
+    i, j = torch.triu_indices(len(maps), len(maps), offset=1, device=maps.device)
+    return similarity(maps[i], maps[j], metric, on_constant=on_constant)
+
+
+def random_mask_floor(shape: tuple[int, ...], metric: str, *, n: int = 16, kind: str = "gaussian",
+                      seed: int = 0, device: torch.device | str = "cpu") -> Tensor:  # fmt: skip
+    """Similarity of ``n`` pairs of independent random masks of map shape ``(C, H, W)`` -> ``(n,)``.
+
+    The paper's calibration (App. B): two Gaussian (``kind="gaussian"``) or uniform [-1, 1]
+    (``kind="uniform"``) masks, post-processed like maps.  The masks come from a generator
+    seeded with ``seed``, never the global RNG.
+    """
+    if kind not in ("gaussian", "uniform"):
+        raise ValueError(f"kind must be 'gaussian' or 'uniform', got {kind!r}")
+    if len(shape) != 3:
+        raise ValueError(f"shape must be a map shape (C, H, W), got {tuple(shape)}")
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    size = (2, n, *shape)
+    if kind == "gaussian":
+        masks = torch.randn(size, generator=gen, device=device)
+    else:
+        masks = torch.rand(size, generator=gen, device=device) * 2 - 1
+    return similarity(masks[0], masks[1], metric)
+
+
+def noise_floor(maps: dict[str, Tensor], metrics: Sequence[str], *, seed: int = 0,
+                n_masks: int = 16) -> "pd.DataFrame":  # fmt: skip
+    """Both noise floors as a tidy table with columns ``kind, method, metric, pair, value``.
+
+    ``maps`` is ``{method: (N, C, H, W)}`` of the *trained* model (N >= 2): the
+    ``"different images"`` floor has one row per image pair and method; the ``"random masks"``
+    floor has ``n_masks`` rows per metric, with ``method`` set to ``"random masks"``.
+    """
+    import pandas as pd
+
+    rows = []
+    shape = None
+    for method, m in maps.items():
+        shape = tuple(m.shape[1:])
+        for metric in metrics:
+            for p, v in enumerate(different_images_floor(m.float(), metric).tolist()):
+                rows.append({"kind": FLOOR_KINDS[0], "method": method, "metric": metric,
+                             "pair": p, "value": float(v)})  # fmt: skip
+    if shape is None:
+        raise ValueError("maps must not be empty")
+    for metric in metrics:
+        vals = random_mask_floor(shape, metric, n=n_masks, seed=seed)
+        rows += [{"kind": FLOOR_KINDS[1], "method": "random masks", "metric": metric, "pair": p,
+                  "value": float(v)} for p, v in enumerate(vals.tolist())]  # fmt: skip
+    return pd.DataFrame(rows)

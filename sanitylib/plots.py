@@ -16,7 +16,7 @@ from torch import Tensor
 from .postprocess import abs_normalize, diverging_normalize
 
 __all__ = ["METHOD_LABELS", "METRIC_LABELS", "use_book_style", "to_display", "method_grid",
-           "stage_grid", "similarity_curves"]  # fmt: skip
+           "stage_grid", "similarity_curves", "similarity_panels", "stage_heatmap"]  # fmt: skip
 
 METHOD_LABELS = {
     "gradient": "Gradient", "input_x_gradient": "Gradient⊙Input",
@@ -120,18 +120,49 @@ def stage_grid(store, image: int, methods: Sequence[str], visualization: str = "
     return fig
 
 
+def _stage_axis(df: pd.DataFrame) -> tuple[list[str], str, bool]:
+    """Stage names in order, the x-axis label and whether the schedule is cumulative."""
+    stages = df.attrs.get("stages") or list(dict.fromkeys(df.sort_values("stage_index")["stage"]))
+    schedule = df["schedule"].iloc[0] if "schedule" in df and len(df) else "cascading"
+    if schedule == "independent":
+        return list(stages), "block randomized (alone; the others trained)", False
+    if schedule == "cascading":
+        return list(stages), "randomized from the top down to", True
+    return list(stages), "stage", True
+
+
+def _floor_stats(floor: pd.DataFrame | Mapping[str, float] | None, metric: str,
+                 method: str | None) -> tuple[float, float] | None:  # fmt: skip
+    """(mean, std) of a noise floor for one metric (and method; ``None``: random masks)."""
+    if floor is None:
+        return None
+    if not isinstance(floor, pd.DataFrame):  # {metric: value}
+        return (float(floor[metric]), 0.0) if metric in floor else None
+    key = "random masks" if method is None else method
+    v = floor[(floor["metric"] == metric) & (floor["method"] == key)]["value"]
+    return (float(v.mean()), float(v.std(ddof=0))) if len(v) else None
+
+
+def _ylim(metric: str) -> tuple[float, float]:
+    return (-0.5 if metric in ("spearman", "hog_pearson", "hog_spearman") else -0.1), 1.05
+
+
 def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
                       methods: Sequence[str] | None = None, title: str | None = None,
-                      floor: Mapping[str, float] | None = None) -> Figure:  # fmt: skip
+                      floor: pd.DataFrame | Mapping[str, float] | None = None) -> Figure:  # fmt: skip
     """Mean +- population std over images of each metric against the randomization stage, one
     panel per metric, one line per method, with the trained model as a first point at 1.0 and a
-    dashed line where randomization starts (paper Figs. 4-5).  ``floor`` maps a metric to a
-    noise-floor value drawn as a grey band."""
+    dashed line where randomization starts (paper Figs. 4-5).
+
+    ``floor``: the table of :func:`sanitylib.metrics.noise_floor` (the random-mask floor is drawn
+    as a grey band, mean +- std; per-method floors are in :func:`similarity_panels`), or a dict
+    metric -> value.
+    """
     metrics = list(metrics or df["metric"].unique())
     methods = list(methods or df["method"].unique())
-    stages = df.attrs.get("stages") or list(dict.fromkeys(df.sort_values("stage_index")["stage"]))
+    stages, xlabel, cumulative = _stage_axis(df)
     x = np.arange(len(stages) + 1)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False,
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.5), squeeze=False,
                              constrained_layout=True)  # fmt: skip
     for ax, metric in zip(axes[0], metrics):
         sub = df[df["metric"] == metric]
@@ -142,17 +173,95 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
             color = _COLORS.get(m)
             ax.plot(x, mean, marker="o", ms=3, lw=1.4, color=color, label=METHOD_LABELS.get(m, m))
             ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.12, lw=0)
-        if floor and metric in floor:
-            ax.axhspan(floor[metric] - 0.02, floor[metric] + 0.02, color="0.6", alpha=0.3, lw=0)
+        fl = _floor_stats(floor, metric, None)
+        if fl is not None:
+            half = max(fl[1], 0.01)
+            ax.axhspan(fl[0] - half, fl[0] + half, color="0.55", alpha=0.3, lw=0,
+                       label="random masks (noise floor)")
         ax.axvline(0.5, ls="--", color="0.4", lw=1)
         ax.axhline(0, color="0.8", lw=0.8)
         ax.set_xticks(x)
         ax.set_xticklabels(["original", *stages], rotation=60, ha="right", fontsize=7)
-        ax.set_ylim(-0.5 if metric in ("spearman", "hog_pearson", "hog_spearman") else -0.1, 1.05)
+        ax.set_ylim(*_ylim(metric))
         ax.set_title(METRIC_LABELS.get(metric, metric))
-        ax.set_xlabel("randomized from the top down to")
+        ax.set_xlabel(xlabel)
     axes[0, 0].set_ylabel("similarity to the trained model's map")
     axes[0, -1].legend(fontsize=7, loc="lower left", frameon=False)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def similarity_panels(df: pd.DataFrame, floor: pd.DataFrame, metrics: Sequence[str] | None = None,
+                      methods: Sequence[str] | None = None, title: str | None = None,
+                      size: tuple[float, float] = (2.3, 1.45)) -> Figure:  # fmt: skip
+    """Small multiples, rows = methods, columns = metrics: each curve (mean +- std over images)
+    with its own noise floors: the method's maps of two *different* images under the trained
+    model (coloured band, mean +- std over pairs) and two random masks (grey dashed line).
+    A curve inside its coloured band means "as dissimilar as unrelated maps"."""
+    metrics = list(metrics or df["metric"].unique())
+    methods = list(methods or df["method"].unique())
+    stages, xlabel, _ = _stage_axis(df)
+    x = np.arange(len(stages) + 1)
+    fig, axes = plt.subplots(len(methods), len(metrics), squeeze=False, sharex=True,
+                             figsize=(size[0] * len(metrics) + 0.8, size[1] * len(methods) + 0.9),
+                             constrained_layout=True)  # fmt: skip
+    for r, m in enumerate(methods):
+        color = _COLORS.get(m)
+        for c, metric in enumerate(metrics):
+            ax = axes[r, c]
+            g = df[(df["metric"] == metric) & (df["method"] == m)].groupby("stage")["value"]
+            mean = np.r_[1.0, g.mean().reindex(stages).to_numpy()]
+            std = np.r_[0.0, g.std(ddof=0).reindex(stages).to_numpy()]
+            ax.plot(x, mean, marker="o", ms=2, lw=1.2, color=color)
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+            own = _floor_stats(floor, metric, m)
+            if own is not None:
+                half = max(own[1], 0.01)
+                ax.axhspan(own[0] - half, own[0] + half, color=color, alpha=0.25, lw=0)
+            masks = _floor_stats(floor, metric, None)
+            if masks is not None:
+                ax.axhline(masks[0], color="0.35", ls="--", lw=0.8)
+            ax.axvline(0.5, ls=":", color="0.5", lw=0.8)
+            ax.set_ylim(*_ylim(metric))
+            ax.tick_params(labelsize=6)
+            if r == 0:
+                ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=8)
+            if c == 0:
+                ax.set_ylabel(METHOD_LABELS.get(m, m), fontsize=8)
+            if r == len(methods) - 1:
+                ax.set_xticks(x)
+                ax.set_xticklabels(["original", *stages], rotation=90, fontsize=5)
+    fig.supxlabel(f"{xlabel}   (coloured band: two different images; dashed: random masks)",
+                  fontsize=8)  # fmt: skip
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def stage_heatmap(df: pd.DataFrame, metric: str, methods: Sequence[str] | None = None,
+                  title: str | None = None, annotate: bool = True) -> Figure:  # fmt: skip
+    """Methods x stages heatmap of the mean similarity over images for one metric (diverging
+    colours, -1 blue to 1 red), annotated with the values; suited to independent
+    randomization, where the stages are not ordered by cumulative damage."""
+    methods = list(methods or df["method"].unique())
+    stages, xlabel, _ = _stage_axis(df)
+    sub = df[df["metric"] == metric]
+    mean = sub.groupby(["method", "stage"])["value"].mean().unstack().reindex(index=methods,
+                                                                             columns=stages)
+    fig, ax = plt.subplots(figsize=(0.42 * len(stages) + 2.2, 0.36 * len(methods) + 1.4),
+                           constrained_layout=True)  # fmt: skip
+    im = ax.imshow(mean.to_numpy(dtype=float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    if annotate:
+        for (i, j), v in np.ndenumerate(mean.to_numpy(dtype=float)):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
+                        color="white" if abs(v) > 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(len(stages)))
+    ax.set_xticklabels(stages, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(methods)))
+    ax.set_yticklabels([METHOD_LABELS.get(m, m) for m in methods], fontsize=7)
+    ax.set_xlabel(xlabel)
+    fig.colorbar(im, ax=ax, shrink=0.8, label=METRIC_LABELS.get(metric, metric))
+    ax.set_title(title or METRIC_LABELS.get(metric, metric))
     return fig

@@ -121,10 +121,12 @@ def _stages(df: pd.DataFrame) -> list[str]:
     return df.attrs.get("stages") or list(dict.fromkeys(df.sort_values("stage_index")["stage"]))
 
 
-def window_mean(df: pd.DataFrame, method: str, metric: str, window: str) -> float:
-    """Mean over images and over the window's stages of one method and metric."""
+def window_mean(df: pd.DataFrame, method: str, metric: str, window: str,
+                stages: Sequence[str] | None = None) -> float:  # fmt: skip
+    """Mean over images and over the window's stages of one method and metric (``stages``: the
+    schedule's full stage list, if ``df`` holds only some of them)."""
     schedule = str(df["schedule"].iloc[0])
-    names = stage_window(_stages(df), window, schedule)
+    names = stage_window(list(stages or _stages(df)), window, schedule)
     v = df[(df["method"] == method) & (df["metric"] == metric) & df["stage"].isin(names)]["value"]
     if v.empty:
         raise ValueError(f"no rows for method {method!r}, metric {metric!r} in window {names}")
@@ -132,7 +134,8 @@ def window_mean(df: pd.DataFrame, method: str, metric: str, window: str) -> floa
 
 
 def evaluate_claims(df: pd.DataFrame, floor: pd.DataFrame | None = None,
-                    claims: Sequence[Claim] | None = None) -> pd.DataFrame:  # fmt: skip
+                    claims: Sequence[Claim] | None = None,
+                    stages: Sequence[str] | None = None) -> pd.DataFrame:  # fmt: skip
     """Measure each claim on a run's tidy table (claims whose method or metric did not run are
     left out).
 
@@ -141,6 +144,7 @@ def evaluate_claims(df: pd.DataFrame, floor: pd.DataFrame | None = None,
             :func:`sanitylib.independent_randomization`.
         floor: table of :func:`sanitylib.metrics.noise_floor` (needed by floor-relative claims).
         claims: default: :data:`CASCADING_CLAIMS` or :data:`INDEPENDENT_CLAIMS` by schedule.
+        stages: the schedule's full stage list, if ``df`` holds only its first stages.
 
     Returns:
         One row per claim: ``claim, method, metric, stages, paper, this book, floor,
@@ -149,12 +153,12 @@ def evaluate_claims(df: pd.DataFrame, floor: pd.DataFrame | None = None,
     schedule = str(df["schedule"].iloc[0])
     if claims is None:
         claims = CASCADING_CLAIMS if schedule == "cascading" else INDEPENDENT_CLAIMS
-    stages = _stages(df)
+    stages = list(stages or _stages(df))
     rows = []
     for c in claims:
         if c.method not in set(df["method"]) or c.metric not in set(df["metric"]):
             continue
-        value = window_mean(df, c.method, c.metric, c.window)
+        value = window_mean(df, c.method, c.metric, c.window, stages)
         fl = math.nan
         if floor is not None:
             sel = floor[(floor["kind"] == "different images") & (floor["method"] == c.method)

@@ -16,7 +16,9 @@ from torch import Tensor
 from .postprocess import abs_normalize, diverging_normalize
 
 __all__ = ["METHOD_LABELS", "METRIC_LABELS", "use_book_style", "to_display", "method_grid",
-           "stage_grid", "similarity_curves", "similarity_panels", "stage_heatmap"]  # fmt: skip
+           "stage_grid", "similarity_curves", "similarity_panels", "stage_heatmap",
+           "abs_vs_diverging_grid", "paired_method_grid", "similarity_bars",
+           "training_curves"]  # fmt: skip
 
 METHOD_LABELS = {
     "gradient": "Gradient", "input_x_gradient": "Gradient⊙Input",
@@ -186,7 +188,7 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
         ax.set_title(METRIC_LABELS.get(metric, metric))
         ax.set_xlabel(xlabel)
     axes[0, 0].set_ylabel("similarity to the trained model's map")
-    axes[0, -1].legend(fontsize=7, loc="lower left", frameon=False)
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     if title:
         fig.suptitle(title)
     return fig
@@ -264,4 +266,149 @@ def stage_heatmap(df: pd.DataFrame, metric: str, methods: Sequence[str] | None =
     ax.set_xlabel(xlabel)
     fig.colorbar(im, ax=ax, shrink=0.8, label=METRIC_LABELS.get(metric, metric))
     ax.set_title(title or METRIC_LABELS.get(metric, metric))
+    return fig
+
+
+# ----------------------------------------------------------------------------- MNIST chapters
+
+
+def abs_vs_diverging_grid(store, image: int, methods: Sequence[str],
+                          picture: np.ndarray | None = None, title: str | None = None,
+                          size: float = 0.85) -> Figure:  # fmt: skip
+    """:func:`stage_grid` in the absolute (left) and the diverging (right) visualization side
+    by side: rows = methods, columns = the trained model then each randomization stage."""
+    if image not in store.images:
+        raise ValueError(f"maps of image {image} were not stored; stored: {store.images}")
+    k = store.images.index(image)
+    stages = list(store.stages)
+    cols = len(stages) + (picture is not None)
+    fig = plt.figure(figsize=(2 * size * cols + 1.2, size * len(methods) + 0.9),
+                     constrained_layout=True)  # fmt: skip
+    for sub, vis in zip(fig.subfigures(1, 2, wspace=0.04), ("abs", "diverging")):
+        axes = sub.subplots(len(methods), cols, squeeze=False)
+        for r, m in enumerate(methods):
+            off = 0
+            if picture is not None:
+                axes[r, 0].imshow(picture)
+                axes[r, 0].set_xticks([])
+                axes[r, 0].set_yticks([])
+                off = 1
+            for c, s in enumerate(stages):
+                _show(axes[r, c + off], to_display(store[s][m][k : k + 1], vis)[0], vis)
+                if r == 0:
+                    axes[0, c + off].set_title(s, rotation=45, fontsize=7)
+            axes[r, 0].set_ylabel(METHOD_LABELS.get(m, m), rotation=0, ha="right", fontsize=7)
+        sub.suptitle("absolute" if vis == "abs" else "diverging (red +, blue −)", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def paired_method_grid(images: np.ndarray, maps_a: Mapping[str, Tensor],
+                       maps_b: Mapping[str, Tensor], labels: Sequence[str] = ("A", "B"),
+                       visualization: str = "abs", row_names: Sequence[str] | None = None,
+                       title: str | None = None, size: float = 1.0) -> Figure:  # fmt: skip
+    """Two models' maps of the same images, one above the other: for each image a row with
+    model A's maps and a row with model B's (columns = the input, then one per method of
+    ``maps_a``); used for the data randomization test (true vs random labels)."""
+    methods = list(maps_a)
+    missing = [m for m in methods if m not in maps_b]
+    if missing:
+        raise ValueError(f"maps_b lacks the methods {missing}")
+    n = len(images)
+    fig, axes = plt.subplots(2 * n, len(methods) + 1, squeeze=False, constrained_layout=True,
+                             figsize=(size * (len(methods) + 1) + 0.6, size * 2 * n + 0.5))  # fmt: skip
+    shown = [{m: to_display(maps[m], visualization) for m in methods} for maps in (maps_a, maps_b)]
+    for i in range(n):
+        for j in range(2):
+            r = 2 * i + j
+            ax = axes[r, 0]
+            if j == 0:
+                ax.imshow(images[i])
+            else:
+                ax.axis("off")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for c, m in enumerate(methods):
+                _show(axes[r, c + 1], shown[j][m][i], visualization)
+            name = f"{row_names[i]}\n" if row_names is not None and j == 0 else ""
+            axes[r, 1].set_ylabel(f"{name}{labels[j]}", fontsize=7, rotation=0, ha="right",
+                                  va="center")  # fmt: skip
+    axes[0, 0].set_title("Input")
+    for c, m in enumerate(methods):
+        axes[0, c + 1].set_title(METHOD_LABELS.get(m, m), fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def similarity_bars(df: pd.DataFrame, metrics: Sequence[str] = ("spearman_abs", "spearman"),
+                    methods: Sequence[str] | None = None, panel: str = "model",
+                    reference: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                    reference_label: str = "paper", title: str | None = None) -> Figure:  # fmt: skip
+    """Bar plot of the mean ± population std over images of each metric per method, one panel
+    per value of the column ``panel`` (paper Fig. 6).
+
+    ``reference``: ``{panel value: {method: (one value per metric)}}`` drawn as black markers
+    (e.g. the authors' numbers).
+    """
+    panels = list(dict.fromkeys(df[panel]))
+    all_methods = list(methods or dict.fromkeys(df["method"]))
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True, constrained_layout=True,
+                             figsize=(0.55 * len(all_methods) * len(panels) + 1.8, 3.4))  # fmt: skip
+    width = 0.8 / len(metrics)
+    shades = ["#2b5d8a", "#9ec3e0", "#c97b2a", "#f0c48a"]
+    for ax, p in zip(axes[0], panels):
+        sub = df[df[panel] == p]
+        ms = [m for m in all_methods if m in set(sub["method"])]
+        x = np.arange(len(ms))
+        for j, metric in enumerate(metrics):
+            g = sub[sub["metric"] == metric].groupby("method")["value"]
+            mean = g.mean().reindex(ms).to_numpy(dtype=float)
+            std = g.std(ddof=0).reindex(ms).to_numpy(dtype=float)
+            off = (j - (len(metrics) - 1) / 2) * width
+            ax.bar(x + off, mean, width, yerr=std, capsize=2, color=shades[j % len(shades)],
+                   label=METRIC_LABELS.get(metric, metric), error_kw={"lw": 0.8})  # fmt: skip
+            if reference is not None and p in reference:
+                ref = [reference[p].get(m, (np.nan,) * len(metrics))[j] for m in ms]
+                ax.scatter(x + off, ref, marker="D", s=14, color="black", zorder=3,
+                           label=f"{reference_label}" if j == 0 else None)  # fmt: skip
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.set_xticks(x)
+        ax.set_xticklabels([METHOD_LABELS.get(m, m) for m in ms], rotation=50, ha="right",
+                           fontsize=7)  # fmt: skip
+        ax.set_ylim(-0.5, 1.05)
+        ax.set_title(str(p))
+    axes[0, 0].set_ylabel("rank correlation")
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
+                    target: float | None = None, chance: float | None = None,
+                    title: str | None = None) -> Figure:  # fmt: skip
+    """Running training accuracy (solid) and test accuracy (dashed) per epoch, one colour per
+    model; ``histories`` maps a label to the ``history`` of
+    :func:`sanitylib.training.train_mnist_model`.  Optional horizontal lines mark a target
+    training accuracy and the chance level."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.2), constrained_layout=True)
+    for k, (label, hist) in enumerate(histories.items()):
+        color = plt.get_cmap("tab10").colors[k % 10]
+        ep = [h["epoch"] for h in hist]
+        ax.plot(ep, [h["running_train_accuracy"] for h in hist], color=color, lw=1.4,
+                label=f"{label}: train")  # fmt: skip
+        ax.plot(ep, [h["test_accuracy"] for h in hist], color=color, lw=1.2, ls="--",
+                label=f"{label}: test")  # fmt: skip
+    if target is not None:
+        ax.axhline(target, color="0.4", lw=0.8, ls=":")
+    if chance is not None:
+        ax.axhline(chance, color="0.6", lw=0.8, ls=":")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    if title:
+        ax.set_title(title)
     return fig

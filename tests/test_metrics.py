@@ -200,3 +200,49 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="at least 11x11"):
         M.similarity(x[..., :8, :8], x[..., :8, :8], "ssim")
     M.similarity(x[:, 0], x[:, 0], "spearman", normalize=False)  # 3-D is fine for prepared maps
+
+
+# ----------------------------------------------------------------------------- noise floors
+def test_different_images_floor_is_every_pair_against_scipy():
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(4, 20, 20, 3))
+    maps[1] = maps[0] + 0.3 * rng.normal(size=(20, 20, 3))  # one related pair
+    got = M.different_images_floor(to_t(maps), "spearman_abs").numpy()
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    want = [stats.spearmanr(ref_abs(maps[i]).ravel(), ref_abs(maps[j]).ravel())[0] for i, j in pairs]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got[0] > 0.5 and np.abs(got[1:]).max() < 0.3
+    with pytest.raises(ValueError, match="at least 2"):
+        M.different_images_floor(to_t(maps[:1]), "spearman")
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+def test_random_mask_floor_is_seeded_and_near_zero_for_rank_correlations(kind):
+    a = M.random_mask_floor((3, 32, 32), "spearman", n=8, kind=kind, seed=1)
+    b = M.random_mask_floor((3, 32, 32), "spearman", n=8, kind=kind, seed=1)
+    c = M.random_mask_floor((3, 32, 32), "spearman", n=8, kind=kind, seed=2)
+    assert a.shape == (8,) and torch.equal(a, b) and not torch.equal(a, c)
+    # 1024 pixels: the std of Spearman's rho between independent maps is ~1/sqrt(1023) = 0.031
+    assert abs(float(a.mean())) < 0.04 and float(a.abs().max()) < 0.15
+
+
+def test_random_mask_floor_bad_arguments():
+    with pytest.raises(ValueError, match="kind"):
+        M.random_mask_floor((3, 8, 8), "spearman", kind="poisson")
+    with pytest.raises(ValueError, match="shape"):
+        M.random_mask_floor((8, 8), "spearman")
+    with pytest.raises(ValueError, match="unknown metric"):
+        M.random_mask_floor((3, 8, 8), "pearson_abs")
+
+
+def test_noise_floor_table():
+    rng = np.random.default_rng(0)
+    maps = {"a": to_t(rng.normal(size=(3, 48, 48, 3))), "b": to_t(rng.normal(size=(3, 48, 48, 3)))}
+    t = M.noise_floor(maps, ["spearman", "ssim"], n_masks=5)
+    assert set(t.columns) == {"kind", "method", "metric", "pair", "value"}
+    diff = t[t["kind"] == "different images"]
+    assert len(diff) == 2 * 2 * 3  # methods x metrics x pairs
+    masks = t[t["kind"] == "random masks"]
+    assert len(masks) == 2 * 5 and set(masks["method"]) == {"random masks"}
+    one = diff[(diff["method"] == "a") & (diff["metric"] == "ssim")]["value"].to_numpy()
+    np.testing.assert_allclose(one, M.different_images_floor(maps["a"], "ssim").numpy())

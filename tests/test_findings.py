@@ -1,0 +1,97 @@
+"""Tests for sanitylib.findings (paper-vs-book claims) and the randomization profiles."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+import sanitylib as sl
+from sanitylib.findings import Claim, evaluate_claims, stage_window, window_mean
+
+INCEPTION = ["Logits", "Mixed_7c", "Mixed_7b", "Mixed_7a", "Mixed_6e", "Mixed_6d", "Mixed_6c",
+             "Mixed_6b", "Mixed_6a", "Mixed_5d", "Mixed_5c", "Mixed_5b", "Conv2d_4a_3x3",
+             "Conv2d_3b_1x1", "Conv2d_2b_3x3", "Conv2d_2a_3x3", "Conv2d_1a_3x3"]  # fmt: skip
+
+
+def test_windows_on_the_papers_inception_blocks():
+    assert stage_window(INCEPTION, "top", "cascading") == ["Mixed_7c", "Mixed_7b", "Mixed_7a",
+                                                           "Mixed_6e"]  # fmt: skip
+    assert stage_window(INCEPTION, "top", "independent") == INCEPTION[:5]
+    assert stage_window(INCEPTION, "bottom", "cascading") == INCEPTION[-5:]
+    assert stage_window(["a", "b"], "top", "cascading") == ["a"]  # never empty
+    with pytest.raises(ValueError, match="window"):
+        stage_window(INCEPTION, "middle", "cascading")
+
+
+def table(values: dict[tuple[str, str], list[float]], schedule="cascading") -> pd.DataFrame:
+    """A tidy table with 8 stages s0..s7 and two images; values[(method, metric)] per stage."""
+    rows = []
+    for (method, metric), per_stage in values.items():
+        for k, v in enumerate(per_stage):
+            for img, d in enumerate((-0.01, 0.01)):
+                rows.append({"schedule": schedule, "stage_index": k, "stage": f"s{k}",
+                             "method": method, "metric": metric, "image": img, "value": v + d})
+    df = pd.DataFrame(rows)
+    df.attrs["stages"] = [f"s{k}" for k in range(8)]
+    return df
+
+
+def floor_table(method, metric, values) -> pd.DataFrame:
+    return pd.DataFrame({"kind": "different images", "method": method, "metric": metric,
+                         "pair": range(len(values)), "value": values})  # fmt: skip
+
+
+def test_window_mean_and_claims():
+    df = table({("guided_backprop", "spearman_abs"): [1, .9, .8, .1, .1, .1, .1, .1],
+                ("gradient", "spearman"): [.5, .05, .25, 0, 0, 0, 0, 0]})  # fmt: skip
+    # 8 stages: top window = s1 (ceil(8/4) - 1 = 1 stage after the logits-only one)
+    assert window_mean(df, "guided_backprop", "spearman_abs", "top") == pytest.approx(0.9)
+    assert window_mean(df, "guided_backprop", "spearman_abs", "bottom") == pytest.approx(0.1)
+    claims = [Claim("gbp similar", "guided_backprop", "spearman_abs", "top", ">=", 0.7),
+              Claim("grad changes", "gradient", "spearman", "top", "<=", 0.1, True),
+              Claim("gbp invariant everywhere", "guided_backprop", "spearman_abs", "bottom", ">=",
+                    0.7),
+              Claim("not run", "gradcam", "spearman_abs", "top", "<=", 0.5)]  # fmt: skip
+    out = evaluate_claims(df, floor_table("gradient", "spearman", [0.0, 0.02]), claims)
+    assert list(out["claim"]) == ["gbp similar", "grad changes", "gbp invariant everywhere"]
+    assert list(out["holds"]) == [True, True, False]
+    assert out["floor"].iloc[1] == pytest.approx(0.01) and math.isnan(out["floor"].iloc[0])
+    assert out["criterion"].iloc[1] == "<= floor + 0.1"
+    # floor-relative: a high floor makes the same value pass, a negative one makes it fail
+    hi = evaluate_claims(df, floor_table("gradient", "spearman", [-0.2]), claims[1:2])
+    assert not hi["holds"].iloc[0]
+    # the full stage list moves the window
+    full = evaluate_claims(df, None, claims[:1], stages=[f"s{k}" for k in range(16)])
+    assert full["stages"].iloc[0] == "s1 … s3"
+    assert full["this book"].iloc[0] == pytest.approx((0.9 + 0.8 + 0.1) / 3)
+    with pytest.raises(ValueError, match="noise floor"):
+        evaluate_claims(df, None, claims[1:2])
+
+
+def test_claim_validation():
+    with pytest.raises(ValueError, match="window"):
+        Claim("x", "gradient", "spearman", "all", ">=", 0.5)
+    with pytest.raises(ValueError, match="op"):
+        Claim("x", "gradient", "spearman", "top", ">", 0.5)
+
+
+def test_default_claims_use_known_methods_and_metrics():
+    for c in sl.findings.CASCADING_CLAIMS + sl.findings.INDEPENDENT_CLAIMS:
+        assert c.method in sl.METHODS and c.metric in sl.METRICS and c.paper
+
+
+def test_randomization_profiles():
+    book = sl.get_profile("book")
+    methods, options = book.randomization
+    assert "ig_smoothgrad" not in methods and len(methods) == 8
+    assert book.model == "auto" and len(book.photos) >= 4
+    assert options["integrated_gradients"] == {"n_steps": 25}
+    paper_methods, paper_options = sl.get_profile("paper").randomization
+    assert "ig_smoothgrad" in paper_methods and paper_options == {}
+    smoke = sl.get_profile("smoke")
+    assert smoke.options_for("smoothgrad", randomization=True) == {"n_samples": 3}
+    custom = sl.get_profile("smoke", randomization_options={"smoothgrad": {"n_samples": 7}})
+    assert custom.options_for("smoothgrad") == {"n_samples": 3}
+    assert custom.options_for("smoothgrad", randomization=True) == {"n_samples": 7}

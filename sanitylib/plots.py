@@ -412,3 +412,85 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
     if title:
         ax.set_title(title)
     return fig
+
+
+def sensitivity_curves(df: pd.DataFrame, metric: str = "spearman",
+                       methods: Sequence[str] | None = None,
+                       floor: pd.DataFrame | None = None, title: str | None = None,
+                       size: tuple[float, float] = (3.0, 2.8)) -> Figure:  # fmt: skip
+    """Weight-noise curves (:func:`sanitylib.sensitivity.noise_sensitivity`): one panel per
+    sigma, one line per method, mean over (image, draw) units with a 95 % confidence band
+    (normal approximation, +-1.96 standard errors).  ``floor`` (the table of
+    :func:`sanitylib.sensitivity.same_model_floor`) adds each stochastic method's same-model
+    floor as a dashed line: what independent noise draws alone score."""
+    from .sensitivity import unit_curves
+
+    wide = unit_curves(df, metric)
+    methods = [m for m in (methods or wide.index.get_level_values("method").unique())
+               if m in set(wide.index.get_level_values("method"))]  # fmt: skip
+    sigmas = sorted(wide.index.get_level_values("sigma").unique())
+    relative = bool(df["relative"].iloc[0]) if "relative" in df else False
+    kind = str(df["kind"].iloc[0]) if "kind" in df else "gaussian"
+    x = np.arange(wide.shape[1])
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(size[0] * len(sigmas) + 1.6, size[1]),
+                             squeeze=False, sharey=True, constrained_layout=True)  # fmt: skip
+    for ax, sigma in zip(axes[0], sigmas):
+        for m in methods:
+            v = wide.xs((m, sigma), level=("method", "sigma")).to_numpy(dtype=float)
+            mean = np.nanmean(v, 0)
+            half = 1.96 * np.nanstd(v, 0, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0 * mean
+            color = _COLORS.get(m)
+            ax.plot(x, mean, marker="o", ms=3, lw=1.4, color=color, label=METHOD_LABELS.get(m, m))
+            ax.fill_between(x, mean - half, mean + half, color=color, alpha=0.15, lw=0)
+            if floor is not None:
+                fv = floor[(floor["method"] == m) & (floor["metric"] == metric)]["value"]
+                if len(fv) and fv.mean() < 0.999:
+                    ax.axhline(fv.mean(), color=color, ls="--", lw=1)
+        ax.axhline(0, color="0.8", lw=0.8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(list(wide.columns), rotation=45, ha="right", fontsize=7)
+        name = "sigma / std" if relative else "sigma"
+        ax.set_title(f"{kind} noise, {name} = {sigma:g}")
+        ax.set_ylim(-0.2, 1.05)
+        ax.set_xlabel("noise added from the top down to")
+    axes[0, 0].set_ylabel(f"{METRIC_LABELS.get(metric, metric)}\nto the trained model's map")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if floor is not None:
+        handles.append(plt.Line2D([], [], color="0.3", ls="--", lw=1))
+        labels.append("same model, other noise draw")
+    axes[0, -1].legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5),
+                       frameon=False)  # fmt: skip
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def sensitivity_forest(summaries: Mapping[str, pd.DataFrame], value: str = "auc",
+                       title: str | None = None) -> Figure:  # fmt: skip
+    """One panel per setting (e.g. ``"MLP, absolute sigma"``): each method's ``value`` (from
+    :func:`sanitylib.sensitivity.sensitivity_summary`) with its bootstrap interval, one marker
+    per sigma (darker = larger sigma).  Lower AUC = more sensitive to the weights."""
+    labels = list(summaries)
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.3 * len(labels), 3.2), squeeze=False,
+                             sharex=True, constrained_layout=True)  # fmt: skip
+    for ax, lab in zip(axes[0], labels):
+        s = summaries[lab]
+        methods = list(dict.fromkeys(s.sort_values("auc")["method"]))
+        sigmas = sorted(s["sigma"].unique())
+        shades = plt.get_cmap("viridis")(np.linspace(0.85, 0.1, len(sigmas)))
+        for k, (sigma, shade) in enumerate(zip(sigmas, shades)):
+            g = s[s["sigma"] == sigma].set_index("method").reindex(methods)
+            y = np.arange(len(methods)) + (k - (len(sigmas) - 1) / 2) * 0.18
+            err = np.vstack([g[value] - g[f"{value}_lo"], g[f"{value}_hi"] - g[value]])
+            ax.errorbar(g[value], y, xerr=err, fmt="o", ms=3.5, color=shade, lw=1, capsize=2,
+                        label=f"{sigma:g}")  # fmt: skip
+        ax.set_yticks(range(len(methods)))
+        ax.set_yticklabels([METHOD_LABELS.get(m, m) for m in methods], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(lab)
+        ax.set_xlabel("area under the similarity curve" if value == "auc" else value)
+        ax.axvline(0, color="0.8", lw=0.8)
+        ax.legend(title="sigma", fontsize=6, title_fontsize=6, loc="upper right", frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig

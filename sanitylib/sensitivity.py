@@ -1,0 +1,247 @@
+"""Weight-noise sensitivity: how fast do saliency maps change as noise is added to the weights?
+
+The extension of the course report (paper-protocol.md section 8), done with replicates:
+
+* :func:`noise_sensitivity` adds zero-mean Gaussian noise (or multiplicative noise) to the
+  weights and biases, cascading from the logits down, for every ``sigma`` (absolute, or relative
+  to each parameter tensor's standard deviation) and several independent noise draws, and
+  returns one tidy table (the columns of :func:`sanitylib.cascading_randomization` plus
+  ``sigma, relative, kind, draw``).  Within a draw the stochastic methods use common random
+  numbers: the trained and the noisy model see the same SmoothGrad noise.
+* :func:`same_model_floor`: what the stochastic methods score against *themselves* with
+  independent noise draws (the report's unseeded setting), i.e. how low a curve can fall without
+  any change in the weights.
+* :func:`sensitivity_summary`: per method and ``sigma``, the area under the similarity curve
+  (mean similarity over the stages; lower = more sensitive), the similarity once every layer is
+  noisy, and the curve's shape (mean second difference: < 0 concave, > 0 convex), each with a
+  bootstrap confidence interval over (image, draw) units.
+* :func:`sigma_half`: the ``sigma`` at which the fully-noisy similarity falls to one half.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .attribution import derive_seed
+from .experiment import explain_methods, run_randomization
+from .metrics import similarity
+from .randomize import Perturbation
+
+__all__ = ["noise_sensitivity", "same_model_floor", "unit_curves", "sensitivity_summary",
+           "sigma_half", "bootstrap_ci", "report_claims"]  # fmt: skip
+
+UNIT = ["image", "draw"]
+
+
+def noise_sensitivity(model: nn.Module, x: Tensor, methods: Sequence[str],
+                      sigmas: Sequence[float], *, relative: bool = False, kind: str = "gaussian",
+                      draws: int = 3, seed: int = 0,
+                      metrics: Sequence[str] = ("spearman", "spearman_abs"),
+                      method_options: dict[str, dict] | None = None, blocks=None,
+                      target: str = "current", image_names: Sequence[str] | None = None,
+                      cache=True, progress: bool = True, label: str | None = None,
+                      ) -> pd.DataFrame:  # fmt: skip
+    """Cascading weight noise for every ``sigma`` and ``draws`` independent noise draws.
+
+    Args:
+        model: trained classifier (restored bit-exactly afterwards).
+        x: ``(N, C, H, W)`` inputs.
+        methods: saliency methods.
+        sigmas: noise levels (standard deviations; relative to each parameter tensor's std if
+            ``relative``).
+        kind: ``"gaussian"`` (``w + N(0, sigma^2)``) or ``"multiplicative"``
+            (``w * (1 + N(0, sigma^2))``).
+        draws: independent noise draws per sigma (draw ``d`` uses seed
+            ``derive_seed(seed, "draw", d)`` for the weights and the methods' noise).
+        metrics, method_options, blocks, target, image_names, cache, label: as in
+            :func:`sanitylib.cascading_randomization`.
+
+    Returns:
+        The tidy tables of every run, concatenated, with columns ``sigma, relative, kind,
+        draw`` added; ``df.attrs["stages"]`` holds the stage order.
+    """
+    if not sigmas or any(not s > 0 for s in sigmas):
+        raise ValueError(f"sigmas must be positive, got {list(sigmas)}")
+    if draws < 1:
+        raise ValueError("draws must be >= 1")
+    tables = []
+    runs = [(s, d) for s in sigmas for d in range(draws)]
+    for sigma, d in tqdm(runs, desc=f"weight noise ({kind}{', relative' if relative else ''})",
+                         unit="run", disable=not progress):  # fmt: skip
+        pert = Perturbation(kind, sigma=float(sigma), relative=relative)
+        df = run_randomization(model, x, methods, "cascading", blocks, metrics,
+                               seed=derive_seed(seed, "draw", d), perturbation=pert,
+                               target=target, method_options=method_options,
+                               image_names=image_names, store_maps=0, cache=cache,
+                               progress=False, label=label)  # fmt: skip
+        stages = df.attrs["stages"]
+        tables.append(df.assign(sigma=float(sigma), relative=relative, kind=kind, draw=d))
+    out = pd.concat(tables, ignore_index=True)
+    out.attrs["stages"] = stages
+    return out
+
+
+def same_model_floor(model: nn.Module, x: Tensor, methods: Sequence[str], *,
+                     metrics: Sequence[str] = ("spearman", "spearman_abs"), draws: int = 3,
+                     seed: int = 0, method_options: dict[str, dict] | None = None,
+                     progress: bool = False) -> pd.DataFrame:  # fmt: skip
+    """Similarity of each method's maps on the *same* model under independent noise draws.
+
+    Every pair of the ``draws`` seeds ``derive_seed(seed, "draw", d)`` is compared, per image:
+    deterministic methods score exactly 1; SmoothGrad, VarGrad and IG-SmoothGrad score what
+    unseeded noise alone costs.  Columns ``method, metric, image, pair, value``.
+    """
+    if draws < 2:
+        raise ValueError("the same-model floor needs at least 2 draws")
+    maps = [explain_methods(model, x, methods, method_options, seed=derive_seed(seed, "draw", d),
+                            progress=progress) for d in range(draws)]  # fmt: skip
+    rows = []
+    pairs = [(i, j) for i in range(draws) for j in range(i + 1, draws)]
+    for p, (i, j) in enumerate(pairs):
+        for m in methods:
+            for metric in metrics:
+                vals = similarity(maps[i][m], maps[j][m], metric).tolist()
+                rows += [{"method": m, "metric": metric, "image": k, "pair": p, "value": float(v)}
+                         for k, v in enumerate(vals)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def unit_curves(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One similarity curve per (method, sigma, image, draw): a wide table with the stages as
+    columns, preceded by the trained model's 1.0 (column ``"original"``)."""
+    stages = df.attrs.get("stages") or list(dict.fromkeys(df.sort_values("stage_index")["stage"]))
+    sub = df[df["metric"] == metric]
+    if sub.empty:
+        raise ValueError(f"no rows for metric {metric!r}")
+    wide = sub.pivot_table(index=["method", "sigma", *UNIT], columns="stage", values="value")
+    wide = wide.reindex(columns=stages)
+    wide.insert(0, "original", 1.0)
+    return wide
+
+
+def bootstrap_ci(values: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with a seeded
+    generator)."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.size, size=(n_boot, values.size))
+    means = values[idx].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def sensitivity_summary(df: pd.DataFrame, metric: str = "spearman", *, n_boot: int = 2000,
+                        level: float = 0.95, seed: int = 0) -> pd.DataFrame:  # fmt: skip
+    """Per (method, sigma): ``auc`` (mean similarity over the noisy stages: the normalized area
+    under the curve; lower = more sensitive), ``final`` (similarity with every layer noisy) and
+    ``curvature`` (mean second difference of the curve including the trained model's 1.0:
+    negative = concave, positive = convex), each with a bootstrap interval over the
+    (image, draw) units, and ``shape`` (``"concave"``/``"convex"`` when the interval excludes 0,
+    else ``"neither"``); ``rank`` orders the methods per sigma from most (1) to least sensitive
+    by ``auc``."""
+    wide = unit_curves(df, metric)
+    values = wide.to_numpy(dtype=float)
+    per_unit = pd.DataFrame({
+        "auc": np.nanmean(values[:, 1:], axis=1),
+        "final": values[:, -1],
+        "curvature": np.nanmean(np.diff(values, n=2, axis=1), axis=1),
+    }, index=wide.index)  # fmt: skip
+    rows = []
+    for (method, sigma), g in per_unit.groupby(level=["method", "sigma"], sort=False):
+        row = {"method": method, "sigma": float(sigma), "n": len(g)}
+        for col in ("auc", "final", "curvature"):
+            lo, hi = bootstrap_ci(g[col].to_numpy(), n_boot=n_boot, level=level,
+                                  seed=derive_seed(seed, method, sigma, col) % 2**32)  # fmt: skip
+            row.update({col: float(g[col].mean()), f"{col}_lo": lo, f"{col}_hi": hi})
+        row["shape"] = ("concave" if row["curvature_hi"] < 0 else
+                        "convex" if row["curvature_lo"] > 0 else "neither")  # fmt: skip
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["rank"] = out.groupby("sigma")["auc"].rank(method="min").astype(int)
+    return out.sort_values(["sigma", "rank"]).reset_index(drop=True)
+
+
+def sigma_half(summary: pd.DataFrame, column: str = "final", level: float = 0.5) -> pd.Series:
+    """Per method, the smallest ``sigma`` at which ``summary[column]`` falls to ``level``, by
+    linear interpolation between the measured sigmas (NaN if it never does, the smallest sigma
+    if it is already below)."""
+    out = {}
+    for method, g in summary.sort_values("sigma").groupby("method", sort=False):
+        s, v = g["sigma"].to_numpy(float), g[column].to_numpy(float)
+        below = np.nonzero(v <= level)[0]
+        if below.size == 0:
+            out[method] = math.nan
+        elif below[0] == 0:
+            out[method] = float(s[0])
+        else:
+            k = below[0]
+            t = (v[k - 1] - level) / (v[k - 1] - v[k])
+            out[method] = float(s[k - 1] + t * (s[k] - s[k - 1]))
+    return pd.Series(out, name=f"sigma_half_{column}")
+
+
+def _separated(summary: pd.DataFrame, sigma: float, method: str, side: str) -> bool:
+    """Is ``method``'s AUC interval at ``sigma`` strictly below (``side="most"``) or above
+    (``"least"``) every other method's interval?"""
+    g = summary[summary["sigma"] == sigma].set_index("method")
+    me, others = g.loc[method], g.drop(index=method)
+    if others.empty:
+        return False
+    if side == "most":
+        return bool(me["auc_hi"] < others["auc_lo"].min())
+    return bool(me["auc_lo"] > others["auc_hi"].max())
+
+
+def report_claims(summary: pd.DataFrame, label: str = "") -> pd.DataFrame:
+    """The course report's conclusions, checked on one :func:`sensitivity_summary` (one model,
+    one noise scale).  Rows select methods by *name* (the report's plots selected them by
+    position, which shifted the labels).  Columns ``claim, setting, measured, holds``, where
+    ``holds`` is ``"yes"``, ``"no"`` or ``"partly"`` (true at some sigmas only)."""
+    sigmas = sorted(summary["sigma"].unique())
+    methods = list(dict.fromkeys(summary["method"]))
+    n = len(methods)
+    rows = []
+
+    def verdict(flags: list[bool]) -> str:
+        return "yes" if all(flags) else "no" if not any(flags) else "partly"
+
+    lo, hi = summary[summary["sigma"] == sigmas[0]], summary[summary["sigma"] == sigmas[-1]]
+    falls = [bool(hi.set_index("method").loc[m, "auc_hi"] < lo.set_index("method").loc[m, "auc_lo"])
+             for m in methods] if len(sigmas) > 1 else []  # fmt: skip
+    if falls:
+        rows.append({"claim": "similarity decreases as sigma grows",
+                     "measured": f"AUC lower at sigma={sigmas[-1]:g} than at {sigmas[0]:g} "
+                                 f"(intervals separated) for {sum(falls)} of {n} methods",
+                     "holds": verdict(falls)})  # fmt: skip
+    for method, side, text in (("integrated_gradients", "most", "Integrated Gradients is the most sensitive"),
+                               ("guided_backprop", "least", "Guided BackProp is the least sensitive")):  # fmt: skip
+        if method not in methods:
+            continue
+        want = 1 if side == "most" else n
+        ranks = [int(summary[(summary["sigma"] == s) & (summary["method"] == method)]["rank"].iloc[0])
+                 for s in sigmas]  # fmt: skip
+        flags = [r == want and _separated(summary, s, method, side) for r, s in zip(ranks, sigmas)]
+        rows.append({"claim": text,
+                     "measured": "rank (1 = most sensitive, of %d) per sigma: %s" % (
+                         n, ", ".join(f"{s:g}: {r}" for s, r in zip(sigmas, ranks))),
+                     "holds": verdict(flags)})  # fmt: skip
+    if len(sigmas) > 1:
+        first = (lo["shape"] == "concave").sum()
+        last = (hi["shape"] == "convex").sum()
+        flags = [first > n / 2, last > n / 2]
+        rows.append({"claim": "curves go from concave (small sigma) to convex (large sigma)",
+                     "measured": f"concave at sigma={sigmas[0]:g}: {first} of {n} methods; "
+                                 f"convex at sigma={sigmas[-1]:g}: {last} of {n}",
+                     "holds": verdict(flags)})  # fmt: skip
+    out = pd.DataFrame(rows)
+    out.insert(1, "setting", label)
+    return out

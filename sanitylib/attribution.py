@@ -29,7 +29,8 @@ from torch.overrides import TorchFunctionMode
 from .models import get_info, get_submodule
 
 __all__ = ["METHODS", "PAPER_SETTINGS", "GuidedBackpropError", "explain", "predict",
-           "check_guided_backprop", "check_input", "derive_seed"]  # fmt: skip
+           "check_guided_backprop", "check_input", "derive_seed", "resolve_settings",
+           "unit_noise"]  # fmt: skip
 
 METHODS = (
     "gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "vargrad",
@@ -192,6 +193,34 @@ def check_guided_backprop(model: nn.Module, x: Tensor) -> int:
 # ----------------------------------------------------------------------------- helpers
 
 
+def resolve_settings(method: str, options: dict) -> dict:
+    """:data:`PAPER_SETTINGS` of ``method`` updated with ``options``; raises ``ValueError`` for
+    an unknown method or option."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    settings = dict(PAPER_SETTINGS.get(method, {}))
+    unknown = set(options) - set(settings)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for {method!r}; "
+                         f"valid: {sorted(settings) or 'none'}")  # fmt: skip
+    settings.update(options)
+    return settings
+
+
+def unit_noise(xi: Tensor, n: int, seed: int, index: int) -> Tensor:
+    """``(n, *xi.shape)`` standard normal noise of image ``index`` (``xi``: its ``(C, H, W)``
+    input), from a generator seeded with ``derive_seed(seed, "noise", index)``.
+
+    Samples are drawn one at a time, so the first ``k`` samples do not depend on ``n``
+    (SmoothGrad, VarGrad and IG-SmoothGrad of one image share a prefix of one stream: common
+    random numbers across methods, sample counts, devices and batch compositions)."""
+    gen = torch.Generator(device=xi.device).manual_seed(derive_seed(seed, "noise", index))
+    out = torch.empty((n, *xi.shape), dtype=xi.dtype, device=xi.device)
+    for k in range(n):
+        out[k] = torch.randn(xi.shape, generator=gen, device=xi.device, dtype=xi.dtype)
+    return out
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
     """Logits ``(N, classes)`` of ``model`` on ``x``, computed in chunks."""
@@ -250,18 +279,16 @@ def _noise_tunnel(base: Callable[[Tensor, Tensor], Tensor], x: Tensor, target: T
     """SmoothGrad (``kind="mean"``) or VarGrad (``kind="var"``) around ``base``.
 
     The noise of image ``i`` has standard deviation ``noise_level * (x_i.max() - x_i.min())``
-    and is drawn from a generator seeded with ``derive_seed(seed, "noise", i)``, unless
-    ``noise`` ``(N, S, C, H, W)`` (unit-free, added as is) is given.
+    and is :func:`unit_noise` ``(x_i, n_samples, seed, i)`` times that, unless ``noise``
+    ``(N, S, C, H, W)`` (unit-free, added as is) is given.
     """
     out = []
     for i in range(len(x)):
         if noise is not None:
             eps = noise[i].to(x.device, x.dtype)
         else:
-            gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, "noise", i))
             sigma = noise_level * float(x[i].max() - x[i].min())
-            eps = torch.randn((n_samples, *x.shape[1:]), generator=gen, device=x.device,
-                              dtype=x.dtype) * sigma  # fmt: skip
+            eps = unit_noise(x[i], n_samples, seed, i) * sigma
         s1 = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
         s2 = torch.zeros_like(s1) if kind == "var" else None
         for e in eps.split(chunk):
@@ -357,12 +384,7 @@ def explain(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     check_input(model, x)
-    settings = dict(PAPER_SETTINGS.get(method, {}))
-    unknown = set(options) - set(settings)
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for {method!r}; "
-                         f"valid: {sorted(settings) or 'none'}")  # fmt: skip
-    settings.update(options)
+    settings = resolve_settings(method, options)
     if method == "edge_detector":
         return _edge_detector(x)
     if batch_size < 1:

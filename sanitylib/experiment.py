@@ -3,9 +3,11 @@
 :func:`cascading_randomization` and :func:`independent_randomization` compare every method's
 maps on the trained model with its maps after each randomization stage and return a tidy
 :class:`pandas.DataFrame` with one row per (stage, method, image, metric).  Maps of a few images
-are kept for figures in ``df.attrs["maps"]`` (a :class:`MapStore`).  Finished stages are cached
-on disk (atomically) under a key of the full configuration, so a rerun loads them and an
-interrupted run resumes after its last finished stage.
+are kept for figures in ``df.attrs["maps"]`` (a :class:`MapStore`).  The maps come from the
+batched engine (:mod:`sanitylib.engine`; ``engine="reference"`` runs ``explain`` per method and
+stage instead).  Finished groups of images (every stage) are cached on disk (atomically) under a
+key of the full configuration, so a rerun loads them and an interrupted run resumes after its
+last finished group.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -25,10 +27,11 @@ from tqdm import tqdm
 from . import __version__
 from .attribution import METHODS, explain, predict
 from .data import cache_dir
-from .metrics import METRICS, is_constant, noise_floor, similarity
+from .engine import (GroupMaps, MapFeatures, Metric, _group_size, compare, compute_maps,
+                     iter_state_maps, rows_per_image)  # fmt: skip
+from .metrics import METRICS, noise_floor
 from .models import get_info
-from .postprocess import abs_normalize
-from .randomize import (Perturbation, cascading_stages, get_blocks, independent_stages,
+from .randomize import (Perturbation, Stage, cascading_stages, get_blocks, independent_stages,
                         randomized, snapshot)  # fmt: skip
 
 __all__ = ["DEFAULT_METRICS", "MapStore", "run_randomization", "cascading_randomization",
@@ -122,23 +125,92 @@ def _store_indices(store_maps, n: int) -> list[int]:
     return idx
 
 
+def _metric_fns(metrics: Sequence) -> list[tuple[str, object]]:
+    """``(name, metric)`` for names of :data:`METRICS`, :class:`sanitylib.engine.Metric` objects
+    and callables ``f(a, b) -> (N,)`` on raw maps."""
+    out = []
+    for m in metrics:
+        if isinstance(m, str):
+            if m not in METRICS:
+                raise ValueError(f"unknown metrics [{m!r}]; known: {', '.join(METRICS)}, a "
+                                 "sanitylib.engine.Metric, or a callable (a, b) -> (N,)")  # fmt: skip
+            out.append((m, m))
+        elif isinstance(m, Metric):
+            out.append((m.name, m))
+        elif callable(m):
+            out.append((getattr(m, "__name__", "custom"), m))
+        else:
+            raise ValueError(f"a metric must be a name, a Metric or a callable, got {m!r}")
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate metric names {names}")
+    return out
+
+
+def _compute_group(model: nn.Module, x: Tensor, images: list[int], methods: Sequence[str],
+                   stages: Sequence[Stage], engine: str, kw: dict) -> GroupMaps:  # fmt: skip
+    """Maps of ``x[images]`` on the trained model (state 0) and after every stage."""
+    if engine == "batched":
+        states = [()] + [st.blocks for st in stages]
+        return next(iter_state_maps(model, x, methods, states, groups=[images], **kw))
+    return _reference_group(model, x, images, methods, stages, **kw)
+
+
+def _reference_group(model: nn.Module, x: Tensor, images: list[int], methods: Sequence[str],
+                     stages: Sequence[Stage], *, perturbation: Perturbation, seed: int,
+                     target: str, method_options: dict, batch_size: int | None,
+                     on_rows: Callable[[int], None], amp=None) -> GroupMaps:  # fmt: skip
+    """The straightforward computation: ``explain`` per method, stage by stage (on all images:
+    ``explain`` seeds the noise by the position in its batch)."""
+    if amp:
+        raise ValueError("amp needs engine='batched'")
+    if images != list(range(len(x))):
+        raise ValueError("the reference engine computes all images at once")
+    bs = batch_size or 32
+
+    def maps_for(m: nn.Module, tgt: Tensor) -> dict[str, Tensor]:
+        out = {}
+        for meth in methods:
+            out[meth] = explain(m, x, meth, target=tgt, seed=seed, batch_size=bs,
+                                **method_options.get(meth, {}))  # fmt: skip
+            on_rows(1)
+        return out
+
+    model.eval()
+    orig_target = predict(model, x, bs).argmax(1)
+    maps = [maps_for(model, orig_target)]
+    targets = [orig_target]
+    snap = snapshot(model)
+    for stage in stages:
+        with randomized(model, stage.blocks, perturbation, seed, snap=snap) as rmodel:
+            cur = predict(rmodel, x, bs).argmax(1) if target == "current" else orig_target
+            maps.append(maps_for(rmodel, cur))
+            targets.append(cur)
+    return GroupMaps(list(images), torch.stack(targets), maps)
+
+
 def run_randomization(
     model: nn.Module,
     x: Tensor,
     methods: Sequence[str],
     schedule: str = "cascading",
     blocks=None,
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: Sequence = DEFAULT_METRICS,
     seed: int = 0,
     perturbation: Perturbation | None = None,
     target: str = "current",
     method_options: dict[str, dict] | None = None,
     image_names: Sequence[str] | None = None,
     store_maps: int | Sequence[int] = 2,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     cache: bool | str | os.PathLike = True,
     progress: bool = True,
     label: str | None = None,
+    *,
+    engine: str = "batched",
+    amp: str | None = None,
+    group_size: int | None = None,
+    floor: bool = True,
 ) -> pd.DataFrame:
     """Run a randomization schedule and compare maps with the trained model's maps.
 
@@ -149,37 +221,49 @@ def run_randomization(
         methods: names from :data:`sanitylib.attribution.METHODS`.
         schedule: ``"cascading"`` (blocks 1..k, top first) or ``"independent"`` (block k alone).
         blocks: blocks to randomize, top to bottom (default: the model's declared blocks, or
-            its parameterized top-level children in reverse execution order).
-        metrics: names from :data:`sanitylib.metrics.METRICS`.
+            its parameterized top-level children in reverse execution order); a list of
+            :class:`~sanitylib.models.Block`, block names or dotted module paths.
+        metrics: names from :data:`sanitylib.metrics.METRICS`, :class:`sanitylib.engine.Metric`
+            objects (``prepare`` runs once on the trained model's maps), or callables
+            ``f(a, b) -> (N,)`` on raw ``(N, C, H, W)`` maps (named by ``f.__name__``).
         seed: seeds the per-block generators and the noise of stochastic methods (the same
             noise is used for the trained and the randomized model: common random numbers).
-        perturbation: how blocks are randomized (default: the paper's re-initialization).
+        perturbation: how blocks are randomized (default: the paper's re-initialization;
+            ``Perturbation(init=callable)`` for any initializer ``(module, generator)``).
         target: ``"current"`` (argmax of the randomized model, as the authors) or
             ``"original"`` (the trained model's prediction).
         method_options: per-method options for :func:`sanitylib.explain`.
         image_names: names for the ``image_name`` column.
         store_maps: number of leading images (or explicit indices) whose maps are kept.
+        batch_size: rows per forward/backward chunk (default: automatic, see
+            :func:`sanitylib.engine.auto_batch_size`).
         cache: ``True`` (the sanitylib cache), a folder, or ``False``.
-        progress: show a tqdm progress bar over stages x methods.
+        progress: show a tqdm progress bar.
         label: a free-text label stored in the table (e.g. the model name).
+        engine: ``"batched"`` (:mod:`sanitylib.engine`: shared passes, batched rows, forward
+            replay) or ``"reference"`` (``explain`` per method and stage; slow, for checks).
+        amp: ``None`` (default), ``"bfloat16"`` or ``"float16"``: autocast of the forward
+            passes (batched engine; changes the numbers slightly, see the status page).
+        group_size: images computed together (default: automatic); also the unit of the cache.
+        floor: compute the noise floors (``df.attrs["floor"]``).
 
     Returns:
         Tidy table with columns ``schedule, stage_index, stage, method, image, image_name,
         metric, value, constant, target, original_target, perturbation, model``; the maps in
         ``df.attrs["maps"]``; the noise floors of the trained model's maps
         (:func:`sanitylib.metrics.noise_floor`: pairs of different images, random masks) in
-        ``df.attrs["floor"]`` (``None`` with a single image).
+        ``df.attrs["floor"]`` (``None`` with a single image or ``floor=False``).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise ValueError(f"unknown metrics {bad}; known: {', '.join(METRICS)}")
+    fns = _metric_fns(metrics)
     if schedule not in ("cascading", "independent"):
         raise ValueError(f"unknown schedule {schedule!r}; known: 'cascading', 'independent'")
     if target not in ("current", "original"):
         raise ValueError(f"target must be 'current' or 'original', got {target!r}")
+    if engine not in ("batched", "reference"):
+        raise ValueError(f"engine must be 'batched' or 'reference', got {engine!r}")
     if not methods or not metrics:
         raise ValueError("methods and metrics must not be empty")
     method_options = dict(method_options or {})
@@ -193,6 +277,14 @@ def run_randomization(
     if len(names) != len(x):
         raise ValueError(f"image_names has {len(names)} entries for {len(x)} images")
     kept = _store_indices(store_maps, len(x))
+    dev = next((t.device for t in model.parameters()), x.device)
+    x = x.detach().to(dev)
+    n_states = len(stages) + 1
+    if engine == "reference":
+        groups = [list(range(len(x)))]
+    else:
+        gs = group_size or _group_size(x, n_states, len(methods), None)
+        groups = [list(range(i, min(len(x), i + gs))) for i in range(0, len(x), gs)]
 
     folder = None
     if cache:
@@ -200,84 +292,121 @@ def run_randomization(
         config = {
             "version": __version__, "source": _source_hash(), "schedule": schedule,
             "model": [label, _tensor_hash(model.state_dict().values())],
-            "x": _tensor_hash([x]), "methods": list(methods), "metrics": list(metrics),
+            "x": _tensor_hash([x]), "methods": list(methods),
+            "metrics": [m if isinstance(m, str) else
+                        [m.name, _identify(m.prepare, model), _identify(m.compare, model)]
+                        if isinstance(m, Metric) else _identify(m, model) for m in metrics],
             "blocks": [[b.name, list(b.modules)] for b in blocks_], "seed": seed,
             "perturbation": [perturbation.kind, perturbation.sigma, perturbation.relative,
                              _identify(init, model)],
             "target": target, "options": _identify(method_options, model), "kept": kept,
-            "names": names,
+            "names": names, "engine": engine, "amp": amp,
         }  # fmt: skip
         root = Path(cache) if not isinstance(cache, bool) else cache_dir("runs")
         folder = root / config_key(config)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
 
-    def maps_for(m: nn.Module, tgt: Tensor) -> dict[str, Tensor]:
-        out = {}
-        for meth in methods:
-            out[meth] = explain(m, x, meth, target=tgt, seed=seed, batch_size=batch_size,
-                                **method_options.get(meth, {}))  # fmt: skip
-            bar.update(1)
-        return out
-
-    bar = tqdm(total=(len(stages) + 1) * len(methods), disable=not progress,
-               desc=f"{schedule} randomization ({label})", unit="map")  # fmt: skip
-    store = MapStore(kept)
+    per_state = rows_per_image(methods, method_options)["total"] if engine == "batched" else len(methods)
+    bar = tqdm(total=per_state * len(x) * n_states if engine == "batched" else len(methods) * n_states,
+               disable=not progress, desc=f"{schedule} randomization ({label})",
+               unit="pass" if engine == "batched" else "map")  # fmt: skip
+    kw = dict(perturbation=perturbation, seed=seed, target=target, method_options=method_options,
+              batch_size=batch_size, amp=amp, on_rows=bar.update)  # fmt: skip
+    describe = perturbation.describe()
+    state_names = [ORIGINAL] + [st.name for st in stages]
     rows: list[dict] = []
-    original: dict[str, Tensor] | None = None
-    orig_const: dict[str, Tensor] = {}
-    orig_target = predict(model, x, batch_size).argmax(1)
-    original_file = folder / "original.pt" if folder else None
-    floor = None
-    if original_file is not None and original_file.exists():
-        saved = torch.load(original_file, weights_only=False)
-        store.stages[ORIGINAL], floor = saved["maps"], saved["floor"]
-        bar.update(len(methods))
-    snap = snapshot(model)
-    for k, stage in enumerate(stages):
-        stage_file = folder / f"stage_{k:03d}.pt" if folder else None
-        if stage_file is not None and stage_file.exists():
-            saved = torch.load(stage_file, weights_only=False)
+    stored: dict[int, dict[str, dict[str, Tensor]]] = {}  # image -> state -> method -> map
+    original: dict[int, dict[str, Tensor]] = {}  # image -> method -> trained model's map
+    for images in groups:
+        gfile = folder / f"images_{images[0]:04d}_{images[-1]:04d}.pt" if folder else None
+        if gfile is not None and gfile.exists():
+            saved = torch.load(gfile, weights_only=False)
             rows += saved["rows"]
-            store.stages[stage.name] = saved["maps"]
-            bar.update(len(methods))
+            stored.update(saved["maps"])
+            bar.update(per_state * len(images) * n_states if engine == "batched" else
+                       len(methods) * n_states)  # fmt: skip
             continue
-        if original is None:
-            bar.set_postfix_str("trained model")
-            original = maps_for(model, orig_target)
-            orig_const = {m: is_constant(abs_normalize(v).flatten(1)) for m, v in original.items()}
-            store.stages[ORIGINAL] = {m: v[kept].half().cpu() for m, v in original.items()}
-            floor = noise_floor(original, metrics, seed=seed) if len(x) > 1 else None
-            if original_file is not None:
-                _atomic_save({"maps": store.stages[ORIGINAL], "floor": floor}, original_file)
-        bar.set_postfix_str(f"stage {stage.name}")
-        with randomized(model, stage.blocks, perturbation, seed, snap=snap) as rmodel:
-            cur = predict(rmodel, x, batch_size).argmax(1) if target == "current" else orig_target
-            maps = maps_for(rmodel, cur)
-        stage_rows = []
-        for meth, rmaps in maps.items():
-            const = (is_constant(abs_normalize(rmaps).flatten(1)) | orig_const[meth]).tolist()
-            for metric in metrics:
-                vals = similarity(original[meth], rmaps, metric).tolist()
-                for i, v in enumerate(vals):
-                    stage_rows.append({
-                        "schedule": schedule, "stage_index": k, "stage": stage.name,
-                        "method": meth, "image": i, "image_name": names[i], "metric": metric,
-                        "value": float(v), "constant": bool(const[i]), "target": int(cur[i]),
-                        "original_target": int(orig_target[i]),
-                        "perturbation": perturbation.describe(), "model": label,
-                    })  # fmt: skip
-        stage_maps = {m: v[kept].half().cpu() for m, v in maps.items()}
-        if stage_file is not None:
-            _atomic_save({"rows": stage_rows, "maps": stage_maps}, stage_file)
-        rows += stage_rows
-        store.stages[stage.name] = stage_maps
+        bar.set_postfix_str(f"images {images[0]}-{images[-1]}")
+        gm = _compute_group(model, x, images, methods, stages, engine, kw)
+        group_rows = _group_rows(gm, methods, fns, stages, names, schedule, describe, label)
+        group_maps = {i: {st: {m: gm.maps[k][m][g:g + 1].half().cpu() for m in methods}
+                          for k, st in enumerate(state_names)}
+                      for g, i in enumerate(gm.images) if i in kept}  # fmt: skip
+        if floor:
+            for g, i in enumerate(gm.images):
+                original[i] = {m: gm.maps[0][m][g:g + 1] for m in methods}
+        if gfile is not None:
+            _atomic_save({"rows": group_rows, "maps": group_maps}, gfile)
+        rows += group_rows
+        stored.update(group_maps)
+        del gm
     bar.close()
+
+    floor_df = None
+    named = [m for m in metrics if isinstance(m, str)]
+    if floor and len(x) > 1 and named:
+        ffile = folder / "floor.pt" if folder else None
+        if ffile is not None and ffile.exists():
+            floor_df = torch.load(ffile, weights_only=False)
+        else:
+            missing = [i for i in range(len(x)) if i not in original]
+            if missing:  # images loaded from the cache: recompute the trained model's maps
+                maps0 = explain_methods(model, x[missing], methods, method_options, seed,
+                                        batch_size, progress=False, image_ids=missing)  # fmt: skip
+                for j, i in enumerate(missing):
+                    original[i] = {m: maps0[m][j:j + 1] for m in methods}
+            orig_all = {m: torch.cat([original[i][m] for i in range(len(x))]) for m in methods}
+            floor_df = noise_floor(orig_all, named, seed=seed)
+            if ffile is not None:
+                _atomic_save(floor_df, ffile)
+
+    order = {m: j for j, m in enumerate(methods)}
+    morder = {n: j for j, (n, _) in enumerate(fns)}
+    rows.sort(key=lambda r: (r["stage_index"], order[r["method"]], morder[r["metric"]], r["image"]))
     df = pd.DataFrame(rows)
+    store = MapStore(kept)
+    for st in state_names:
+        store.stages[st] = {m: torch.cat([stored[i][st][m] for i in kept]) if kept else
+                            torch.empty(0) for m in methods}  # fmt: skip
     df.attrs["maps"] = store
     df.attrs["stages"] = [s.name for s in stages]
-    df.attrs["floor"] = floor
+    df.attrs["floor"] = floor_df
     return df
+
+
+def _group_rows(gm: GroupMaps, methods: Sequence[str], fns, stages: Sequence[Stage],
+                names: Sequence[str], schedule: str, describe: str, label: str) -> list[dict]:  # fmt: skip
+    """Table rows of one group of images: every stage, method, metric and image.  The trained
+    model's maps are post-processed once (:class:`sanitylib.engine.MapFeatures`)."""
+    rows = []
+    G = len(gm.images)
+    orig = {m: MapFeatures(gm.maps[0][m]) for m in methods}
+    prepared = {(m, n): f.prepare(orig[m].maps) for m in methods for n, f in fns
+                if isinstance(f, Metric)}  # fmt: skip
+    targets = gm.targets.tolist()
+    for k, stage in enumerate(stages, start=1):
+        for meth in methods:
+            feats = MapFeatures(gm.maps[k][meth])
+            const = (feats.abs_constant() | orig[meth].abs_constant()).tolist()
+            for metric, fn in fns:
+                if isinstance(fn, str):
+                    vals = compare(fn, orig[meth], feats)
+                elif isinstance(fn, Metric):
+                    vals = fn.compare(prepared[(meth, metric)], fn.prepare(feats.maps))
+                else:
+                    vals = fn(orig[meth].maps, feats.maps)
+                vals = vals.tolist()
+                for g in range(G):
+                    i = gm.images[g]
+                    rows.append({
+                        "schedule": schedule, "stage_index": k - 1, "stage": stage.name,
+                        "method": meth, "image": i, "image_name": names[i], "metric": metric,
+                        "value": float(vals[g]), "constant": bool(const[g]),
+                        "target": int(targets[k][g]), "original_target": int(targets[0][g]),
+                        "perturbation": describe, "model": label,
+                    })  # fmt: skip
+    return rows
 
 
 def cascading_randomization(model: nn.Module, x: Tensor, methods: Sequence[str], blocks=None,
@@ -306,13 +435,27 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 def explain_methods(model: nn.Module, x: Tensor, methods: Sequence[str],
                     method_options: dict[str, dict] | None = None, seed: int = 0,
-                    batch_size: int = 32, progress: bool = True) -> dict[str, Tensor]:  # fmt: skip
-    """Maps of several methods on the same images (each for the model's predicted class),
-    with a progress bar: ``{method: (N, C, H, W)}``."""
-    method_options = method_options or {}
-    target = predict(model, x, batch_size).argmax(1)
-    out = {}
-    for m in tqdm(methods, desc="saliency maps", unit="method", disable=not progress):
-        out[m] = explain(model, x, m, target=target, seed=seed, batch_size=batch_size,
-                         **method_options.get(m, {}))  # fmt: skip
-    return out
+                    batch_size: int | None = None, progress: bool = True, *,
+                    amp: str | None = None, image_ids: Sequence[int] | None = None,
+                    ) -> dict[str, Tensor]:  # fmt: skip
+    """Maps of several methods on the same images (each for the model's predicted class):
+    ``{method: (N, C, H, W)}``, from the batched engine's shared passes (equal to
+    :func:`sanitylib.explain` per method up to :data:`sanitylib.engine.MAP_TOLERANCE`).
+
+    ``image_ids`` are the images' indices for the noise seeds (default ``0..N-1``, as
+    ``explain``)."""
+    model.eval()
+    dev = next((t.device for t in model.parameters()), x.device)
+    x = x.detach().to(dev)
+    target = predict(model, x, batch_size or 32).argmax(1)
+    total = rows_per_image(methods, method_options)["total"] * len(x)
+    with tqdm(total=total, desc="saliency maps", unit="pass", disable=not progress) as bar:
+        if image_ids is None:
+            return compute_maps(model, x, methods, target, method_options=method_options,
+                                seed=seed, batch_size=batch_size, amp=amp, on_rows=bar.update)
+        if len(image_ids) != len(x):
+            raise ValueError(f"image_ids has {len(image_ids)} entries for {len(x)} images")
+        gm = next(iter_state_maps(model, x, methods, [()], seed=seed, target=target,
+                                  method_options=method_options, batch_size=batch_size, amp=amp,
+                                  image_ids=image_ids, reuse_forward=False, on_rows=bar.update))
+        return {m: v.clone() for m, v in gm.maps[0].items()}

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import sanitylib.engine as EN
 import sanitylib.experiment as E
 from sanitylib.attribution import explain as real_explain
 from sanitylib.attribution import predict
@@ -82,11 +83,13 @@ def tiny_table(tiny, xt):
     return run_tiny(tiny, xt)
 
 
-class CountingExplain:
-    """Wraps the real ``explain``; optionally raises on a given call (1-based)."""
+class Counting:
+    """Wraps a function (the runner's per-group computation, or the engine's forward pass);
+    optionally raises on a given call (1-based)."""
 
-    def __init__(self, fail_at: int | None = None, model: nn.Module | None = None,
+    def __init__(self, real, fail_at: int | None = None, model: nn.Module | None = None,
                  trained: dict | None = None) -> None:  # fmt: skip
+        self.real = real
         self.calls = 0
         self.fail_at = fail_at
         self.model, self.trained = model, trained
@@ -97,12 +100,12 @@ class CountingExplain:
         if self.fail_at is not None and self.calls == self.fail_at:
             if self.model is not None:
                 self.randomized_when_failing = not state_equal(clone_state(self.model), self.trained)
-            raise RuntimeError(f"simulated failure at explain call {self.calls}")
-        return real_explain(*args, **kwargs)
+            raise RuntimeError(f"simulated failure at call {self.calls}")
+        return self.real(*args, **kwargs)
 
 
 def _never(*args, **kwargs):
-    raise AssertionError("explain must not be called: everything is cached")
+    raise AssertionError("no maps must be computed: everything is cached")
 
 
 # ---------------------------------------------------------------- table
@@ -195,8 +198,9 @@ def test_model_bit_identical_after_run(tiny, xt, tiny_table):
 def test_model_bit_identical_after_exception_mid_run(tiny, xt, monkeypatch, tmp_path):
     before = clone_state(tiny)
     methods = ["gradient", "guided_backprop"]
-    fail = CountingExplain(fail_at=len(methods) + 2, model=tiny, trained=before)  # inside stage 0
-    monkeypatch.setattr(E, "explain", fail)
+    # one forward pass per model state: the 2nd is the first stage's (a randomized model)
+    fail = Counting(EN._Engine._forward, fail_at=2, model=tiny, trained=before)
+    monkeypatch.setattr(EN._Engine, "_forward", lambda self, rows: fail(self, rows))
     with pytest.raises(RuntimeError, match="simulated failure"):
         run_tiny(tiny, xt, methods=methods, cache=tmp_path)
     assert fail.randomized_when_failing is True  # the failure happened on a randomized model
@@ -211,9 +215,10 @@ def test_cache_second_run_loads_everything(tiny, xt, tmp_path, monkeypatch):
     folders = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert len(folders) == 1
     files = sorted(p.name for p in folders[0].iterdir())
-    assert files == ["config.json", "original.pt", "stage_000.pt", "stage_001.pt", "stage_002.pt"]
+    assert files == ["config.json", "floor.pt", "images_0000_0002.pt"]  # one group of images
     assert list(tmp_path.rglob("*.tmp")) == []
-    monkeypatch.setattr(E, "explain", _never)
+    monkeypatch.setattr(E, "_compute_group", _never)
+    monkeypatch.setattr(E, "explain_methods", _never)
     second = run_tiny(tiny, xt, cache=tmp_path)
     assert second.equals(first)
     assert torch.equal(second.attrs["maps"]["conv2"]["gradcam"], first.attrs["maps"]["conv2"]["gradcam"])
@@ -222,10 +227,10 @@ def test_cache_second_run_loads_everything(tiny, xt, tmp_path, monkeypatch):
 
 def test_cache_key_depends_on_configuration(tiny, xt, tmp_path, monkeypatch):
     run_tiny(tiny, xt, methods=["gradient"], cache=tmp_path)
-    counter = CountingExplain()
-    monkeypatch.setattr(E, "explain", counter)
+    counter = Counting(E._compute_group)
+    monkeypatch.setattr(E, "_compute_group", counter)
     run_tiny(tiny, xt, methods=["gradient"], cache=tmp_path, seed=9)  # other seed: recomputed
-    assert counter.calls == 4
+    assert counter.calls == 1
     saved = tiny.fc.bias.detach().clone()
     with torch.no_grad():
         tiny.fc.bias[0] += 1.0  # other weights: recomputed
@@ -234,7 +239,7 @@ def test_cache_key_depends_on_configuration(tiny, xt, tmp_path, monkeypatch):
     finally:
         with torch.no_grad():
             tiny.fc.bias.copy_(saved)
-    assert counter.calls == 8
+    assert counter.calls == 2
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
 
 
@@ -269,27 +274,29 @@ def test_cache_key_distinguishes_custom_initializers(tiny, xt, tmp_path):
     assert large.equals(fresh)
 
 
-def test_resume_computes_only_the_remaining_stages(tiny, xt, tmp_path, monkeypatch):
-    n_m, n_stages, fail_stage = len(METHODS), 3, 1
-    # calls: n_m for the trained model, then n_m per stage; fail on the first call of stage 1
-    monkeypatch.setattr(E, "explain", CountingExplain(fail_at=n_m * (1 + fail_stage) + 1))
+def test_resume_computes_only_the_remaining_groups(tiny, xt, tmp_path, monkeypatch):
+    """The cache unit is a group of images (all stages); an interrupted run resumes after the
+    last finished group."""
+    n_groups, fail_group = 3, 2
+    monkeypatch.setattr(E, "_compute_group", Counting(E._compute_group, fail_at=fail_group))
     with pytest.raises(RuntimeError, match="simulated failure"):
-        run_tiny(tiny, xt, cache=tmp_path)
+        run_tiny(tiny, xt, cache=tmp_path, group_size=1)
     folder = next(p for p in tmp_path.iterdir() if p.is_dir())
-    assert sorted(p.name for p in folder.glob("*.pt")) == ["original.pt", "stage_000.pt"]
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["images_0000_0000.pt"]
     assert list(tmp_path.rglob("*.tmp")) == []
 
-    counter = CountingExplain()
-    monkeypatch.setattr(E, "explain", counter)
-    resumed = run_tiny(tiny, xt, cache=tmp_path)
-    # the remaining stages, plus the trained model's maps (needed for the metrics: only a few
-    # half-precision maps are kept on disk)
-    assert counter.calls == n_m * (1 + n_stages - fail_stage)
+    counter = Counting(E._compute_group)
+    monkeypatch.setattr(E, "_compute_group", counter)
+    resumed = run_tiny(tiny, xt, cache=tmp_path, group_size=1)
+    # the remaining groups (the trained model's maps of the cached group are recomputed for
+    # the noise floor, without its randomized stages)
+    assert counter.calls == n_groups - fail_group + 1
     monkeypatch.undo()
-    fresh = run_tiny(tiny, xt, cache=False)
+    fresh = run_tiny(tiny, xt, cache=False, group_size=1)
     assert resumed.equals(fresh)
+    assert resumed.attrs["floor"].equals(fresh.attrs["floor"])
     assert sorted(p.name for p in folder.glob("*.pt")) == [
-        "original.pt", "stage_000.pt", "stage_001.pt", "stage_002.pt"]  # fmt: skip
+        "floor.pt", "images_0000_0000.pt", "images_0001_0001.pt", "images_0002_0002.pt"]  # fmt: skip
 
 
 def test_cache_files_are_written_atomically(tiny, xt, tmp_path, monkeypatch):
@@ -312,7 +319,7 @@ def test_cache_files_are_written_atomically(tiny, xt, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     done = run_tiny(tiny, xt, methods=["gradient"], cache=tmp_path)
     assert done.equals(run_tiny(tiny, xt, methods=["gradient"]))
-    assert len(list(tmp_path.rglob("stage_*.pt"))) == 3
+    assert len(list(tmp_path.rglob("images_*.pt"))) == 1
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -1,0 +1,305 @@
+"""Tests for sanitylib.engine: the batched engine equals the straightforward computation.
+
+References: ``explain`` per method (itself checked against captum in test_attribution.py), the
+``engine="reference"`` runner (``explain`` per method and stage) and ``metrics.similarity``.
+Documented tolerances: maps within ``MAP_TOLERANCE * max|map|`` of ``explain`` (observed: 0 for
+single-pass methods, ~1e-7 for the float64-accumulated Integrated Gradients); metric values of
+the batched and the reference runner within 1e-6 (observed 0 on the tiny CNN, < 1e-5 on
+EfficientNet-Lite0 where IG rounding moves a few ranks); forward replay is bit-exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sanitylib as sl
+from sanitylib import engine as EN
+from sanitylib.attribution import GuidedBackpropError, explain, unit_noise
+from sanitylib.metrics import METRICS, is_constant, pearson, rankdata, similarity
+from sanitylib.models import Block
+from sanitylib.postprocess import abs_normalize
+from sanitylib.randomize import Perturbation, cascading_stages, get_blocks
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require"),
+    pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU"),
+]
+
+ALL = ["gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "vargrad",
+       "ig_smoothgrad", "guided_backprop", "gradcam", "guided_gradcam", "edge_detector"]  # fmt: skip
+CHEAP = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 3},
+         "vargrad": {"n_samples": 2}, "ig_smoothgrad": {"n_samples": 2, "n_steps": 3}}  # fmt: skip
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, functional: bool = False, inplace: bool = False) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu1 = nn.ReLU(inplace=inplace)
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x):
+        h = self.relu1(self.bn1(self.conv1(x)))
+        if self.functional:  # conv2's parameters used without calling the module
+            h = F.conv2d(h, self.conv2.weight, self.conv2.bias, padding=1)
+        else:
+            h = self.conv2(h)
+        return self.fc(self.pool(self.relu2(h)).flatten(1))
+
+
+def tiny_model(**kw) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = TinyCNN(**kw).eval()
+        m.bn1.running_mean.uniform_(-0.2, 0.2)
+        m.bn1.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.fixture(scope="module")
+def xt():
+    return torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def photos(effnet):
+    return sl.load_photos(effnet, names=["chelsea", "coffee"], verbose=False)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------- maps equal explain
+def test_every_method_equals_explain_on_efficientnet(effnet, photos):
+    """One engine call (shared passes, rows of both images mixed in chunks of 5) against
+    ``explain`` per method and image."""
+    x = photos.x
+    got = EN.compute_maps(effnet, x, ALL, method_options=CHEAP, batch_size=5, seed=3)
+    for m in ALL:
+        ref = explain(effnet, x, m, seed=3, **CHEAP.get(m, {}))
+        assert got[m].shape == ref.shape and got[m].dtype == ref.dtype
+        for i in range(len(x)):
+            assert rel_err(got[m][i], ref[i]) <= EN.MAP_TOLERANCE, m
+    # the shared passes are not a shortcut: the methods really differ
+    assert rel_err(got["guided_backprop"], got["gradient"]) > 0.1
+    assert rel_err(got["vargrad"], got["smoothgrad"]) > 0.1
+
+
+def test_explain_methods_uses_the_engine_and_matches_explain(tiny_, xt):
+    opts = dict(CHEAP, gradcam={"layer": "relu2"}, guided_gradcam={"layer": "relu2"})
+    got = sl.explain_methods(tiny_, xt, ALL, opts, seed=1, progress=False)
+    for m in ALL:
+        ref = explain(tiny_, xt, m, seed=1, **opts.get(m, {}))
+        assert rel_err(got[m], ref) <= EN.MAP_TOLERANCE, m
+    # image_ids: noise of the images at their positions in a larger batch
+    sub = sl.explain_methods(tiny_, xt[1:], ["smoothgrad"], opts, seed=1, progress=False,
+                             image_ids=[1, 2])  # fmt: skip
+    assert rel_err(sub["smoothgrad"], got["smoothgrad"][1:]) <= EN.MAP_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def tiny_():
+    return tiny_model()
+
+
+def test_common_random_numbers_prefix_and_sharing():
+    """VarGrad's (and IG-SmoothGrad's) noise is a prefix of SmoothGrad's stream, for any
+    shape (one draw per sample), so SmoothGrad and VarGrad can share their noisy gradients."""
+    xi = torch.rand(3, 7, 5)
+    long, short = unit_noise(xi, 5, 0, 4), unit_noise(xi, 3, 0, 4)
+    assert torch.equal(long[:3], short)
+    assert not torch.equal(unit_noise(xi, 3, 0, 5), short)  # other image, other noise
+    assert not torch.equal(unit_noise(xi, 3, 1, 4), short)  # other seed, other noise
+    rows = EN.rows_per_image(["smoothgrad", "vargrad"], {"smoothgrad": {"n_samples": 50}})
+    assert rows == {"plain": 50, "guided": 0, "total": 50}  # VarGrad's 25 are shared
+    rows = EN.rows_per_image(["gradient", "input_x_gradient", "gradcam", "guided_backprop",
+                              "guided_gradcam", "integrated_gradients"])  # fmt: skip
+    assert rows == {"plain": 51, "guided": 1, "total": 52}
+
+
+# ---------------------------------------------------------------- stages
+def _tables(model, x, methods, opts, **kw):
+    common = dict(methods=methods, method_options=opts, cache=False, progress=False, seed=2)
+    common.update(kw)
+    return (sl.run_randomization(model, x, engine="batched", group_size=2, batch_size=7, **common),
+            sl.run_randomization(model, x, engine="reference", **common))  # fmt: skip
+
+
+@pytest.mark.parametrize("schedule", ["cascading", "independent"])
+def test_runner_equals_reference_on_tiny(xt, schedule):
+    opts = dict(CHEAP, gradcam={"layer": "relu2"}, guided_gradcam={"layer": "relu2"})
+    model = tiny_model()
+    metrics = ["spearman_abs", "spearman", "ssim"]
+    a, r = _tables(model, xt, ALL[:-1], opts, schedule=schedule, metrics=metrics)
+    key = ["stage", "method", "metric", "image", "target", "original_target", "constant"]
+    assert a[key].equals(r[key])
+    np.testing.assert_allclose(a["value"], r["value"], rtol=0, atol=1e-6)
+    for st in ["original", "fc", "conv2", "conv1"]:
+        for m in ALL[:-1]:
+            assert rel_err(a.attrs["maps"][st][m].float(), r.attrs["maps"][st][m].float()) < 1e-3
+    fa, fr = a.attrs["floor"], r.attrs["floor"]
+    np.testing.assert_allclose(fa["value"], fr["value"], rtol=0, atol=1e-6)
+
+
+def test_runner_equals_reference_on_efficientnet(effnet, photos):
+    methods = ["gradient", "integrated_gradients", "guided_backprop", "gradcam"]
+    before = {k: v.clone() for k, v in effnet.state_dict().items()}
+    a, r = _tables(effnet, photos.x[:1], methods, {"integrated_gradients": {"n_steps": 2}},
+                   blocks=["logits", "block12"], metrics=["spearman_abs", "ssim"],
+                   floor=False)  # fmt: skip
+    assert (a["target"] == r["target"]).all()
+    np.testing.assert_allclose(a["value"], r["value"], rtol=0, atol=1e-4)
+    assert all(torch.equal(v, effnet.state_dict()[k]) for k, v in before.items())
+
+
+def _states(model, blocks):
+    return [()] + [st.blocks for st in cascading_stages(get_blocks(model, blocks))]
+
+
+def _all_maps(model, x, methods, states, opts, **kw):
+    out = [gm for gm in EN.iter_state_maps(model, x, methods, states, method_options=opts,
+                                            batch_size=3, **kw)]  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"functional": True}, {"inplace": True}])
+def test_forward_replay_is_exact(xt, kw, monkeypatch):
+    """Replaying the unchanged part of the forward pass gives bit-identical maps, also when
+    a parameter is used outside its module (the cut follows operations, not module calls)
+    and when a recorded output is changed in place later."""
+    model = tiny_model(**kw)
+    opts = {"integrated_gradients": {"n_steps": 3}, "gradcam": {"layer": "relu2"},
+            "guided_gradcam": {"layer": "relu2"}}  # fmt: skip
+    methods = ["gradient", "integrated_gradients", "guided_backprop", "guided_gradcam"]
+    states = _states(model, ["fc", "conv2", Block("bn1", ("bn1",)), "conv1"])
+    replayed = []
+    real_plan = EN._Recorder.plan
+
+    def spy(self, cut):
+        plan = real_plan(self, cut)
+        replayed.append(sum(c is not None for v in plan.values() for c in v))
+        return plan
+
+    monkeypatch.setattr(EN._Recorder, "plan", spy)
+    with_replay = _all_maps(model, xt, methods, states, opts, reuse_forward=True)
+    assert sum(replayed) > 0  # replay really happened
+    without = _all_maps(model, xt, methods, states, opts, reuse_forward=False)
+    for g1, g2 in zip(with_replay, without):
+        assert torch.equal(g1.targets, g2.targets)
+        for s in range(len(states)):
+            for m in methods:
+                assert torch.equal(g1.maps[s][m], g2.maps[s][m]), (s, m)
+
+
+def test_forward_replay_per_module_on_efficientnet(effnet, photos):
+    """Quantus-style per-module steps with PyTorch's default re-initialization (BatchNorm
+    statistics reset): replay is exact, the GradCAM layer and Guided BackProp included."""
+    mods = [n for n, m in effnet.named_modules() if hasattr(m, "reset_parameters")][::-1]
+    blocks = mods[:4] + mods[40:42]
+    states = _states(effnet, blocks)
+    methods = ["gradient", "guided_backprop", "gradcam"]
+    kw = dict(perturbation=Perturbation(init="pytorch"), batch_size=2)
+    a = list(EN.iter_state_maps(effnet, photos.x[:1], methods, states, reuse_forward=True, **kw))
+    b = list(EN.iter_state_maps(effnet, photos.x[:1], methods, states, reuse_forward=False, **kw))
+    for s in range(len(states)):
+        for m in methods:
+            assert torch.equal(a[0].maps[s][m], b[0].maps[s][m]), (s, m)
+    assert not torch.equal(a[0].maps[3]["gradient"], a[0].maps[0]["gradient"])
+
+
+def test_overlapping_blocks_fall_back_to_rerandomizing(xt):
+    model = tiny_model()
+    blocks = [Block("head", ("fc", "conv2")), Block("conv2", ("conv2",))]
+    a, r = _tables(model, xt, ["gradient", "input_x_gradient"], {}, blocks=blocks,
+                   metrics=["spearman"], floor=False)  # fmt: skip
+    np.testing.assert_allclose(a["value"], r["value"], rtol=0, atol=1e-9)
+
+
+def test_model_restored_when_iteration_stops_early(xt):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    it = EN.iter_state_maps(model, xt, ["gradient"], _states(model, None), group_size=1)
+    next(it)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # between groups
+    it.close()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_guided_backprop_guard_in_the_engine(xt):
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.fc = nn.Linear(2 * 14 * 14, 3)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x)).flatten(1))
+
+    with pytest.raises(GuidedBackpropError):
+        EN.compute_maps(Functional().eval(), xt, ["gradient", "guided_backprop"])
+    with pytest.raises(GuidedBackpropError):
+        EN.compute_maps(Functional().eval(), xt, ["guided_gradcam"],
+                        method_options={"guided_gradcam": {"layer": "conv"}})  # fmt: skip
+
+
+def test_bfloat16_autocast_runs_and_stays_close(tiny_, xt):
+    ref = EN.compute_maps(tiny_, xt, ["gradient", "smoothgrad"], method_options=CHEAP)
+    got = EN.compute_maps(tiny_, xt, ["gradient", "smoothgrad"], method_options=CHEAP,
+                          amp="bfloat16")  # fmt: skip
+    for m in ref:
+        assert got[m].dtype == torch.float32
+        assert not torch.equal(got[m], ref[m])
+        assert float(torch.corrcoef(torch.stack([got[m].flatten(), ref[m].flatten()]))[0, 1]) > 0.95
+    with pytest.raises(ValueError, match="amp"):
+        EN.compute_maps(tiny_, xt, ["gradient"], amp="int8")
+
+
+def test_auto_sizes_on_cpu(xt, tiny_):
+    assert EN.auto_batch_size(tiny_, xt) == 32
+    assert EN._group_size(xt, 20, 8, 1 << 40) == len(xt)
+    assert EN._group_size(torch.zeros(8, 3, 224, 224), 20, 8, 1 << 28) == 2  # 113 MB per image
+
+
+# ---------------------------------------------------------------- metrics
+def test_map_features_equal_similarity():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, 48, 48, generator=g), torch.randn(5, 3, 48, 48, generator=g)
+    a[1] = a[1].round()  # ties
+    b[2] = 0.0  # constant map
+    a[3, :, :, :24] = 4.0  # a clipped top percentile
+    a1, b1 = torch.randn(3, 1, 48, 48, generator=g), torch.randn(3, 1, 48, 48, generator=g)
+    b1[0] = 0.0
+    for x, y in ((a, b), (a1, b1), (b, b)):
+        fa, fb = EN.MapFeatures(x), EN.MapFeatures(y)
+        for metric in METRICS:
+            torch.testing.assert_close(EN.compare(metric, fa, fb), similarity(x, y, metric),
+                                       rtol=0, atol=1e-12)  # fmt: skip
+        assert torch.equal(EN.MapFeatures(y).abs_constant(), is_constant(abs_normalize(y).flatten(1)))
+        assert torch.equal(fb.abs_constant(), is_constant(abs_normalize(y).flatten(1)))
+    with pytest.raises(ValueError, match="NaN"):
+        EN.MapFeatures(torch.full((1, 3, 48, 48), float("nan")))
+
+
+def test_custom_metrics_in_the_runner(tiny_, xt):
+    def sum_spearman(a, b):
+        return pearson(rankdata(a.sum(1).abs().flatten(1)), rankdata(b.sum(1).abs().flatten(1)))
+
+    prepared = EN.Metric("prepared", lambda m: rankdata(m.sum(1).abs().flatten(1)), pearson)
+    df = sl.run_randomization(tiny_, xt, ["gradient"], metrics=[sum_spearman, prepared, "spearman"],
+                              cache=False, progress=False, floor=False)  # fmt: skip
+    v = df.pivot_table(index=["stage", "image"], columns="metric", values="value")
+    np.testing.assert_array_equal(v["sum_spearman"], v["prepared"])
+    assert not np.allclose(v["sum_spearman"], v["spearman"])
+    with pytest.raises(ValueError, match="duplicate"):
+        sl.run_randomization(tiny_, xt, ["gradient"], metrics=[sum_spearman, sum_spearman],
+                             cache=False, progress=False)  # fmt: skip

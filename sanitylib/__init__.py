@@ -13,6 +13,7 @@ The public API works on any ``torch.nn.Module`` returning logits::
 __version__ = "0.1.0"
 
 from . import attribution, data, experiment, findings, metrics, models, plots, postprocess, profiles, randomize  # noqa: E402
+from . import mnist, training  # noqa: E402
 from .attribution import METHODS, GuidedBackpropError, check_guided_backprop, explain, predict  # noqa: E402
 from .data import load_mnist, load_photos  # noqa: E402
 from .experiment import (cascading_randomization, explain_methods, independent_randomization,  # noqa: E402
@@ -28,6 +29,6 @@ __all__ = [
     "WeightsUnavailableError", "abs_normalize", "attribution", "cascading_randomization",
     "check_guided_backprop", "data", "diverging_normalize", "experiment", "explain", "explain_methods", "findings",
     "get_profile", "independent_randomization", "load_mnist", "load_model", "load_photos",
-    "metrics", "models", "noise_floor", "plots", "postprocess", "predict", "profiles", "randomize",
-    "randomized", "run_randomization", "similarity", "summarize", "unit_normalize",
+    "metrics", "mnist", "models", "noise_floor", "plots", "postprocess", "predict", "profiles", "randomize",
+    "randomized", "run_randomization", "similarity", "summarize", "training", "unit_normalize",
 ]

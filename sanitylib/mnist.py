@@ -1,0 +1,387 @@
+"""The MNIST chapters: trained CNN/MLP pairs, the data randomization test, and rank ties.
+
+* :func:`load_data` and :func:`train_models` give the paper's CNN and MLP trained on the true
+  labels and on a permutation of them (see :mod:`sanitylib.training`), sized by a profile.
+* :func:`data_randomization` compares every method's maps of the true-label model with those of
+  the random-label model on the same test digits (paper section 4, Figs. 6 and 22-25) and
+  returns a tidy table like :func:`sanitylib.cascading_randomization`.
+* :func:`methods_for` leaves GradCAM and Guided GradCAM out for models without a convolutional
+  layer (the MLP), with a printed note, as the paper does.
+* :func:`support_spearman`, :func:`input_times_noise` and :func:`tie_table` explain why
+  Integrated Gradients and Gradient⊙Input score about 0.99 in absolute Spearman on MNIST
+  whatever the model: both are exactly 0 wherever the input is 0 (about 80 % of the pixels),
+  so the absolute rank correlation mostly measures the shared support of the digit.
+* ``PAPER_*`` hold the authors' numbers (paper-protocol.md section 6) for "paper vs this book"
+  tables (:func:`paper_vs_book_data`, :func:`paper_vs_book_cascade`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .attribution import METHODS, derive_seed, predict
+from .data import MnistData, load_mnist
+from .experiment import explain_methods
+from .metrics import METRICS, noise_floor, similarity, spearman
+from .models import get_info
+from .postprocess import abs_normalize, diverging_normalize
+
+__all__ = ["MNIST_METHODS", "CONV_ONLY_METHODS", "ARCHITECTURES", "PAPER_DATA_RANDOMIZATION",
+           "PAPER_CASCADE_ABS", "PAPER_CASCADE_NOABS", "methods_for", "load_data",
+           "train_models", "training_table", "pick_digits", "digits_rgb", "data_randomization",
+           "zero_fraction", "support_spearman", "input_times_noise", "tie_table",
+           "paper_vs_book_data", "paper_vs_book_cascade"]  # fmt: skip
+
+#: The paper's methods on MNIST (section 3 of the protocol without VarGrad), in its order.
+MNIST_METHODS = ("gradient", "smoothgrad", "guided_backprop", "gradcam", "guided_gradcam",
+                 "integrated_gradients", "ig_smoothgrad", "input_x_gradient")  # fmt: skip
+#: Methods that need a convolutional layer (the paper leaves them out for the MLP).
+CONV_ONLY_METHODS = ("gradcam", "guided_gradcam")
+ARCHITECTURES = {"mnist_cnn": "CNN", "mnist_mlp": "MLP"}
+
+#: Data randomization, Spearman (absolute, no absolute value) between the true-label and the
+#: random-label model's maps, read from the authors' bar plots (paper Figs. 6, 22-25), per
+#: dataset and model.
+PAPER_DATA_RANDOMIZATION: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
+    "mnist": {
+        "mnist_cnn": {
+            "gradient": (0.17, 0.08), "smoothgrad": (0.25, 0.10),
+            "guided_backprop": (0.57, 0.12), "gradcam": (0.03, 0.01),
+            "guided_gradcam": (0.57, 0.12), "integrated_gradients": (0.99, 0.13),
+            "ig_smoothgrad": (0.46, 0.12), "input_x_gradient": (0.99, 0.13),
+        },
+        "mnist_mlp": {
+            "gradient": (0.61, 0.11), "smoothgrad": (0.59, 0.11),
+            "guided_backprop": (0.70, 0.20), "integrated_gradients": (0.99, 0.10),
+            "ig_smoothgrad": (0.80, 0.06), "input_x_gradient": (0.99, 0.09),
+        },
+    },
+    "fashion_mnist": {
+        "mnist_cnn": {
+            "gradient": (0.06, 0.02), "smoothgrad": (0.08, 0.03),
+            "guided_backprop": (0.56, 0.08), "gradcam": (-0.05, 0.07),
+            "guided_gradcam": (0.56, 0.08), "integrated_gradients": (0.89, 0.05),
+            "ig_smoothgrad": (0.55, 0.05), "input_x_gradient": (0.89, 0.03),
+        },
+        "mnist_mlp": {
+            "gradient": (0.15, 0.00), "smoothgrad": (0.15, -0.02),
+            "guided_backprop": (0.28, 0.18), "integrated_gradients": (0.89, -0.01),
+            "ig_smoothgrad": (0.67, 0.00), "input_x_gradient": (0.89, 0.00),
+        },
+    },
+}  # fmt: skip
+
+#: Cascading randomization, Spearman (absolute), mean over 10 test digits, from the outputs of
+#: the authors' notebooks (not the paper's figures); stages top to bottom.
+PAPER_CASCADE_ABS: dict[str, dict[str, tuple[float, ...]]] = {
+    "mnist_cnn": {  # softmax_linear, fc1, hidden2, hidden1
+        "gradient": (0.60, 0.40, 0.11, 0.08), "smoothgrad": (0.54, 0.33, 0.18, 0.21),
+        "guided_backprop": (0.89, 0.77, 0.63, 0.44), "gradcam": (0.56, 0.34, 0.29, 0.30),
+        "guided_gradcam": (0.56, 0.36, 0.33, 0.28), "ig_smoothgrad": (0.58, 0.43, 0.38, 0.36),
+        "integrated_gradients": (0.994, 0.993, 0.993, 0.992),
+        "input_x_gradient": (0.993, 0.993, 0.993, 0.992),
+    },
+    "mnist_mlp": {  # logits, hidden3, hidden2, hidden1
+        "gradient": (0.23, 0.10, 0.02, 0.02), "smoothgrad": (0.25, 0.12, 0.01, 0.02),
+        "guided_backprop": (0.90, 0.82, 0.44, 0.04), "ig_smoothgrad": (0.41, 0.37, 0.33, 0.35),
+        "integrated_gradients": (0.99, 0.99, 0.99, 0.99),
+        "input_x_gradient": (0.99, 0.99, 0.99, 0.99),
+    },
+}  # fmt: skip
+#: The same, no absolute value, where the authors' outputs give numbers (the other methods:
+#: "about 0.2-0.3 (CNN) or at most 0.45 (MLP) at the top stage, then about 0").
+PAPER_CASCADE_NOABS: dict[str, dict[str, tuple[float, ...]]] = {
+    "mnist_cnn": {"guided_backprop": (0.89, 0.76, 0.64, 0.36),
+                  "guided_gradcam": (0.62, 0.37, 0.42, 0.20),
+                  "gradcam": (0.57, 0.33, 0.29, 0.29)},
+    "mnist_mlp": {"guided_backprop": (0.97, 0.93, 0.70, 0.16)},
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def methods_for(model: nn.Module, methods: Sequence[str], verbose: bool = True) -> list[str]:
+    """``methods`` without GradCAM and Guided GradCAM when ``model`` declares no GradCAM layer
+    (the MLP: no convolution, so no spatial feature map to weight); a note says so.
+
+    Raises:
+        ValueError: unknown method names.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    info = get_info(model)
+    if info is None or info.gradcam_layer:
+        return list(methods)
+    dropped = [m for m in methods if m in CONV_ONLY_METHODS]
+    if dropped and verbose:
+        print(f"Note: {info.name} has no convolutional layer, so {' and '.join(dropped)} "
+              "(which weight a convolutional feature map) are left out for it, as in the paper.")
+    return [m for m in methods if m not in CONV_ONLY_METHODS]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_data(cfg, verbose: bool = True) -> MnistData:
+    """MNIST as the profile ``cfg`` says (``cfg.mnist_source``, ``cfg.mnist_dataset``); the
+    source is printed, and a fallback is announced."""
+    return load_mnist(source=cfg.mnist_source, dataset=cfg.mnist_dataset, seed=cfg.seed,
+                      verbose=verbose)  # fmt: skip
+
+
+def train_models(cfg, data: MnistData, names: Sequence[str] = ("mnist_cnn", "mnist_mlp"),
+                 labels: Sequence[str] = ("true", "random"),
+                 progress: bool = True) -> dict[tuple[str, str], nn.Module]:  # fmt: skip
+    """Trained models ``{(name, labels): model}`` with the profile's training settings: true
+    labels for ``cfg.mnist_epochs`` epochs at ``cfg.mnist_lr``; random labels at
+    ``cfg.mnist_random_lr`` until the training accuracy reaches ``cfg.mnist_memorize`` (at most
+    ``cfg.mnist_random_epochs`` epochs).  Each is trained once and then loaded from the cache;
+    a random-label model that failed to memorize is announced."""
+    from .training import mnist_model
+
+    out = {}
+    for name in names:
+        for lab in labels:
+            if lab == "true":
+                kw = dict(epochs=cfg.mnist_epochs, lr=cfg.mnist_lr, stop_at=None)
+            else:
+                kw = dict(epochs=cfg.mnist_random_epochs, lr=cfg.mnist_random_lr,
+                          stop_at=cfg.mnist_memorize)  # fmt: skip
+            model = mnist_model(name, data, labels=lab, seed=cfg.seed, progress=progress, **kw)
+            stats = model.sanity_info.extra["training"]
+            if progress:
+                print(f"{name}, {lab} labels: {model.sanity_info.source}")
+            if stats["memorized"] is False:
+                print(f"WARNING: the {lab}-label {name} did not reach training accuracy "
+                      f"{cfg.mnist_memorize:g} in {stats['epochs_run']} epochs "
+                      f"(reached {stats['train_accuracy']:.3f}).")  # fmt: skip
+            out[(name, lab)] = model
+    return out
+
+
+def training_table(models: Mapping[tuple[str, str], nn.Module]) -> pd.DataFrame:
+    """One row per trained model: architecture, labels, epochs run, learning rate, training
+    accuracy (against the labels it was trained on), test accuracy (true labels), time."""
+    rows = []
+    for (name, lab), model in models.items():
+        s = get_info(model).extra["training"]
+        rows.append({"model": ARCHITECTURES.get(name, name), "labels": lab,
+                     "epochs": s["epochs_run"], "lr": s["lr"],
+                     "train accuracy": round(s["train_accuracy"], 4),
+                     "test accuracy": round(s["test_accuracy"], 4),
+                     "train images": s["n_train"], "test images": s["n_test"],
+                     "training time (s)": round(s["seconds"], 1)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def pick_digits(data: MnistData, n: int) -> tuple[Tensor, list[str], Tensor]:
+    """``n`` test digits: the first test image of each class in class order (so that 10
+    digits show 0..9), then the following test images in order.
+
+    Returns:
+        ``(x (n, 1, 28, 28), names, test indices)``.
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    n = min(n, len(data.y_test))
+    first = [int((data.y_test == c).nonzero()[0]) for c in range(10) if (data.y_test == c).any()]
+    rest = [i for i in range(len(data.y_test)) if i not in set(first)]
+    idx = torch.tensor((first + rest)[:n])
+    names = [f"{int(data.y_test[i])} (test #{int(i)})" for i in idx]
+    return data.x_test[idx], names, idx
+
+
+def digits_rgb(x: Tensor) -> np.ndarray:
+    """``(N, 1, H, W)`` digits in [0, 1] -> ``(N, H, W, 3)`` uint8 for display."""
+    g = (x[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+# ----------------------------------------------------------------------------- data randomization
+
+
+def data_randomization(model_true: nn.Module, model_random: nn.Module, x: Tensor,
+                       methods: Sequence[str],
+                       metrics: Sequence[str] = ("spearman_abs", "spearman"), seed: int = 0,
+                       method_options: Mapping[str, dict] | None = None,
+                       image_names: Sequence[str] | None = None,
+                       label: str | None = None, progress: bool = True) -> pd.DataFrame:  # fmt: skip
+    """The data randomization test (paper section 4): every method's map of the true-label
+    model against its map of the random-label model, on the same inputs.
+
+    Each model explains its own predicted class (as in the other tests); the stochastic methods
+    use the same noise for both models (common random numbers, ``seed``).  GradCAM methods are
+    left out for models without a convolutional layer (:func:`methods_for`).
+
+    Returns:
+        Tidy table with columns ``model, method, image, image_name, metric, value,
+        target_true, target_random``; ``attrs["maps"]`` is ``{"true": {method: maps},
+        "random": {...}}`` (every image) and ``attrs["floor"]`` the noise floors of the
+        true-label model's maps (:func:`sanitylib.metrics.noise_floor`; ``None`` for one
+        image).
+    """
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise ValueError(f"unknown metrics {bad}; known: {', '.join(METRICS)}")
+    methods = methods_for(model_true, methods, verbose=progress)
+    info = get_info(model_true)
+    label = label or (info.name if info else type(model_true).__name__)
+    names = list(image_names) if image_names is not None else [str(i) for i in range(len(x))]
+    if len(names) != len(x):
+        raise ValueError(f"image_names has {len(names)} entries for {len(x)} images")
+    opts = dict(method_options or {})
+    maps = {}
+    targets = {}
+    for key, model in (("true", model_true), ("random", model_random)):
+        model.eval()
+        targets[key] = predict(model, x).argmax(1)
+        maps[key] = explain_methods(model, x, methods, opts, seed=seed, progress=progress)
+    rows = []
+    for m in methods:
+        for metric in metrics:
+            vals = similarity(maps["true"][m], maps["random"][m], metric).tolist()
+            rows += [{"model": label, "method": m, "image": i, "image_name": names[i],
+                      "metric": metric, "value": float(v),
+                      "target_true": int(targets["true"][i]),
+                      "target_random": int(targets["random"][i])}
+                     for i, v in enumerate(vals)]  # fmt: skip
+    df = pd.DataFrame(rows)
+    df.attrs["maps"] = maps
+    df.attrs["methods"] = methods
+    df.attrs["floor"] = noise_floor(maps["true"], metrics, seed=seed) if len(x) > 1 else None
+    return df
+
+
+# ----------------------------------------------------------------------------- rank ties
+
+
+def zero_fraction(t: Tensor) -> Tensor:
+    """Fraction of exactly-zero entries per image of an ``(N, ...)`` tensor -> ``(N,)``."""
+    return (t.flatten(1) == 0).double().mean(1)
+
+
+def support_spearman(a: Tensor, b: Tensor, x: Tensor, absolute: bool = True) -> Tensor:
+    """Spearman correlation of two ``(N, 1, H, W)`` map batches computed only on the pixels
+    where the input ``x`` is not 0 (the digit), after the paper's absolute (``absolute=True``)
+    or diverging normalization -> ``(N,)`` float64.  Without the ~80 % background pixels, which
+    are tied at exactly 0 in Gradient⊙Input and Integrated Gradients, the absolute correlation
+    measures the ranking *within* the digit."""
+    norm = abs_normalize if absolute else diverging_normalize
+    na, nb = norm(a.float()).flatten(1), norm(b.float()).flatten(1)
+    mask = (x.flatten(1) != 0)
+    if mask.shape != na.shape:
+        raise ValueError(f"x {tuple(x.shape)} does not match the maps {tuple(a.shape)}")
+    out = []
+    for i in range(len(na)):
+        k = mask[i]
+        if int(k.sum()) < 3:
+            out.append(float("nan"))
+            continue
+        out.append(float(spearman(na[i, k][None], nb[i, k][None])[0]))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def input_times_noise(x: Tensor, n: int = 4, seed: int = 0) -> pd.DataFrame:
+    """The paper's input-times-random-gradient control (its section 5.2, Fig. 19) on digits:
+    Spearman (absolute and not) between ``x * u`` and ``x * v`` for independent standard
+    Gaussian ``u, v``, ``n`` draws per image.  Two such "maps" share nothing but the input.
+
+    Returns:
+        Tidy table ``image, draw, metric, value``.
+    """
+    gen = torch.Generator().manual_seed(derive_seed(seed, "input_times_noise"))
+    rows = []
+    for d in range(n):
+        u = torch.randn(x.shape, generator=gen)
+        v = torch.randn(x.shape, generator=gen)
+        for metric in ("spearman_abs", "spearman"):
+            vals = similarity(x * u, x * v, metric).tolist()
+            rows += [{"image": i, "draw": d, "metric": metric, "value": float(val)}
+                     for i, val in enumerate(vals)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def tie_table(df: pd.DataFrame, x: Tensor, methods: Sequence[str]) -> pd.DataFrame:
+    """Why the absolute Spearman of some methods stays high on MNIST: per randomization stage
+    and method, the fraction of exactly-zero pixels in the randomized model's maps, the
+    Spearman correlation with the trained model's maps on all pixels (absolute, from ``df``),
+    on the digit's pixels only (absolute, :func:`support_spearman`), and without absolute value
+    (all pixels).  ``df`` is a cascading-randomization table whose ``attrs["maps"]`` holds the
+    maps of every image of ``x``.
+
+    Returns:
+        One row per (stage, method), means over images.
+    """
+    store = df.attrs["maps"]
+    if list(store.images) != list(range(len(x))):
+        raise ValueError("the run must store the maps of every image (store_maps=len(x))")
+    stages = df.attrs.get("stages") or list(dict.fromkeys(df["stage"]))
+    rows = []
+    for stage in stages:
+        for m in methods:
+            ref, rnd = store["original"][m].float(), store[stage][m].float()
+            sub = df[(df["stage"] == stage) & (df["method"] == m)]
+            rows.append({
+                "stage": stage, "method": m,
+                "zero pixels": float(zero_fraction(rnd).mean()),
+                "Spearman abs (all pixels)": float(sub[sub["metric"] == "spearman_abs"]["value"].mean()),
+                "Spearman abs (digit pixels)": float(support_spearman(ref, rnd, x).nanmean()),
+                "Spearman no abs (all pixels)": float(sub[sub["metric"] == "spearman"]["value"].mean()),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- paper vs book
+
+
+def _fmt(mean: float, std: float | None = None) -> str:
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def paper_vs_book_data(df: pd.DataFrame, dataset: str = "mnist") -> pd.DataFrame:
+    """The authors' data-randomization numbers (``dataset``: ``"mnist"`` or
+    ``"fashion_mnist"``) next to this book's (mean ± population std over images), one row per
+    (model, method); ``df`` holds one or more :func:`data_randomization` tables
+    (``pd.concat``)."""
+    if dataset not in PAPER_DATA_RANDOMIZATION:
+        raise ValueError(f"dataset must be one of {list(PAPER_DATA_RANDOMIZATION)}, got {dataset!r}")
+    rows = []
+    for (model, method), sub in df.groupby(["model", "method"], sort=False):
+        key = next((k for k, v in ARCHITECTURES.items() if model in (k, v)), model)
+        paper = PAPER_DATA_RANDOMIZATION[dataset].get(key, {}).get(method)
+        row = {"model": ARCHITECTURES.get(key, model), "method": method}
+        for metric, j, name in (("spearman_abs", 0, "absolute"), ("spearman", 1, "no absolute")):
+            v = sub[sub["metric"] == metric]["value"]
+            row[f"paper ({name})"] = None if paper is None else paper[j]
+            row[f"this book ({name})"] = _fmt(v.mean(), v.std(ddof=0)) if len(v) else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paper_vs_book_cascade(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The authors' cascading-randomization numbers for the MNIST ``name`` (absolute Spearman,
+    and no absolute value where given) next to this book's means, one row per method, one
+    column pair per stage (``paper``, ``book``)."""
+    stages = df.attrs.get("stages") or list(dict.fromkeys(df["stage"]))
+    mean = df.groupby(["method", "metric", "stage"])["value"].mean()
+    rows = []
+    for metric, table in (("spearman_abs", PAPER_CASCADE_ABS), ("spearman", PAPER_CASCADE_NOABS)):
+        for method in dict.fromkeys(df["method"]):
+            paper = table.get(name, {}).get(method)
+            row = {"metric": "absolute" if metric == "spearman_abs" else "no absolute",
+                   "method": method}  # fmt: skip
+            for k, stage in enumerate(stages):
+                row[(stage, "paper")] = None if paper is None or k >= len(paper) else paper[k]
+                key = (method, metric, stage)
+                row[(stage, "book")] = round(float(mean[key]), 2) if key in mean.index else None
+            rows.append(row)
+    out = pd.DataFrame(rows).set_index(["metric", "method"])
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    return out

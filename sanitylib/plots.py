@@ -336,7 +336,8 @@ def paired_method_grid(images: np.ndarray, maps_a: Mapping[str, Tensor],
                                   va="center")  # fmt: skip
     axes[0, 0].set_title("Input")
     for c, m in enumerate(methods):
-        axes[0, c + 1].set_title(METHOD_LABELS.get(m, m), fontsize=7)
+        name = METHOD_LABELS.get(m, m)
+        axes[0, c + 1].set_title(name.replace(" ", "\n", 1) if len(name) > 12 else name, fontsize=7)
     if title:
         fig.suptitle(title)
     return fig

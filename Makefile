@@ -1,12 +1,13 @@
 # Two commands for a newcomer (see README.md):
 #   make book   set up .venv, execute every chapter (offline defaults) and build the HTML book strictly
 #   make test   set up .venv and run the whole test suite (unit tests, notebooks, strict book build)
+#   make bench  also install the `bench` extra (Quantus 0.6) and run benchmarks/bench_sanity.py
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install book test clean
+.PHONY: install book test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,17 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import quantus, captum, sanitylib"
+	touch $(BENCH_STAMP)
+
+# One process, identical work on every side; prints a side-by-side table and a RESULT line.
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_sanity.py
 
 clean:
 	rm -rf _build

@@ -7,8 +7,9 @@ Adam at lr 1e-3 (the authors: 55,000 digits, lr 1e-4, 50 and 100 epochs), batch 
 authors' L2 term.  The true-label CNN trains 5 epochs; the random-label CNN (a seeded permutation
 of the same 1,000 labels) trains until its training accuracy reaches 95 % (at most 40 epochs).
 Maps of 20 test digits are compared.  Cost: about 520 training batches (one thread, 2 cores
-shared with other jobs: 25 s for the true-label CNN, 75-140 s for the random-label one; the whole
-file took 12 minutes with 2 threads under a load of 6 on 2 cores).
+shared with other jobs: 25 s for the true-label CNN, 75-140 s for the random-label one).  The
+whole file: 198 s wall and 129 s CPU with two other CPU-bound jobs on the 2 cores; 12 minutes under
+a load of 6.
 
 Measured on this set-up with seeds 0 / 1 / 2 (the test runs seed 0), against the paper's CNN-MNIST
 bars (paper-protocol.md section 6):

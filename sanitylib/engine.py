@@ -23,6 +23,7 @@ engine computes exactly what :func:`sanitylib.explain` computes per method, with
   Replay is exact (same operations on the same inputs); it is switched off automatically for
   models it cannot follow (forward hooks, data-dependent module calls, in-place changes of
   recorded outputs).
+  Replay is on by default on CUDA only (see :data:`REPLAY_ON_CPU`).
 * **Mixed precision** (``amp="bfloat16"`` or ``"float16"``): optional autocast of the forward
   pass; off by default (see the book's status page for its measured effect on the metrics).
 
@@ -60,6 +61,12 @@ __all__ = ["MAP_TOLERANCE", "compute_maps", "iter_state_maps", "GroupMaps", "aut
 #: max |explain| per method and image (float32, no autocast).
 MAP_TOLERANCE = 1e-4
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Forward replay by default on the CPU too.  Off: replay keeps the first state's graph alive
+#: while the other states run, and on the CPU (no caching allocator) every later pass then
+#: allocates fresh memory; measured on EfficientNet-Lite0 (32 rows, 1 thread) this made each
+#: forward and backward pass about 2x slower, more than the skipped forward work saves
+#: (``benchmarks/``).  On CUDA the caching allocator reuses the memory and replay pays off.
+REPLAY_ON_CPU = False
 _X_METHODS = ("gradient", "input_x_gradient", "gradcam", "guided_backprop", "guided_gradcam")
 _CPU_GROUP_BYTES = 2 << 30  # results of one image group kept at once on the CPU
 _RELU_HOOK_TAG = "_sanitylib_guided"
@@ -808,9 +815,18 @@ class MapFeatures:
             pos = 99.0 / 100.0 * (d - 1)
             lo = int(pos)
             hi, frac = min(lo + 1, d - 1), pos - lo
-            s_lo = v.kthvalue(lo + 1, dim=1).values
-            s_hi = v.kthvalue(hi + 1, dim=1).values
-            return (s_lo + frac * (s_hi - s_lo)) - v.amin(1) == 0
+            # sorted values s: s[k] == min iff more than k values equal the minimum, so the
+            # percentile s[lo] + frac * (s[hi] - s[lo]) is found without sorting or selecting
+            mn = v.amin(1, keepdim=True)
+            at_min = v == mn
+            n_min = at_min.sum(1)
+            above = v.masked_fill(at_min, math.inf).amin(1)  # smallest value above the minimum
+            mn = mn[:, 0]
+            s_lo = torch.where(n_min > lo, mn, above)
+            s_hi = torch.where(n_min > hi, mn, above)
+            # s[lo] > min (n_min <= lo): the percentile is above the minimum; s_lo is then a
+            # lower bound of the true s[lo] (> min), so the test below is False as it must be
+            return (n_min > lo) & ((s_lo + frac * (s_hi - s_lo)) - mn == 0)
         return self._get("abs_const", make)
 
     def div_ranks(self) -> Tensor:
@@ -946,7 +962,7 @@ def iter_state_maps(
     group_size: int | None = None,
     groups: Sequence[Sequence[int]] | None = None,
     amp: str | None = None,
-    reuse_forward: bool = True,
+    reuse_forward: bool | None = None,
     image_ids: Sequence[int] | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> Iterator[GroupMaps]:
@@ -967,7 +983,8 @@ def iter_state_maps(
         group_size: images per group (default: as many as the results fit in 1 GiB on the CPU
             or a quarter of the free GPU memory); ``groups`` gives the groups explicitly.
         amp: ``None``, ``"bfloat16"`` or ``"float16"`` (autocast of the forward passes).
-        reuse_forward: replay the recorded forward activations that a state leaves unchanged.
+        reuse_forward: replay the recorded forward activations that a state leaves unchanged
+            (default ``None``: on CUDA only; see :data:`REPLAY_ON_CPU`).
         image_ids: index of each image for its noise seed (default ``0..N-1``, as ``explain``).
         on_rows: called with the number of rows after each pass (progress).
 
@@ -1014,6 +1031,8 @@ def iter_state_maps(
         if groups is None:
             gs = group_size or _group_size(x, len(states), len(engine.plan.methods), None)
             groups = [list(range(i, min(len(x), i + gs))) for i in range(0, len(x), gs)]
+        if reuse_forward is None:
+            reuse_forward = dev.type != "cpu" or REPLAY_ON_CPU
         use_rec = reuse_forward and len(states) > 1 and _Recorder.supported(model)
         for images in groups:
             with engine.hooks(use_rec) as rec:

@@ -303,3 +303,108 @@ def test_custom_metrics_in_the_runner(tiny_, xt):
     with pytest.raises(ValueError, match="duplicate"):
         sl.run_randomization(tiny_, xt, ["gradient"], metrics=[sum_spearman, sum_spearman],
                              cache=False, progress=False)  # fmt: skip
+
+
+# ---------------------------------------------------------------- benchmark workloads (benchmarks/)
+def _reset_like_quantus(seed):
+    def reset(module, generator):  # Quantus re-seeds the global RNG before every layer
+        torch.manual_seed(seed + 1)
+        module.reset_parameters()
+
+    return reset
+
+
+def test_quantus_mprt_workload_through_the_public_api(tiny_, xt):
+    """The workload of benchmarks/bench_sanity.py part 1, on the tiny CNN: per-module top-down
+    cascade (every module with ``reset_parameters``), Quantus's re-initialization as a user
+    initializer, Spearman of |sum over channels| as a user Metric.  Equals the straightforward
+    computation (a deep copy re-initialized in place layer after layer, as Quantus does, with
+    captum ``Saliency`` and ``scipy.stats.spearmanr``) and the reference runner."""
+    import copy
+
+    from captum.attr import Saliency
+    from scipy.stats import spearmanr
+
+    names = [n for n, m in tiny_.named_modules() if hasattr(m, "reset_parameters")][::-1]
+    metric = EN.Metric("q", lambda m: rankdata(m.sum(1).abs().flatten(1)),
+                       lambda a, b: pearson(a, b, on_constant="nan"))  # fmt: skip
+    kw = dict(blocks=names, metrics=[metric], seed=42, target="original", store_maps=0,
+              perturbation=Perturbation(init=_reset_like_quantus(42)), cache=False,
+              progress=False, floor=False)  # fmt: skip
+    df = sl.run_randomization(tiny_, xt, ["gradient"], "cascading", **kw)
+    ref = sl.run_randomization(tiny_, xt, ["gradient"], "cascading", engine="reference", **kw)
+    y = sl.predict(tiny_, xt).argmax(1)
+    a0 = Saliency(tiny_).attribute(xt, target=y, abs=False).sum(1).abs().flatten(1).detach()
+    rm = copy.deepcopy(tiny_)
+    for name in names:
+        torch.manual_seed(43)
+        rm.get_submodule(name).reset_parameters()
+        a = Saliency(rm).attribute(xt, target=y, abs=False).sum(1).abs().flatten(1).detach()
+        want = [spearmanr(a0[i], a[i])[0] for i in range(len(xt))]
+        got = df[df.stage == name].sort_values("image")["value"].to_numpy()
+        np.testing.assert_allclose(got, want, atol=1e-9)
+        np.testing.assert_allclose(ref[ref.stage == name].sort_values("image")["value"], want,
+                                   atol=1e-9)  # fmt: skip
+
+
+def test_seeded_captum_noise_tunnel_draws_the_engine_noise(tiny_, xt):
+    """The benchmark's captum loop seeds the global RNG per image with
+    ``derive_seed(seed, "noise", i)`` before captum's ``NoiseTunnel``: it then draws exactly
+    :func:`unit_noise`'s stream, so SmoothGrad and VarGrad agree with the engine's."""
+    from captum.attr import NoiseTunnel, Saliency
+
+    from sanitylib.attribution import derive_seed
+
+    got = EN.compute_maps(tiny_, xt, ["smoothgrad", "vargrad"], seed=5,
+                          method_options={"smoothgrad": {"n_samples": 6},
+                                          "vargrad": {"n_samples": 4}})  # fmt: skip
+    y = sl.predict(tiny_, xt).argmax(1)
+    for i in range(len(xt)):
+        xi = xt[i:i + 1]
+        sigma = 0.15 * float(xi.max() - xi.min())
+        for method, n in (("smoothgrad", 6), ("vargrad", 4)):
+            torch.manual_seed(derive_seed(5, "noise", i))
+            want = NoiseTunnel(Saliency(tiny_)).attribute(
+                xi, nt_type=method, nt_samples=n, nt_samples_batch_size=n, stdevs=sigma,
+                target=int(y[i]), abs=False).detach()  # fmt: skip
+            assert rel_err(got[method][i:i + 1], want) <= 1e-5, method
+
+
+def test_abs_constant_without_sorting_at_the_percentile_boundary():
+    """``MapFeatures.abs_constant`` counts the pixels at the minimum instead of selecting the
+    99th percentile: equal to ``is_constant(abs_normalize(.))`` when the count of minimal
+    pixels sits just below, at or above the percentile's two sorted positions."""
+    d = 48 * 48
+    pos = 0.99 * (d - 1)
+    lo = int(pos)
+    g = torch.Generator().manual_seed(1)
+    maps = []
+    for n_min in (0, lo - 1, lo, lo + 1, lo + 2, d - 1, d):
+        v = torch.zeros(d)
+        v[n_min:] = torch.rand(d - n_min, generator=g) + 1e-3
+        for tiny in (1.0, 1e-30):  # a top value so small that the percentile rounds to the min
+            m = torch.zeros(3, 48, 48)
+            m[1] = (v * tiny).view(48, 48)
+            m[2] = -(v * tiny).view(48, 48) * 0.5
+            maps.append(m)
+    maps = torch.stack(maps) + 0.25 * torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    want = is_constant(abs_normalize(maps).flatten(1))
+    assert torch.equal(EN.MapFeatures(maps).abs_constant(), want)
+    assert want.any() and not want.all()
+
+
+def test_forward_replay_default_is_cuda_only(xt, monkeypatch):
+    """``reuse_forward=None`` (default): no replay on the CPU unless ``REPLAY_ON_CPU``; the maps
+    are the same either way."""
+    model = tiny_model()
+    states = _states(model, ["fc", "conv2"])
+    calls = []
+    real_plan = EN._Recorder.plan
+    monkeypatch.setattr(EN._Recorder, "plan", lambda self, cut: calls.append(1) or real_plan(self, cut))
+    default = _all_maps(model, xt, ["gradient"], states, {})
+    assert not calls
+    monkeypatch.setattr(EN, "REPLAY_ON_CPU", True)
+    replayed = _all_maps(model, xt, ["gradient"], states, {})
+    assert calls
+    for s in range(len(states)):
+        assert torch.equal(default[0].maps[s]["gradient"], replayed[0].maps[s]["gradient"])

@@ -8,6 +8,7 @@ downloaded (or is already on disk) and otherwise from the 5,000-digit subset shi
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,6 +31,19 @@ def cache_dir(*parts: str) -> Path:
     path = Path(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file in ``path``'s folder, then rename it onto ``path``: an
+    interrupted run never leaves a half-written cache file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .attribution import METHODS, explain, predict
-from .data import cache_dir
+from .data import atomic_save, cache_dir
 from .engine import (GroupMaps, MapFeatures, Metric, _group_size, compare, compute_maps,
                      iter_state_maps, rows_per_image)  # fmt: skip
 from .metrics import METRICS, noise_floor
@@ -103,17 +102,6 @@ def _identify(obj, model: nn.Module):
 def config_key(config: dict) -> str:
     """sha256 of a JSON-serializable configuration (sorted keys), 24 hex characters."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _atomic_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _store_indices(store_maps, n: int) -> list[int]:
@@ -337,7 +325,7 @@ def run_randomization(
             for g, i in enumerate(gm.images):
                 original[i] = {m: gm.maps[0][m][g:g + 1] for m in methods}
         if gfile is not None:
-            _atomic_save({"rows": group_rows, "maps": group_maps}, gfile)
+            atomic_save({"rows": group_rows, "maps": group_maps}, gfile)
         rows += group_rows
         stored.update(group_maps)
         del gm
@@ -359,7 +347,7 @@ def run_randomization(
             orig_all = {m: torch.cat([original[i][m] for i in range(len(x))]) for m in methods}
             floor_df = noise_floor(orig_all, named, seed=seed)
             if ffile is not None:
-                _atomic_save(floor_df, ffile)
+                atomic_save(floor_df, ffile)
 
     order = {m: j for j, m in enumerate(methods)}
     morder = {n: j for j, (n, _) in enumerate(fns)}

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .attribution import derive_seed
-from .data import MnistData, cache_dir, load_mnist
+from .data import MnistData, atomic_save, cache_dir, load_mnist
 
 __all__ = ["TRAINING_VERSION", "accuracy", "paper_weight_decay", "train_mnist_model",
            "checkpoint_config", "pretrained_mnist", "mnist_model", "describe"]  # fmt: skip
@@ -210,17 +208,6 @@ def checkpoint_config(name: str, data: MnistData, labels: str = "true", epochs: 
     }  # fmt: skip
 
 
-def _atomic_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _trained(name: str, data: MnistData, progress: bool, **config) -> tuple[dict, dict, Path]:
     cfg = checkpoint_config(name, data, **config)
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:20]
@@ -233,7 +220,7 @@ def _trained(name: str, data: MnistData, progress: bool, **config) -> tuple[dict
                       f"epochs, {saved['stats']['seconds']:.0f} s)")  # fmt: skip
             return saved["state_dict"], saved["stats"], path
     model, stats = train_mnist_model(name, data, progress=progress, **config)
-    _atomic_save({"state_dict": model.state_dict(), "stats": stats, "config": cfg}, path)
+    atomic_save({"state_dict": model.state_dict(), "stats": stats, "config": cfg}, path)
     return model.state_dict(), stats, path
 
 

@@ -13,7 +13,6 @@ import contextlib
 import io
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

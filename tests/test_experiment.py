@@ -21,7 +21,6 @@ from sanitylib.attribution import explain as real_explain
 from sanitylib.attribution import predict
 from sanitylib.data import load_photos
 from sanitylib.metrics import similarity
-from sanitylib.models import load_model
 from sanitylib.randomize import Perturbation, get_blocks, randomized
 
 pytestmark = [

@@ -3,7 +3,6 @@
 The papermill outputs are produced once per session and reused: the glued values are checked,
 then the executed notebooks are built into HTML with Sphinx warnings as errors.
 """
-import json
 import math
 import shutil
 import subprocess

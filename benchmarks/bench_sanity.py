@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import platform
 import sys
@@ -327,6 +326,27 @@ def spread(states: list, k: int) -> tuple[list, list]:
     return picked[0::2], picked[1::2]
 
 
+def side_by_side(T: dict, model, snap: dict, rows: list, states: list, k: int, switch,
+                 runs: list[tuple[str, object]]) -> tuple[list, float, int]:
+    """Time each ``(name, fn)`` of ``runs`` into ``T[name]`` (restoring the model after each),
+    between two halves of the bare passes of ``k`` states spread over ``states``.
+
+    Returns the runs' results, the bare-pass time scaled to every state, and the number of states
+    whose bare passes were measured."""
+    from sanitylib.randomize import restore
+
+    before, after = spread(states, k)
+    t = bare_passes(model, rows, before, switch, snap)
+    results = []
+    for name, fn in runs:
+        with timed(T, name):
+            results.append(fn())
+        restore(model, snap)
+    t += bare_passes(model, rows, after, switch, snap)
+    measured = len(before) + len(after)
+    return results, t * len(states) / measured, measured
+
+
 def _chunks(x: torch.Tensor, y: torch.Tensor, per_image: int) -> list:
     """Rows of ``per_image`` path/noise points per image, cut into chunks of BATCH rows."""
     rows = x.repeat_interleave(per_image, 0)
@@ -429,19 +449,12 @@ def main(argv=None) -> int:
             randomize_(model, state, pert, QUANTUS_SEED)
 
         rows = [(x[i:i + BATCH], y[i:i + BATCH], 0) for i in range(0, len(x), BATCH)]
-        before, after = spread(q_states, args.bare_states or max(2, n_states // 10))
-        b1 = bare_passes(model, rows, before, q_switch, snap)
-        with timed(T, "quantus"):
-            scores = run_quantus(model, x, y)
-        restore(model, snap)
-        with timed(T, "sanitylib_q"):
-            df = run_sanitylib_quantus_task(model, x)
-        restore(model, snap)
-        b2 = bare_passes(model, rows, after, q_switch, snap)
-        measured = len(before) + len(after)
-        bare["q"] = (b1 + b2) * n_states / measured
-        print(f"  [bare passes: {b1 + b2:.1f} s for {measured} of {n_states} states -> "
-              f"{bare['q']:.1f} s]")  # fmt: skip
+        (scores, df), bare["q"], measured = side_by_side(
+            T, model, snap, rows, q_states, args.bare_states or max(2, n_states // 10), q_switch,
+            [("quantus", lambda: run_quantus(model, x, y)),
+             ("sanitylib_q", lambda: run_sanitylib_quantus_task(model, x))])  # fmt: skip
+        print(f"  [bare passes: {bare['q'] * measured / n_states:.1f} s for {measured} of "
+              f"{n_states} states -> {bare['q']:.1f} s]")  # fmt: skip
         diffs = []
         for name in blocks:
             ours = df[df.stage == name].sort_values("image")["value"].to_numpy()
@@ -477,19 +490,12 @@ def main(argv=None) -> int:
             restore(model, snap)
             randomize_(model, state, pert, SEED)
 
-        before, after = spread(c_states, args.bare_states or 2)
-        b1 = bare_passes(model, rows, before, c_switch, snap)
-        with timed(T, "captum_loop"):
-            values = run_captum_loop(model, x, stages, pert)
-        restore(model, snap)
-        with timed(T, "sanitylib_c"):
-            df = run_sanitylib_full(model, x, blocks, pert)
-        restore(model, snap)
-        b2 = bare_passes(model, rows, after, c_switch, snap)
-        measured = len(before) + len(after)
-        bare["c"] = (b1 + b2) * n_states / measured
-        print(f"  [bare passes: {b1 + b2:.1f} s for {measured} of {n_states} states -> "
-              f"{bare['c']:.1f} s; {per['total']} passes per image and state]")  # fmt: skip
+        (values, df), bare["c"], measured = side_by_side(
+            T, model, snap, rows, c_states, args.bare_states or 2, c_switch,
+            [("captum_loop", lambda: run_captum_loop(model, x, stages, pert)),
+             ("sanitylib_c", lambda: run_sanitylib_full(model, x, blocks, pert))])  # fmt: skip
+        print(f"  [bare passes: {bare['c'] * measured / n_states:.1f} s for {measured} of "
+              f"{n_states} states -> {bare['c']:.1f} s; {per['total']} passes per image and state]")  # fmt: skip
         diffs = []
         for r in df.itertuples():
             v = values[(r.stage, r.method, r.image, r.metric)]

@@ -14,7 +14,10 @@ engine computes exactly what :func:`sanitylib.explain` computes per method, with
   share their noisy gradients.
 * **Batching.**  The rows (images x integration steps x noise samples, of every method) of a
   group of images are cut into chunks of ``batch_size`` rows: automatic on CUDA (from the free
-  memory), 32 on the CPU, or given.  Tensors stay on the model's device.
+  memory), :data:`CPU_BATCH_SIZE` on the CPU, or given.  Tensors stay on the model's device.
+  On the CPU the engine keeps freed memory for the next pass while it runs
+  (:func:`sanitylib.allocator.keep_freed_memory`): without it, glibc maps every large activation
+  afresh from the OS and page faults cost more than the arithmetic.
 * **Model states inside the chunk loop.**  For each chunk the engine walks through every model
   state (trained model, then each randomization stage; per-block random weights are drawn once
   and swapped in by copying).  The first state's forward pass is recorded; later states replay
@@ -23,7 +26,8 @@ engine computes exactly what :func:`sanitylib.explain` computes per method, with
   Replay is exact (same operations on the same inputs); it is switched off automatically for
   models it cannot follow (forward hooks, data-dependent module calls, in-place changes of
   recorded outputs).
-  Replay is on by default on CUDA only (see :data:`REPLAY_ON_CPU`).
+  Replay is on by default on CUDA, and on the CPU where freed memory is kept
+  (see :data:`REPLAY_ON_CPU`).
 * **Mixed precision** (``amp="bfloat16"`` or ``"float16"``): optional autocast of the forward
   pass; off by default (see the book's status page for its measured effect on the metrics).
 
@@ -46,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .allocator import keep_freed_memory
 from .attribution import (DEFAULT_BATCH_SIZE, METHODS, _edge_detector, _ig_weights, _layer,
                           check_guided_backprop, check_input, predict, resolve_settings,
                           unit_noise)  # fmt: skip
@@ -54,19 +59,24 @@ from .models import Block, get_submodule
 from .postprocess import _safe_div, unit_normalize
 from .randomize import Perturbation, randomize_, restore, snapshot
 
-__all__ = ["MAP_TOLERANCE", "compute_maps", "iter_state_maps", "GroupMaps", "auto_batch_size",
-           "rows_per_image", "AMP_DTYPES", "MapFeatures", "Metric", "compare"]  # fmt: skip
+__all__ = ["MAP_TOLERANCE", "CPU_BATCH_SIZE", "compute_maps", "iter_state_maps", "GroupMaps",
+           "auto_batch_size", "rows_per_image", "AMP_DTYPES", "MapFeatures", "Metric", "compare"]  # fmt: skip
 
 #: Documented agreement with :func:`sanitylib.explain`: max |engine - explain| <= MAP_TOLERANCE *
 #: max |explain| per method and image (float32, no autocast).
 MAP_TOLERANCE = 1e-4
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Forward replay by default on the CPU too.  Off: replay keeps the first state's graph alive
-#: while the other states run, and on the CPU (no caching allocator) every later pass then
-#: allocates fresh memory; measured on EfficientNet-Lite0 (32 rows, 1 thread) this made each
-#: forward and backward pass about 2x slower, more than the skipped forward work saves
-#: (``benchmarks/``).  On CUDA the caching allocator reuses the memory and replay pays off.
-REPLAY_ON_CPU = False
+#: Forward replay by default on the CPU too, provided freed memory is kept
+#: (:func:`sanitylib.allocator.keeps_freed_memory`).  Replay keeps the first state's graph alive
+#: while the other states run; with glibc's default thresholds every later pass then maps fresh
+#: memory, which made each pass about 2x slower (EfficientNet-Lite0, 32 rows, 1 thread).  With
+#: freed memory kept, replay saved 23 % of the engine's time on the benchmark's cascade
+#: (EfficientNet-Lite0, 2 images, 9 methods, 16-row chunks, 2 threads: 22.7 s -> 17.4 s).
+REPLAY_ON_CPU = True
+#: Rows per chunk on the CPU.  Measured on EfficientNet-Lite0 (224x224, 2 cores, forward and
+#: backward to the input, freed memory kept): 39-40 ms per row from 8 to 32 rows, 42 at 4, 61 at
+#: 1; with glibc's default thresholds 16 rows stay at 39-51 ms but 32 rows cost 78-130 ms.
+CPU_BATCH_SIZE = 16
 _X_METHODS = ("gradient", "input_x_gradient", "gradcam", "guided_backprop", "guided_gradcam")
 _CPU_GROUP_BYTES = 2 << 30  # results of one image group kept at once on the CPU
 _RELU_HOOK_TAG = "_sanitylib_guided"
@@ -437,11 +447,11 @@ class _States:
 
 def auto_batch_size(model: nn.Module, x: Tensor, *, amp: str | None = None, factor: float = 2.0,
                     fraction: float = 0.6, cap: int = 1024) -> int:  # fmt: skip
-    """Rows per forward/backward chunk: :data:`sanitylib.attribution.DEFAULT_BATCH_SIZE` on the
-    CPU; on CUDA, as many rows as fit in ``fraction`` of the free memory, from the peak memory
-    of a probe pass on 2 rows (``factor`` for the recorded graph kept across model states)."""
+    """Rows per forward/backward chunk: :data:`CPU_BATCH_SIZE` on the CPU; on CUDA, as many rows
+    as fit in ``fraction`` of the free memory, from the peak memory of a probe pass on 2 rows
+    (``factor`` for the recorded graph kept across model states)."""
     if x.device.type != "cuda":
-        return DEFAULT_BATCH_SIZE
+        return CPU_BATCH_SIZE
     dev = x.device
     torch.cuda.synchronize(dev)
     torch.cuda.empty_cache()
@@ -984,7 +994,8 @@ def iter_state_maps(
             or a quarter of the free GPU memory); ``groups`` gives the groups explicitly.
         amp: ``None``, ``"bfloat16"`` or ``"float16"`` (autocast of the forward passes).
         reuse_forward: replay the recorded forward activations that a state leaves unchanged
-            (default ``None``: on CUDA only; see :data:`REPLAY_ON_CPU`).
+            (default ``None``: on CUDA, and on the CPU where freed memory is kept; see
+            :data:`REPLAY_ON_CPU`).
         image_ids: index of each image for its noise seed (default ``0..N-1``, as ``explain``).
         on_rows: called with the number of rows after each pass (progress).
 
@@ -1022,8 +1033,11 @@ def iter_state_maps(
     elif target not in ("current", "original"):
         raise ValueError(f"target must be 'current', 'original' or a tensor, got {target!r}")
     snap = snapshot(model)
-    switch = _States(model, states, perturbation, seed)
+    memory = contextlib.ExitStack()
+    kept = dev.type == "cpu" and memory.enter_context(keep_freed_memory())
+    switch = None
     try:
+        switch = _States(model, states, perturbation, seed)
         if target == "original":
             switch.set(0)
             fixed = predict(model, x, batch_size or DEFAULT_BATCH_SIZE).argmax(1)
@@ -1032,7 +1046,7 @@ def iter_state_maps(
             gs = group_size or _group_size(x, len(states), len(engine.plan.methods), None)
             groups = [list(range(i, min(len(x), i + gs))) for i in range(0, len(x), gs)]
         if reuse_forward is None:
-            reuse_forward = dev.type != "cpu" or REPLAY_ON_CPU
+            reuse_forward = dev.type != "cpu" or (REPLAY_ON_CPU and kept)
         use_rec = reuse_forward and len(states) > 1 and _Recorder.supported(model)
         for images in groups:
             with engine.hooks(use_rec) as rec:
@@ -1046,9 +1060,11 @@ def iter_state_maps(
             switch.restore()  # the caller sees the trained model between groups
             yield result
     finally:
-        switch.restore()
-        restore(model, snap)
-        model.train(was_training)
+        with memory:
+            if switch is not None:
+                switch.restore()
+            restore(model, snap)
+            model.train(was_training)
 
 
 def compute_maps(

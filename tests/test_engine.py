@@ -265,7 +265,7 @@ def test_bfloat16_autocast_runs_and_stays_close(tiny_, xt):
 
 
 def test_auto_sizes_on_cpu(xt, tiny_):
-    assert EN.auto_batch_size(tiny_, xt) == 32
+    assert EN.auto_batch_size(tiny_, xt) == EN.CPU_BATCH_SIZE == 16
     assert EN._group_size(xt, 20, 8, 1 << 40) == len(xt)
     assert EN._group_size(torch.zeros(8, 3, 224, 224), 20, 8, 1 << 28) == 2  # 113 MB per image
 
@@ -393,18 +393,28 @@ def test_abs_constant_without_sorting_at_the_percentile_boundary():
     assert want.any() and not want.all()
 
 
-def test_forward_replay_default_is_cuda_only(xt, monkeypatch):
-    """``reuse_forward=None`` (default): no replay on the CPU unless ``REPLAY_ON_CPU``; the maps
-    are the same either way."""
+def test_forward_replay_default_on_cpu_follows_the_allocator(xt, monkeypatch):
+    """``reuse_forward=None`` (default): on the CPU, replay where freed memory is kept
+    (``sanitylib.allocator``) and ``REPLAY_ON_CPU``; the maps are the same either way."""
+    from sanitylib.allocator import keeps_freed_memory
+
     model = tiny_model()
     states = _states(model, ["fc", "conv2"])
     calls = []
     real_plan = EN._Recorder.plan
     monkeypatch.setattr(EN._Recorder, "plan", lambda self, cut: calls.append(1) or real_plan(self, cut))
     default = _all_maps(model, xt, ["gradient"], states, {})
+    assert bool(calls) == keeps_freed_memory()
+    calls.clear()
+    monkeypatch.setenv("SANITYLIB_KEEP_FREED_MEMORY", "0")
+    plain = _all_maps(model, xt, ["gradient"], states, {})
     assert not calls
-    monkeypatch.setattr(EN, "REPLAY_ON_CPU", True)
-    replayed = _all_maps(model, xt, ["gradient"], states, {})
+    monkeypatch.delenv("SANITYLIB_KEEP_FREED_MEMORY")
+    monkeypatch.setattr(EN, "REPLAY_ON_CPU", False)
+    _all_maps(model, xt, ["gradient"], states, {})
+    assert not calls
+    replayed = _all_maps(model, xt, ["gradient"], states, {}, reuse_forward=True)
     assert calls
     for s in range(len(states)):
-        assert torch.equal(default[0].maps[s]["gradient"], replayed[0].maps[s]["gradient"])
+        for other in (plain, replayed):
+            assert torch.equal(default[0].maps[s]["gradient"], other[0].maps[s]["gradient"])

@@ -159,6 +159,22 @@ def _gradients(x: Tensor) -> tuple[Tensor, Tensor]:
     return g_row, g_col
 
 
+def _strongest_channel(g_row: Tensor, g_col: Tensor) -> tuple[Tensor, Tensor]:
+    """Per pixel, the gradient ``(N, H, W)`` of the channel with the largest magnitude (the first
+    one on ties, as ``argmax``); selected by comparisons, because ``argmax`` over the channel
+    dimension of ``(N, C, H, W)`` is ~15x slower on the CPU."""
+    r, c = g_row[:, 0], g_col[:, 0]
+    if g_row.shape[1] == 1:
+        return r, c
+    mag = torch.hypot(g_row, g_col)
+    best = mag[:, 0]
+    for i in range(1, g_row.shape[1]):
+        better = mag[:, i] > best
+        r, c = torch.where(better, g_row[:, i], r), torch.where(better, g_col[:, i], c)
+        best = torch.where(better, mag[:, i], best)
+    return r, c
+
+
 def hog(maps: Tensor, *, orientations: int = 9, cell: int = 16, block: int = 3) -> Tensor:
     """HOG feature vectors of maps (N, H, W) or (N, C, H, W) -> (N, D) float64.
 
@@ -179,9 +195,8 @@ def hog(maps: Tensor, *, orientations: int = 9, cell: int = 16, block: int = 3) 
     cell_id = cell_id.reshape(1, -1) * (orientations + 1)
     out = []
     for chunk in x.split(_chunks(4 * c * h * w)):
-        g_row, g_col = _gradients(chunk)  # computed in the input dtype, as skimage does
-        best = torch.hypot(g_row, g_col).argmax(1, keepdim=True)
-        g_row, g_col = (g.gather(1, best)[:, 0, : nr * cell, : nc * cell].double() for g in (g_row, g_col))
+        g_row, g_col = _strongest_channel(*_gradients(chunk))  # in the input dtype, as skimage
+        g_row, g_col = (g[:, : nr * cell, : nc * cell].double() for g in (g_row, g_col))
         mag = torch.hypot(g_row, g_col)
         ori = torch.remainder(torch.rad2deg(torch.atan2(g_row, g_col)), 180.0)
         # bin i holds [edge_i, edge_{i+1}); an orientation rounded to 180.0 falls in the dropped bin 9

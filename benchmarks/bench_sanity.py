@@ -64,7 +64,7 @@ CAPTUM_BLOCKS = (
     ("blocks 5-10", tuple(f"_blocks.{i}" for i in range(10, 4, -1))),
     ("blocks 0-4, stem", tuple(f"_blocks.{i}" for i in range(4, -1, -1)) + ("_conv_stem", "_bn0")),
 )
-BATCH = 32  # rows per forward/backward chunk on the CPU (sanitylib's default; captum's options)
+BATCH = 32  # captum's batching options in the loop (IG's 10 rows, SmoothGrad's 10, IG-SG's 20)
 #: Agreement required (absolute difference of correlations / SSIM values).
 TOL_QUANTUS = 1e-4
 TOL_DETERMINISTIC = 2e-3
@@ -299,24 +299,97 @@ def bare_passes(model, rows: list[tuple[torch.Tensor, torch.Tensor, int]], state
     """Seconds of the bare passes in the model ``states``: per state, per chunk
     ``(inputs, targets, extra_backwards)``, one forward and one backward to the input (plus
     ``extra_backwards`` more backward passes through the same graph: Guided BackProp's).
-    Switching states is not timed; the model is restored afterwards."""
+    Switching states is not timed; the model is restored afterwards.  Run with freed memory
+    kept (``sanitylib.allocator``), as sanitylib runs: the passes at their fastest."""
+    from sanitylib.allocator import keep_freed_memory
     from sanitylib.randomize import restore
 
+    def passes(inp: torch.Tensor, tgt: torch.Tensor, extra: int) -> None:
+        inp = inp.detach().requires_grad_(True)
+        sel = model(inp).gather(1, tgt[:, None]).sum()
+        for _ in range(extra):
+            torch.autograd.grad(sel, inp, retain_graph=True)
+        torch.autograd.grad(sel, inp)
+
     t = 0.0
-    try:
-        for state in states:
-            switch(state)
-            t0 = time.perf_counter()
-            for inp, tgt, extra in rows:
-                inp = inp.detach().requires_grad_(True)
-                sel = model(inp).gather(1, tgt[:, None]).sum()
-                for _ in range(extra):
-                    torch.autograd.grad(sel, inp, retain_graph=True)
-                torch.autograd.grad(sel, inp)
-            t += time.perf_counter() - t0
-    finally:
-        restore(model, snap)
+    with keep_freed_memory():
+        try:
+            passes(*max(rows, key=lambda r: len(r[0])))  # untimed: grows the heap once
+            for state in states:
+                switch(state)
+                t0 = time.perf_counter()
+                for inp, tgt, extra in rows:
+                    passes(inp, tgt, extra)
+                t += time.perf_counter() - t0
+        finally:
+            restore(model, snap)
     return t
+
+
+def efficientnet_pieces(model) -> list[tuple[tuple[str, ...], object]]:
+    """EfficientNet-Lite0's forward pass as a chain of pieces ``(module paths, fn)``: stem, the
+    16 blocks, head, pooling and logits (``sanitylib.models.EfficientNetLite0``)."""
+    m = model
+    pieces = [(("_conv_stem", "_bn0"), lambda h: m._stem_act(m._bn0(m._conv_stem(h))))]
+    for i, b in enumerate(m._blocks):
+        pieces.append(((f"_blocks.{i}",), lambda h, b=b: b(h, drop_connect_rate=None)))
+    pieces.append((("_conv_head", "_bn1"), lambda h: m._head_act(m._bn1(m._conv_head(h)))))
+    pieces.append((("_fc",), lambda h: m._fc(m._dropout(m._avg_pooling(h).flatten(1)))))
+    return pieces
+
+
+def first_changed(pieces: list, blocks) -> int:
+    """Index of the first piece holding a module of ``blocks`` (a state's randomized blocks)."""
+    paths = [p for b in blocks for p in b.modules]
+    for i, (mods, _) in enumerate(pieces):
+        if any(p == q or p.startswith(q + ".") for p in paths for q in mods):
+            return i
+    return len(pieces)
+
+
+def bare_replay_passes(model, chunks: list, states: list, pert, seed: int,
+                       picked: list[int]) -> tuple[float, float]:  # fmt: skip
+    """The passes the work needs when the forward pass of the unchanged pieces is reused:
+    per chunk, one full forward pass in the trained model (its graph kept) and, in each model
+    state ``picked``, the forward pass from the first changed piece (block granularity: at least
+    what sanitylib's op-level replay recomputes) and the backward passes to the input.  Plain
+    autograd, no hooks.  Returns the seconds of the trained-model passes and of the picked
+    states' passes (switching states is not timed; the model is restored afterwards)."""
+    from sanitylib.allocator import keep_freed_memory
+    from sanitylib.engine import _States
+
+    pieces = efficientnet_pieces(model)
+    switch = _States(model, states, pert, seed)  # copies only the blocks that change
+    t0 = ts = 0.0
+
+    def backward(sel, inp, extra: int) -> None:
+        for _ in range(extra + 1):
+            torch.autograd.grad(sel, inp, retain_graph=True)
+
+    with keep_freed_memory():
+        try:
+            for n, (inp, tgt, extra) in enumerate([chunks[0], *chunks]):  # the first: warm-up
+                switch.set(0)
+                inp = inp.detach().requires_grad_(True)
+                start = time.perf_counter()
+                hs = [inp]
+                for _, f in pieces:
+                    hs.append(f(hs[-1]))
+                backward(hs[-1].gather(1, tgt[:, None]).sum(), inp, extra)
+                t0 += (time.perf_counter() - start) * (n > 0)
+                for k in picked:
+                    switch.set(k)
+                    c = first_changed(pieces, states[k])
+                    start = time.perf_counter()
+                    h = hs[c]
+                    for _, f in pieces[c:]:
+                        h = f(h)
+                    backward(h.gather(1, tgt[:, None]).sum(), inp, extra)
+                    ts += (time.perf_counter() - start) * (n > 0)
+                del hs, h
+        finally:
+            switch.restore()
+    return t0, ts
 
 
 def spread(states: list, k: int) -> tuple[list, list]:
@@ -327,31 +400,49 @@ def spread(states: list, k: int) -> tuple[list, list]:
 
 
 def side_by_side(T: dict, model, snap: dict, rows: list, states: list, k: int, switch,
-                 runs: list[tuple[str, object]]) -> tuple[list, float, int]:
+                 runs: list[tuple[str, object]], replay: dict) -> tuple[list, float, float, int]:  # fmt: skip
     """Time each ``(name, fn)`` of ``runs`` into ``T[name]`` (restoring the model after each),
-    between two halves of the bare passes of ``k`` states spread over ``states``.
+    between two halves of the bare passes: the naive ones (:func:`bare_passes`) of ``k`` states
+    spread over ``states``, and the replay-aware ones (:func:`bare_replay_passes`) of
+    ``replay["k"]`` states spread over the randomized ones, on ``replay["groups"]`` (pairs of a
+    chunk subset and its scale to all chunks of its kind).
 
-    Returns the runs' results, the bare-pass time scaled to every state, and the number of states
-    whose bare passes were measured."""
+    Returns the runs' results, both bare-pass times scaled to all the work, and the number of
+    states whose naive passes were measured."""
     from sanitylib.randomize import restore
 
     before, after = spread(states, k)
+    sb = replay["states"]
+    r_before, r_after = spread(list(range(1, len(sb))), replay["k"])
+
+    def strict(picked: list[int]) -> list[tuple[float, float]]:
+        return [bare_replay_passes(model, chunks, sb, replay["pert"], replay["seed"], picked)
+                for chunks, _ in replay["groups"]]  # fmt: skip
+
     t = bare_passes(model, rows, before, switch, snap)
+    s_before = strict(r_before)
     results = []
     for name, fn in runs:
         with timed(T, name):
             results.append(fn())
         restore(model, snap)
     t += bare_passes(model, rows, after, switch, snap)
+    s_after = strict(r_after)
     measured = len(before) + len(after)
-    return results, t * len(states) / measured, measured
+    per_state = (len(sb) - 1) / (len(r_before) + len(r_after))
+    t_strict = sum(scale * ((b0 + a0) / 2 + (bs + as_) * per_state)
+                   for (_, scale), (b0, bs), (a0, as_) in zip(replay["groups"], s_before, s_after))  # fmt: skip
+    return results, t * len(states) / measured, t_strict, measured
 
 
-def _chunks(x: torch.Tensor, y: torch.Tensor, per_image: int) -> list:
-    """Rows of ``per_image`` path/noise points per image, cut into chunks of BATCH rows."""
+def _chunks(x: torch.Tensor, y: torch.Tensor, per_image: int, extra: int = 0) -> list:
+    """Rows of ``per_image`` points per image, cut into sanitylib's CPU chunks (``extra``: more
+    backward passes through each chunk's graph)."""
+    from sanitylib.engine import CPU_BATCH_SIZE as B
+
     rows = x.repeat_interleave(per_image, 0)
     tg = y.repeat_interleave(per_image, 0)
-    return [(rows[i:i + BATCH], tg[i:i + BATCH], 0) for i in range(0, len(rows), BATCH)]
+    return [(rows[i:i + B], tg[i:i + B], extra) for i in range(0, len(rows), B)]
 
 
 # ----------------------------------------------------------------------------- main
@@ -360,8 +451,8 @@ def _chunks(x: torch.Tensor, y: torch.Tensor, per_image: int) -> list:
 def warm_up(model) -> None:
     """One forward and backward pass at every chunk size used below (the first pass of a shape
     pays one-off costs that no side should be charged for)."""
-    x = torch.zeros(32, 3, 224, 224)
-    for n in (1, 2, 8, 10, 16, 20, 32):
+    x = torch.zeros(20, 3, 224, 224)
+    for n in (1, 2, 8, 10, 16, 20):
         xi = x[:n].clone().requires_grad_(True)
         torch.autograd.grad(model(xi)[:, 0].sum(), xi)
 
@@ -408,6 +499,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-quantus", action="store_true")
     ap.add_argument("--skip-captum", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--baselines-keep-memory", action="store_true",
+                    help="run Quantus and the captum loop with freed memory kept too "
+                         "(sanitylib.allocator), as a user tuning glibc would")  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -418,9 +512,19 @@ def main(argv=None) -> int:
     from sanitylib.models import Block
     from sanitylib.randomize import cascading_stages, randomize_, restore, snapshot
 
+    def baseline(fn, *a):
+        from sanitylib.allocator import keep_freed_memory
+
+        with keep_freed_memory() if args.baselines_keep_memory else contextlib.nullcontext():
+            return fn(*a)
+
     t_start = time.perf_counter()
     print("sanitylib benchmark: sanitylib vs Quantus MPRT vs a plain captum loop")
     print(device_line())
+    from sanitylib.allocator import keeps_freed_memory
+
+    print(f"freed CPU memory kept (sanitylib.allocator): sanitylib and bare passes "
+          f"{keeps_freed_memory()}, baselines {args.baselines_keep_memory and keeps_freed_memory()}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     with contextlib.redirect_stdout(sys.stderr):
         model = sl.load_model("efficientnet_lite0")
@@ -428,7 +532,8 @@ def main(argv=None) -> int:
     warm_up(model)
     T: dict[str, Timing] = {}
     res: dict[str, float] = {}
-    bare: dict[str, float] = {}
+    bare: dict[str, float] = {}  # naive: every state's full forward and backward passes
+    strict: dict[str, float] = {}  # reusing the forward pass of unchanged blocks
     ok = True
     snap = snapshot(model)
 
@@ -448,13 +553,16 @@ def main(argv=None) -> int:
             restore(model, snap)
             randomize_(model, state, pert, QUANTUS_SEED)
 
-        rows = [(x[i:i + BATCH], y[i:i + BATCH], 0) for i in range(0, len(x), BATCH)]
-        (scores, df), bare["q"], measured = side_by_side(
+        rows = _chunks(x, y, 1)
+        replay = {"states": q_states, "pert": pert, "seed": QUANTUS_SEED, "k": 20,
+                  "groups": [(rows, 1.0)]}  # fmt: skip
+        (scores, df), bare["q"], strict["q"], measured = side_by_side(
             T, model, snap, rows, q_states, args.bare_states or max(2, n_states // 10), q_switch,
-            [("quantus", lambda: run_quantus(model, x, y)),
-             ("sanitylib_q", lambda: run_sanitylib_quantus_task(model, x))])  # fmt: skip
+            [("quantus", lambda: baseline(run_quantus, model, x, y)),
+             ("sanitylib_q", lambda: run_sanitylib_quantus_task(model, x))], replay)  # fmt: skip
         print(f"  [bare passes: {bare['q'] * measured / n_states:.1f} s for {measured} of "
-              f"{n_states} states -> {bare['q']:.1f} s]")  # fmt: skip
+              f"{n_states} states -> {bare['q']:.1f} s; reusing unchanged blocks: "
+              f"{strict['q']:.1f} s (from {replay['k']} states)]")  # fmt: skip
         diffs = []
         for name in blocks:
             ours = df[df.stage == name].sort_values("image")["value"].to_numpy()
@@ -481,21 +589,26 @@ def main(argv=None) -> int:
         print(f"  settings: {METHOD_OPTIONS}")
         per = rows_per_image(METHODS, METHOD_OPTIONS)
         y = sl.predict(model, x).argmax(1)
-        rows = [(x, y, per["guided"])]  # the images: gradient (+ Guided BackProp's backward)
-        plain_extra = per["plain"] - 1
-        rows += _chunks(x, y, plain_extra)
+        img_rows = _chunks(x, y, 1, per["guided"])  # the images (+ Guided BackProp's backward)
+        path_rows = _chunks(x, y, per["plain"] - 1)  # integration paths and noise samples
+        rows = img_rows + path_rows
         c_states = [()] + [st.blocks for st in stages]
 
         def c_switch(state):
             restore(model, snap)
             randomize_(model, state, pert, SEED)
 
-        (values, df), bare["c"], measured = side_by_side(
+        picked, _ = spread(path_rows, 8)  # 4 path chunks, spread out
+        replay = {"states": c_states, "pert": pert, "seed": SEED, "k": n_states - 1,
+                  "groups": [(img_rows, 1.0), (picked, len(path_rows) / len(picked))]}  # fmt: skip
+        (values, df), bare["c"], strict["c"], measured = side_by_side(
             T, model, snap, rows, c_states, args.bare_states or 2, c_switch,
-            [("captum_loop", lambda: run_captum_loop(model, x, stages, pert)),
-             ("sanitylib_c", lambda: run_sanitylib_full(model, x, blocks, pert))])  # fmt: skip
+            [("captum_loop", lambda: baseline(run_captum_loop, model, x, stages, pert)),
+             ("sanitylib_c", lambda: run_sanitylib_full(model, x, blocks, pert))], replay)  # fmt: skip
         print(f"  [bare passes: {bare['c'] * measured / n_states:.1f} s for {measured} of "
-              f"{n_states} states -> {bare['c']:.1f} s; {per['total']} passes per image and state]")  # fmt: skip
+              f"{n_states} states -> {bare['c']:.1f} s; {per['total']} passes per image and state; "
+              f"reusing unchanged blocks: {strict['c']:.1f} s (from {len(picked)} of "
+              f"{len(path_rows)} path chunks)]")  # fmt: skip
         diffs = []
         for r in df.itertuples():
             v = values[(r.stage, r.method, r.image, r.metric)]
@@ -513,32 +626,34 @@ def main(argv=None) -> int:
 
     # -- table ----------------------------------------------------------------------------
     print("\nside by side (wall-clock seconds; process CPU seconds in the [..] lines above)")
-    print(f"  {'workload':<44} {'baseline':>10} {'sanitylib':>10} {'bare passes':>12} "
-          f"{'speedup':>8} {'efficiency':>10}")  # fmt: skip
-    eff = []
-    if "quantus" in T:
-        sp_q = T["quantus"].wall / T["sanitylib_q"].wall
-        e = bare["q"] / T["sanitylib_q"].wall
-        eff.append(e)
-        print(f"  {'1 Quantus MPRT (Gradient, 99 steps)':<44} {T['quantus'].wall:>10.1f} "
-              f"{T['sanitylib_q'].wall:>10.1f} {bare['q']:>12.1f} {sp_q:>8.2f} {e:>10.2f}")  # fmt: skip
-    if "captum_loop" in T:
-        sp_c = T["captum_loop"].wall / T["sanitylib_c"].wall
-        e = bare["c"] / T["sanitylib_c"].wall
-        eff.append(e)
-        print(f"  {'2 captum loop (9 methods, 4 metrics)':<44} {T['captum_loop'].wall:>10.1f} "
-              f"{T['sanitylib_c'].wall:>10.1f} {bare['c']:>12.1f} {sp_c:>8.2f} {e:>10.2f}")  # fmt: skip
-    if eff:
+    print("  bare passes: 'naive' = every state's full forward and backward passes; 'reuse' = the "
+          "forward pass of the blocks a state leaves unchanged computed once (what sanitylib "
+          "needs)")  # fmt: skip
+    print(f"  {'workload':<38} {'baseline':>9} {'sanitylib':>9} {'naive':>7} {'reuse':>7} "
+          f"{'speedup':>8} {'eff. naive':>10} {'eff. reuse':>10}")  # fmt: skip
+    rows_out = [("1 Quantus MPRT (Gradient, 99 steps)", "quantus", "sanitylib_q", "q"),
+                ("2 captum loop (9 methods, 4 metrics)", "captum_loop", "sanitylib_c", "c")]
+    speedup: dict[str, float] = {}
+    for label, base, ours, key in rows_out:
+        if base not in T:
+            continue
+        speedup[key] = T[base].wall / T[ours].wall
+        print(f"  {label:<38} {T[base].wall:>9.1f} {T[ours].wall:>9.1f} {bare[key]:>7.1f} "
+              f"{strict[key]:>7.1f} {speedup[key]:>8.2f} {bare[key] / T[ours].wall:>10.2f} "
+              f"{strict[key] / T[ours].wall:>10.2f}")  # fmt: skip
+    if speedup:
         sl_total = sum(T[k].wall for k in ("sanitylib_q", "sanitylib_c") if k in T)
-        efficiency = sum(bare.values()) / sl_total
-        print(f"  efficiency = bare passes / sanitylib time, both workloads: {efficiency:.2f}")
+        efficiency = sum(strict.values()) / sl_total
+        print(f"  efficiency = bare passes (reuse) / sanitylib time, both workloads: "
+              f"{efficiency:.2f} (naive bare passes: {sum(bare.values()) / sl_total:.2f})")  # fmt: skip
     print(f"total benchmark time: {time.perf_counter() - t_start:.0f} s; load average now "
           f"{os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"device: cpu, {torch.get_num_threads()} torch threads (every side; this benchmark "
           "does not use a GPU)")  # fmt: skip
     if "quantus" in T and "captum_loop" in T:
         d = max(res["diff_quantus"], res["diff_captum"])
-        print(f"RESULT speedup_vs_quantus={sp_q:.2f} speedup_vs_captum_loop={sp_c:.2f} "
+        print(f"RESULT speedup_vs_quantus={speedup['q']:.2f} "
+              f"speedup_vs_captum_loop={speedup['c']:.2f} "
               f"efficiency={efficiency:.2f} max_abs_diff={d:.1e}")  # fmt: skip
     return 0 if ok else 1
 

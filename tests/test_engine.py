@@ -10,6 +10,8 @@ EfficientNet-Lite0 where IG rounding moves a few ranks); forward replay is bit-e
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -288,6 +290,12 @@ def test_map_features_equal_similarity():
         assert torch.equal(fb.abs_constant(), is_constant(abs_normalize(y).flatten(1)))
     with pytest.raises(ValueError, match="NaN"):
         EN.MapFeatures(torch.full((1, 3, 48, 48), float("nan")))
+    inf = torch.zeros(1, 3, 48, 48)
+    inf[0, 1, 2, 3], inf[0, 2, 3, 4] = math.inf, -math.inf  # the sum is NaN
+    for bad in (inf, inf[:, :2]):  # +inf and -inf; +inf alone
+        with pytest.raises(ValueError, match="infinite"):
+            EN.MapFeatures(bad)
+    EN.MapFeatures(torch.full((1, 3, 48, 48), 3e38))  # finite values whose sum overflows
 
 
 def test_custom_metrics_in_the_runner(tiny_, xt):

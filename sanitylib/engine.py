@@ -624,8 +624,9 @@ class _Engine:
                     finally:
                         self.guided_on = False
                 consume(k, grads[0], acts, gbp)
+                evaluations = len(rows) * (1 if gbp is None else 2)  # as rows_per_image counts
                 del logits, sel, grads, acts, gbp
-                self.on_rows(len(rows))
+                self.on_rows(evaluations)
         finally:
             self.capture = False
             if rec is not None:

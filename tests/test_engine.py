@@ -426,3 +426,17 @@ def test_forward_replay_default_on_cpu_follows_the_allocator(xt, monkeypatch):
     for s in range(len(states)):
         for other in (plain, replayed):
             assert torch.equal(default[0].maps[s]["gradient"], other[0].maps[s]["gradient"])
+
+
+def test_progress_counts_every_gradient_evaluation(xt):
+    """``on_rows`` adds up to ``rows_per_image(...)["total"]`` per image and state (the
+    progress bar's total), Guided BackProp's second backward pass included."""
+    model = tiny_model()
+    states = _states(model, ["fc", "conv2"])
+    opts = {"integrated_gradients": {"n_steps": 3}, "smoothgrad": {"n_samples": 2}}
+    methods = ["gradient", "guided_backprop", "integrated_gradients", "smoothgrad"]
+    counts: list[int] = []
+    _all_maps(model, xt, methods, states, opts, on_rows=counts.append)
+    per = EN.rows_per_image(methods, opts)
+    assert per["guided"] == 1
+    assert sum(counts) == per["total"] * len(xt) * len(states)

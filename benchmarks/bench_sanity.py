@@ -372,7 +372,7 @@ def bare_replay_passes(model, chunks: list, states: list, pert, seed: int,
                 switch.set(0)
                 inp = inp.detach().requires_grad_(True)
                 start = time.perf_counter()
-                hs = [inp]
+                hs, h = [inp], None
                 for _, f in pieces:
                     hs.append(f(hs[-1]))
                 backward(hs[-1].gather(1, tgt[:, None]).sum(), inp, extra)

@@ -386,6 +386,10 @@ def bare_replay_passes(model, chunks: list, states: list, pert, seed: int,
                         h = f(h)
                     backward(h.gather(1, tgt[:, None]).sum(), inp, extra)
                     ts += (time.perf_counter() - start) * (n > 0)
+                    if n == 0:  # the pieces must be the model's forward pass in this state
+                        with torch.no_grad():
+                            if not torch.allclose(h, model(inp), atol=1e-4, rtol=1e-4):
+                                raise RuntimeError("efficientnet_pieces() do not compute the model")
                 del hs, h
         finally:
             switch.restore()

@@ -294,6 +294,13 @@ def run_sanitylib_full(model, x: torch.Tensor, stages_blocks, perturbation):
 # ----------------------------------------------------------------------------- 3: bare passes
 
 
+def backward(sel: torch.Tensor, inp: torch.Tensor, extra: int, keep: bool = True) -> None:
+    """The bare backward passes of one chunk: ``1 + extra`` gradients of ``sel`` to ``inp``
+    through the same graph (``extra``: Guided BackProp's); ``keep`` retains the graph after."""
+    for i in range(extra + 1):
+        torch.autograd.grad(sel, inp, retain_graph=keep or i < extra)
+
+
 def bare_passes(model, rows: list[tuple[torch.Tensor, torch.Tensor, int]], states: list,
                 switch, snap: dict) -> float:  # fmt: skip
     """Seconds of the bare passes in the model ``states``: per state, per chunk
@@ -306,10 +313,7 @@ def bare_passes(model, rows: list[tuple[torch.Tensor, torch.Tensor, int]], state
 
     def passes(inp: torch.Tensor, tgt: torch.Tensor, extra: int) -> None:
         inp = inp.detach().requires_grad_(True)
-        sel = model(inp).gather(1, tgt[:, None]).sum()
-        for _ in range(extra):
-            torch.autograd.grad(sel, inp, retain_graph=True)
-        torch.autograd.grad(sel, inp)
+        backward(model(inp).gather(1, tgt[:, None]).sum(), inp, extra, keep=False)
 
     t = 0.0
     with keep_freed_memory():
@@ -361,10 +365,6 @@ def bare_replay_passes(model, chunks: list, states: list, pert, seed: int,
     pieces = efficientnet_pieces(model)
     switch = _States(model, states, pert, seed)  # copies only the blocks that change
     t0 = ts = 0.0
-
-    def backward(sel, inp, extra: int) -> None:
-        for _ in range(extra + 1):
-            torch.autograd.grad(sel, inp, retain_graph=True)
 
     with keep_freed_memory():
         try:

@@ -77,7 +77,6 @@ REPLAY_ON_CPU = True
 #: backward to the input, freed memory kept): 39-40 ms per row from 8 to 32 rows, 42 at 4, 61 at
 #: 1; with glibc's default thresholds 16 rows stay at 39-51 ms but 32 rows cost 78-130 ms.
 CPU_BATCH_SIZE = 16
-_X_METHODS = ("gradient", "input_x_gradient", "gradcam", "guided_backprop", "guided_gradcam")
 _CPU_GROUP_BYTES = 2 << 30  # results of one image group kept at once on the CPU
 _RELU_HOOK_TAG = "_sanitylib_guided"
 

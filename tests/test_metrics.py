@@ -131,6 +131,22 @@ def test_hog_vectors_match_skimage(pair64):
     assert np.abs(M.hog(to_t(odd)).numpy() - np.stack([ref_hog(x) for x in odd])).max() < 1e-4
 
 
+def test_strongest_channel_takes_the_first_on_ties():
+    """HOG's per-pixel channel choice equals ``argmax`` over the channels (first on ties), also
+    where magnitudes tie exactly: integer maps, a channel repeated, a channel mirrored."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (4, 3, 20, 20), generator=g).double()
+    x[1, 2] = x[1, 0]  # equal gradients in channels 0 and 2
+    x[2, 1] = -x[2, 0]  # equal magnitudes, opposite directions
+    g_row, g_col = M._gradients(x)
+    best = torch.hypot(g_row, g_col).argmax(1, keepdim=True)
+    r, c = M._strongest_channel(g_row, g_col)
+    assert torch.equal(r, g_row.gather(1, best)[:, 0]) and torch.equal(c, g_col.gather(1, best)[:, 0])
+    ties = (torch.hypot(g_row, g_col) == torch.hypot(g_row, g_col).amax(1, keepdim=True)).sum(1) > 1
+    assert ties.float().mean() > 0.2  # the case is exercised
+    assert torch.equal(M._strongest_channel(g_row[:, :1], g_col[:, :1])[0], g_row[:, 0])
+
+
 def test_hog_metrics_match_scipy_full_size(pair64, pair299):
     for a, b in (pair64, pair299):
         ha = [ref_hog(ref_unit(x)) for x in a]

@@ -1,6 +1,8 @@
 # Two commands for a newcomer (see README.md):
 #   make book   set up .venv, execute every chapter (offline defaults) and build the HTML book strictly
-#   make test   set up .venv and run the whole test suite (unit tests, notebooks, strict book build)
+#   make test   set up .venv and run the whole test suite (unit tests, notebooks, strict book build);
+#               the chapters run in .venv-clean, a venv with only the package (no extras),
+#               papermill and ipykernel, built on first use and kept while pyproject.toml is unchanged
 #   make bench  also install the `bench` extra (Quantus 0.6) and run benchmarks/bench_sanity.py
 PYTHON ?= python3
 VENV   := .venv
@@ -39,4 +41,4 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_sanity.py
 
 clean:
-	rm -rf _build
+	rm -rf _build .venv-clean .venv-clean.lock

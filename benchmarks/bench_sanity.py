@@ -133,7 +133,7 @@ def run_quantus(model, x: torch.Tensor, y: torch.Tensor) -> dict:
 def run_sanitylib_quantus_task(model, x: torch.Tensor):
     """The Quantus workload through sanitylib's public API."""
     import sanitylib as sl
-    from sanitylib.engine import Metric
+    from sanitylib import Metric
     from sanitylib.metrics import pearson, rankdata
 
     spearman_quantus = Metric(
@@ -141,12 +141,13 @@ def run_sanitylib_quantus_task(model, x: torch.Tensor):
         prepare=lambda maps: rankdata(maps.sum(1).abs().flatten(1)),
         compare=lambda a, b: pearson(a, b, on_constant="nan"),
     )
-    return sl.run_randomization(
-        model, x, ["gradient"], "cascading", blocks=quantus_blocks(model),
-        metrics=[spearman_quantus], seed=QUANTUS_SEED,
-        perturbation=sl.Perturbation(init=quantus_reset(QUANTUS_SEED)), target="original",
-        store_maps=0, cache=False, progress=False, floor=False,
-    )  # fmt: skip
+    with sl.keep_freed_memory():  # sanitylib's CPU setting, opted in (process-global)
+        return sl.run_randomization(
+            model, x, ["gradient"], "cascading", blocks=quantus_blocks(model),
+            metrics=[spearman_quantus], seed=QUANTUS_SEED,
+            perturbation=sl.Perturbation(init=quantus_reset(QUANTUS_SEED)), target="original",
+            store_maps=0, cache=False, progress=False, floor=False,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- 2: captum loop
@@ -209,7 +210,7 @@ def captum_map(model, xi: torch.Tensor, method: str, target: int, layer, index: 
     RNG seeded per image (``index``) before each call, as a careful user does for common random
     numbers across models; with sanitylib's seed this is the very noise sanitylib draws
     (``sanitylib.attribution.unit_noise``), so every method's numbers can be compared."""
-    from sanitylib.attribution import derive_seed
+    from sanitylib.utils import derive_seed
 
     import torch.nn.functional as F
     from captum.attr import (GuidedBackprop, GuidedGradCam, InputXGradient, IntegratedGradients,
@@ -284,11 +285,12 @@ def run_captum_loop(model, x: torch.Tensor, stages, perturbation) -> dict:
 def run_sanitylib_full(model, x: torch.Tensor, stages_blocks, perturbation):
     import sanitylib as sl
 
-    return sl.run_randomization(
-        model, x, list(METHODS), "cascading", blocks=stages_blocks, metrics=METRICS, seed=SEED,
-        perturbation=perturbation, target="current", method_options=METHOD_OPTIONS,
-        store_maps=0, cache=False, progress=False, floor=False,
-    )  # fmt: skip
+    with sl.keep_freed_memory():  # sanitylib's CPU setting, opted in (process-global)
+        return sl.run_randomization(
+            model, x, list(METHODS), "cascading", blocks=stages_blocks, metrics=METRICS, seed=SEED,
+            perturbation=perturbation, target="current", method_options=METHOD_OPTIONS,
+            store_maps=0, cache=False, progress=False, floor=False,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- 3: bare passes
@@ -360,10 +362,10 @@ def bare_replay_passes(model, chunks: list, states: list, pert, seed: int,
     autograd, no hooks.  Returns the seconds of the trained-model passes and of the picked
     states' passes (switching states is not timed; the model is restored afterwards)."""
     from sanitylib.allocator import keep_freed_memory
-    from sanitylib.engine import _States
+    from sanitylib.randomize import ModelStates
 
     pieces = efficientnet_pieces(model)
-    switch = _States(model, states, pert, seed)  # copies only the blocks that change
+    switch = ModelStates(model, states, pert, seed)  # copies only the blocks that change
     t0 = ts = 0.0
 
     with keep_freed_memory():

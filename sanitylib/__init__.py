@@ -10,25 +10,31 @@ The public API works on any ``torch.nn.Module`` returning logits::
     sl.plots.similarity_curves(df)
 """
 
-__version__ = "0.1.0"
-
-from . import attribution, data, experiment, findings, metrics, models, plots, postprocess, profiles, randomize  # noqa: E402
+from .utils import __version__  # noqa: E402
+from . import allocator, registry, replay, utils  # noqa: E402
+from . import attribution, data, engine, experiment, metrics, models, plots, postprocess, randomize  # noqa: E402
 from . import mnist, training  # noqa: E402
 from .attribution import METHODS, GuidedBackpropError, check_guided_backprop, explain, predict  # noqa: E402
 from .data import load_mnist, load_photos  # noqa: E402
 from .experiment import (cascading_randomization, explain_methods, independent_randomization,  # noqa: E402
                          run_randomization, summarize)
 from .metrics import METRICS, noise_floor, similarity  # noqa: E402
+from .registry import (Metric, MethodSpec, get_method, method_label, method_names,  # noqa: E402
+                       metric_names, register_method, register_metric, unregister_method,
+                       unregister_metric)
 from .models import MODELS, WeightsUnavailableError, load_model  # noqa: E402
 from .postprocess import abs_normalize, diverging_normalize, unit_normalize  # noqa: E402
-from .profiles import PROFILES, get_profile  # noqa: E402
 from .randomize import Perturbation, randomized  # noqa: E402
+from .allocator import keep_freed_memory  # noqa: E402
 
 __all__ = [
-    "METHODS", "METRICS", "MODELS", "PROFILES", "GuidedBackpropError", "Perturbation",
+    "METHODS", "METRICS", "MODELS", "GuidedBackpropError", "Perturbation",
     "WeightsUnavailableError", "abs_normalize", "attribution", "cascading_randomization",
-    "check_guided_backprop", "data", "diverging_normalize", "experiment", "explain", "explain_methods", "findings",
-    "get_profile", "independent_randomization", "load_mnist", "load_model", "load_photos",
-    "metrics", "mnist", "models", "noise_floor", "plots", "postprocess", "predict", "profiles", "randomize",
+    "check_guided_backprop", "data", "diverging_normalize", "experiment", "explain", "explain_methods",
+    "independent_randomization", "load_mnist", "load_model", "load_photos",
+    "metrics", "mnist", "models", "noise_floor", "plots", "postprocess", "predict", "randomize",
     "randomized", "run_randomization", "similarity", "summarize", "training", "unit_normalize",
+    "Metric", "MethodSpec", "get_method", "method_label", "method_names", "metric_names",
+    "register_method", "register_metric", "unregister_method", "unregister_metric", "registry",
+    "replay", "utils", "engine", "__version__", "keep_freed_memory", "allocator",
 ]

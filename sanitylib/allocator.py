@@ -9,12 +9,22 @@ cost 78-130 ms per row with glibc's defaults and 39 ms per row with freed memory
 39-51 ms vs 39 ms).  A held graph (forward replay) made every later pass allocate fresh memory
 and cost about 2x with the defaults.
 
-:func:`keep_freed_memory` raises the mmap and trim thresholds while the batched engine runs
-(so freed blocks stay in the heap and are reused), then sets them back to glibc's steady-state
-defaults (32 MiB and 64 MiB; glibc's dynamic adjustment stays off once set) and returns the
-kept memory to the OS (``malloc_trim``).  It does nothing where glibc is not the allocator, when
-the user tunes glibc's allocator through the environment (``MALLOC_*_`` or ``GLIBC_TUNABLES``),
-preloads another allocator (``LD_PRELOAD``) or sets ``SANITYLIB_KEEP_FREED_MEMORY=0``.
+:func:`keep_freed_memory` raises the mmap and trim thresholds inside a ``with`` block (so freed
+blocks stay in the heap and are reused), then sets them back to glibc's steady-state defaults
+(32 MiB and 64 MiB) and returns the kept memory to the OS (``malloc_trim``).  glibc cannot report
+its current settings, so they cannot be restored exactly: glibc's dynamic threshold stays off
+for the rest of the process.  That is a change of process-global state, so sanitylib never does
+it on its own: it is **opt-in**, either around your own code::
+
+    with sl.keep_freed_memory():
+        df = sl.cascading_randomization(model, x, methods)
+
+or for every run of a process with ``SANITYLIB_KEEP_FREED_MEMORY=1`` in the environment (the
+book build and the benchmark set it).  While it is in effect the engine also replays unchanged
+forward activations on the CPU (:data:`sanitylib.engine.REPLAY_ON_CPU`).  It does nothing where
+glibc is not the allocator, when the user tunes glibc's allocator through the environment
+(``MALLOC_*_`` or ``GLIBC_TUNABLES``), preloads another allocator (``LD_PRELOAD``) or sets
+``SANITYLIB_KEEP_FREED_MEMORY=0``.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import sys
 import threading
 from typing import Iterator
 
-__all__ = ["keep_freed_memory", "keeps_freed_memory"]
+__all__ = ["keep_freed_memory", "keeps_freed_memory", "opted_in", "active"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 _KEEP_MMAP = 1 << 30  # requests up to 1 GiB from the heap, not from fresh mappings
@@ -53,8 +63,18 @@ def _glibc() -> ctypes.CDLL | None:
     return _libc
 
 
+def opted_in() -> bool:
+    """Whether the environment opts every run in (``SANITYLIB_KEEP_FREED_MEMORY=1``)."""
+    return os.environ.get("SANITYLIB_KEEP_FREED_MEMORY", "").strip().lower() in ("1", "true", "yes")
+
+
+def active() -> bool:
+    """Whether a :func:`keep_freed_memory` block is in effect now."""
+    return _depth > 0
+
+
 def keeps_freed_memory() -> bool:
-    """Whether :func:`keep_freed_memory` takes effect in this process (see the module doc)."""
+    """Whether :func:`keep_freed_memory` can take effect in this process (see the module doc)."""
     if os.environ.get("SANITYLIB_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no"):
         return False
     if any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):

@@ -12,13 +12,23 @@ Modified-backprop methods (Guided BackProp, Guided GradCAM) are guarded: captum 
 ``nn.ReLU`` modules, and on a model with functional ReLUs (torchvision's Inception v3) or
 ``nn.ReLU6`` (EfficientNet-Lite) it silently returns the plain gradient.  Before using them,
 :func:`check_guided_backprop` traces a forward pass and raises :class:`GuidedBackpropError` if any
-ReLU-type operation runs outside an ``nn.ReLU`` module.
+ReLU-type operation runs outside an ``nn.ReLU`` module, and warns
+(:class:`GuidedBackpropWarning`) where other nonlinearities (Hardswish, SiLU, GELU, sigmoid,
+``clamp(min=0)``, ...) run beside the ReLUs: the guided rule applies to the ReLUs only.
+
+Every entry point checks its input against the model up front (:func:`check_input`,
+:func:`probe_model`: one cached forward pass of one image) and runs the model in eval mode,
+restoring the user's ``training`` flags and buffers afterwards
+(:func:`sanitylib.randomize.evaluating`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
+import numbers
+import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -27,11 +37,16 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .models import get_info, get_submodule
+from .randomize import evaluating
+from .registry import MethodSpec, Passes, _register_builtin, resolve_method
+from .utils import derive_seed
 
-__all__ = ["METHODS", "PAPER_SETTINGS", "GuidedBackpropError", "explain", "predict",
-           "check_guided_backprop", "check_input", "derive_seed", "resolve_settings",
-           "unit_noise"]  # fmt: skip
+__all__ = ["METHODS", "PAPER_SETTINGS", "GuidedBackpropError", "GuidedBackpropWarning",
+           "ProbabilityOutputWarning", "ModelProbe", "explain", "predict", "check_guided_backprop",
+           "check_input", "check_targets", "probe_model", "resolve_targets", "run_method",
+           "unit_noise", "Context", "check_seed"]  # fmt: skip
 
+#: The built-in methods (registered below; :func:`sanitylib.method_names` lists users' too).
 METHODS = (
     "gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "vargrad",
     "ig_smoothgrad", "guided_backprop", "gradcam", "guided_gradcam", "edge_detector",
@@ -56,42 +71,172 @@ class GuidedBackpropError(RuntimeError):
     something closer to the plain gradient)."""
 
 
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any printable parts (e.g. ``derive_seed(0, "noise", 3)``)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+class GuidedBackpropWarning(UserWarning):
+    """The model runs nonlinearities other than ReLU (Hardswish, SiLU, sigmoid, ...) beside its
+    ``nn.ReLU`` modules: Guided BackProp's rule applies to the ReLUs only."""
+
+
+class ProbabilityOutputWarning(UserWarning):
+    """The model seems to return probabilities (or log-probabilities), not logits."""
 
 
 # ----------------------------------------------------------------------------- checks
 
 
 def check_input(model: nn.Module, x: Tensor) -> None:
-    """Raise ``ValueError`` unless ``x`` is a finite float ``(N, C, H, W)`` batch suited to
-    ``model`` (shape and value range are checked for built-in models)."""
+    """Raise ``ValueError`` unless ``x`` is a finite, non-empty float ``(N, C, H, W)`` batch
+    suited to ``model``: shape and value range are checked for built-in models, the dtype
+    against the model's parameters, and one forward pass of ``x[:1]`` (:func:`probe_model`,
+    cached) must succeed and return logits ``(1, classes)``."""
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if len(x) == 0:
+        raise ValueError(f"x must hold at least one image, got an empty batch of shape "
+                         f"{tuple(x.shape)}")  # fmt: skip
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
     info = get_info(model)
-    if info is None:
-        return
-    if tuple(x.shape[1:]) != tuple(info.input_size):
+    if info is not None:
+        if tuple(x.shape[1:]) != tuple(info.input_size):
+            raise ValueError(
+                f"{info.name} expects inputs of shape (N, {', '.join(map(str, info.input_size))}), "
+                f"got {tuple(x.shape)}; preprocess with sanitylib.load_photos(model, ...)"
+            )
+        lo, hi = info.value_range
+        tol = 0.05 * (hi - lo)
+        if float(x.min()) < lo - tol or float(x.max()) > hi + tol:
+            raise ValueError(
+                f"{info.name} expects preprocessed inputs in [{lo:.2f}, {hi:.2f}], got values in "
+                f"[{float(x.min()):.2f}, {float(x.max()):.2f}] (raw 0-255 pixels?); preprocess "
+                "with sanitylib.load_photos(model, ...)"
+            )
+    probe_model(model, x)
+
+
+# ----------------------------------------------------------------------------- model probe
+
+
+def _model_fingerprint(model: nn.Module) -> tuple:
+    """What a forward pass of ``model`` runs, by identity: every module (name, object, its
+    class's ``forward`` and an instance-level ``forward`` assigned to it).  Changes when
+    ``model.forward`` is reassigned or a submodule replaced (not when weights change)."""
+    return tuple((n, id(m), id(type(m).forward), id(m.__dict__.get("forward")))
+                 for n, m in model.named_modules(remove_duplicate=False))  # fmt: skip
+
+
+def _fingerprint(model: nn.Module, x: Tensor) -> tuple:
+    return (tuple(x.shape[1:]), x.dtype, _model_fingerprint(model))
+
+
+@dataclass(frozen=True)
+class ModelProbe:
+    """What one forward pass of one image says about a model (:func:`probe_model`)."""
+
+    n_classes: int
+    probabilities: bool  # the outputs look like (log-)probabilities, not logits
+
+
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_WARNED_PROBS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_TO_DTYPE = {torch.float32: "x.float()", torch.float64: "x.double()", torch.float16: "x.half()",
+             torch.bfloat16: "x.bfloat16()"}  # fmt: skip
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    for name, m in model.named_modules():
+        if hasattr(m, "in_channels") or isinstance(m, nn.Linear):
+            return name, m
+    return None
+
+
+def _forward_failure(model: nn.Module, x: Tensor, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    msg = (f"x of shape {tuple(x.shape)} and dtype {_dtype_name(x.dtype)} does not fit the model: "
+           f"its forward pass failed with {type(err).__name__}: {first}")  # fmt: skip
+    layer = _first_layer(model)
+    if layer is not None:
+        name, m = layer
+        if hasattr(m, "in_channels") and m.in_channels != x.shape[1]:
+            msg += (f". The model's first layer ({name or type(model).__name__}: "
+                    f"{type(m).__name__}) expects {m.in_channels} input channels, x has "
+                    f"{x.shape[1]}: expected shape (N, {m.in_channels}, H, W)")  # fmt: skip
+        elif isinstance(m, nn.Linear) and m.in_features != x[0].numel():
+            msg += (f". The model's first layer ({name or type(model).__name__}: Linear) expects "
+                    f"{m.in_features} input features, x has {x[0].numel()} per image")  # fmt: skip
+    return msg
+
+
+def probe_model(model: nn.Module, x: Tensor) -> ModelProbe:
+    """Check ``model`` against the batch ``x`` with one forward pass of ``x[:1]`` (no grad, eval
+    mode, the user's modes and buffers restored), cached per model instance, forward code,
+    submodules, input shape and dtype.
+
+    Raises:
+        ValueError: ``x``'s dtype differs from the model's parameters', or the forward pass
+            fails on ``x`` (wrong channel count, size, ...): the message says what the model
+            expects; or the output is not ``(1, classes)``.
+        TypeError: the model does not return a tensor (a tuple, a dict): it must return logits.
+
+    Warns:
+        ProbabilityOutputWarning: (once per model) the output rows are probabilities (in [0, 1],
+            summing to 1) or log-probabilities; saliency of those differs from the paper's
+            saliency of logits.
+    """
+    key = _fingerprint(model, x)
+    hit = _PROBED.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    dtypes = sorted({p.dtype for p in params}, key=str)
+    if dtypes and x.dtype not in dtypes:
+        want = dtypes[0]
         raise ValueError(
-            f"{info.name} expects inputs of shape (N, {', '.join(map(str, info.input_size))}), "
-            f"got {tuple(x.shape)}; preprocess with sanitylib.load_photos(model, ...)"
+            f"x has dtype {_dtype_name(x.dtype)} but the model's parameters are "
+            f"{'/'.join(_dtype_name(d) for d in dtypes)}; convert with "
+            f"{_TO_DTYPE.get(want, f'x.to({want})')}"
         )
-    lo, hi = info.value_range
-    tol = 0.05 * (hi - lo)
-    if float(x.min()) < lo - tol or float(x.max()) > hi + tol:
-        raise ValueError(
-            f"{info.name} expects preprocessed inputs in [{lo:.2f}, {hi:.2f}], got values in "
-            f"[{float(x.min()):.2f}, {float(x.max()):.2f}] (raw 0-255 pixels?); preprocess "
-            "with sanitylib.load_photos(model, ...)"
+    xp = x[:1].detach()
+    if params and xp.device != params[0].device:
+        xp = xp.to(params[0].device)  # the engine moves x to the model's device itself
+    try:
+        with evaluating(model), torch.no_grad():
+            out = model(xp)
+    except RuntimeError as err:  # torch's shape, dtype and size errors
+        raise ValueError(_forward_failure(model, x, err)) from err
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model must return logits (N, classes) as a single Tensor, got "
+            f"{type(out).__name__}; wrap it so that forward returns the logits (e.g. the first "
+            "element of a tuple, or output.logits)"
         )
+    if out.ndim != 2 or out.shape[0] != 1 or out.shape[1] < 1:
+        raise ValueError(f"the model must return logits (N, classes), got an output of shape "
+                         f"{tuple(out.shape)} for x[:1] of shape {tuple(xp.shape)}")  # fmt: skip
+    o = out.detach().double()
+    probs = bool(torch.isfinite(o).all()) and out.shape[1] > 1 and (
+        bool(((o >= 0) & (o <= 1)).all() and ((o.sum(1) - 1).abs() <= 1e-4).all())
+        or bool((o <= 0).all() and ((o.exp().sum(1) - 1).abs() <= 1e-4).all()))  # fmt: skip
+    if probs and model not in _WARNED_PROBS:
+        _WARNED_PROBS.add(model)
+        warnings.warn(
+            "the model's outputs look like probabilities (rows in [0, 1] summing to 1) or "
+            "log-probabilities, not logits: saliency of softmax outputs differs from the paper's "
+            "saliency of logits (each class's map then mixes in every other class). Explain the "
+            "model without its final softmax if you can.", ProbabilityOutputWarning, stacklevel=3)
+    probe = ModelProbe(int(out.shape[1]), probs)
+    _PROBED[model] = (key, probe)
+    return probe
+
+
+# ----------------------------------------------------------------------------- GBP guard
 
 
 _RELU_FUNCS = {
@@ -101,20 +246,76 @@ _RELU_FUNCS = {
     F.threshold: "F.threshold",
 }  # fmt: skip
 
+#: Nonlinearity modules other than ReLU: Guided BackProp leaves their backward pass plain.
+_OTHER_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.ELU,
+                  nn.SELU, nn.CELU, nn.PReLU, nn.RReLU, nn.Softplus, nn.Mish, nn.Softsign,
+                  nn.Tanhshrink, nn.LogSigmoid, nn.GLU, nn.Hardshrink, nn.Softshrink)  # fmt: skip
+_OTHER_FUNCS = {
+    F.hardswish: "F.hardswish", F.hardsigmoid: "F.hardsigmoid", F.silu: "F.silu",
+    F.gelu: "F.gelu", F.elu: "F.elu", F.elu_: "F.elu_", F.selu: "F.selu", F.celu: "F.celu",
+    F.prelu: "F.prelu", F.rrelu: "F.rrelu", F.softplus: "F.softplus", F.mish: "F.mish",
+    F.softsign: "F.softsign", F.tanhshrink: "F.tanhshrink", F.logsigmoid: "F.logsigmoid",
+    F.glu: "F.glu", torch.sigmoid: "torch.sigmoid", torch.sigmoid_: "torch.sigmoid_",
+    Tensor.sigmoid: "Tensor.sigmoid", Tensor.sigmoid_: "Tensor.sigmoid_",
+    torch.tanh: "torch.tanh", torch.tanh_: "torch.tanh_", Tensor.tanh: "Tensor.tanh",
+    Tensor.tanh_: "Tensor.tanh_", torch.maximum: "torch.maximum",
+    Tensor.maximum: "Tensor.maximum", torch.fmax: "torch.fmax", Tensor.fmax: "Tensor.fmax",
+}  # fmt: skip
+_CLAMPS = {torch.clamp: "torch.clamp", torch.clip: "torch.clip", torch.clamp_: "torch.clamp_",
+           torch.clip_: "torch.clip_", Tensor.clamp: "Tensor.clamp", Tensor.clip: "Tensor.clip",
+           Tensor.clamp_: "Tensor.clamp_", Tensor.clip_: "Tensor.clip_",
+           torch.clamp_min: "torch.clamp_min", torch.clamp_min_: "torch.clamp_min_",
+           Tensor.clamp_min: "Tensor.clamp_min",
+           Tensor.clamp_min_: "Tensor.clamp_min_"}  # fmt: skip
+_MAXES = {torch.max: "torch.max", Tensor.max: "Tensor.max"}
+
+
+def _is_zero(v) -> bool:
+    if isinstance(v, Tensor):
+        return v.numel() == 1 and float(v) == 0
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == 0
+
+
+def _other_nonlinearity(func, args: tuple, kwargs: dict) -> str | None:
+    """The name of a non-ReLU nonlinearity call (``clamp(min=0)`` and the elementwise max of
+    two tensors included), or ``None``."""
+    name = _OTHER_FUNCS.get(func)
+    if name is not None:
+        return name
+    if func in _CLAMPS:
+        lo = kwargs.get("min", args[1] if len(args) > 1 else None)
+        return f"{_CLAMPS[func]}(min=0)" if _is_zero(lo) else None
+    if func in _MAXES:
+        other = kwargs.get("other", args[1] if len(args) > 1 else None)
+        return f"{_MAXES[func]}(a, b)" if isinstance(other, Tensor) else None
+    return None
+
 
 class _ReluTracer(TorchFunctionMode):
-    """Records ReLU-type calls made outside ``nn.ReLU`` modules during a forward pass."""
+    """Records, during a forward pass, ReLU-type calls made outside ``nn.ReLU`` modules and the
+    other nonlinearities (modules and functions) that run outside ``nn.ReLU`` modules."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.stack: list[str] = []
         self.inside_relu = 0
+        self.inside_other = 0
         self.n_relu_modules = 0
         self.outside: dict[str, int] = {}
+        self.others: dict[str, list] = {}  # kind -> [calls, places]
         self.handles = []
         for name, module in model.named_modules():
             self.handles.append(module.register_forward_pre_hook(self._pre(name, module)))
             self.handles.append(module.register_forward_hook(self._post(module)))
+
+    def _where(self) -> str:
+        return self.stack[-1] if self.stack else "<model>"
+
+    def _other(self, kind: str, where: str) -> None:
+        entry = self.others.setdefault(kind, [0, []])
+        entry[0] += 1
+        if where not in entry[1]:
+            entry[1].append(where)
 
     def _pre(self, name: str, module: nn.Module) -> Callable:
         def hook(*_):
@@ -122,6 +323,10 @@ class _ReluTracer(TorchFunctionMode):
             if isinstance(module, nn.ReLU):
                 self.inside_relu += 1
                 self.n_relu_modules += 1
+            elif isinstance(module, _OTHER_MODULES):
+                if not (self.inside_relu or self.inside_other):
+                    self._other(f"nn.{type(module).__name__}", self._where())
+                self.inside_other += 1
 
         return hook
 
@@ -130,14 +335,22 @@ class _ReluTracer(TorchFunctionMode):
             self.stack.pop()
             if isinstance(module, nn.ReLU):
                 self.inside_relu -= 1
+            elif isinstance(module, _OTHER_MODULES):
+                self.inside_other -= 1
 
         return hook
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _RELU_FUNCS and not self.inside_relu:
-            where = f"{_RELU_FUNCS[func]} in {self.stack[-1] if self.stack else '<model>'}"
-            self.outside[where] = self.outside.get(where, 0) + 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if not self.inside_relu:
+            if func in _RELU_FUNCS:
+                where = f"{_RELU_FUNCS[func]} in {self._where()}"
+                self.outside[where] = self.outside.get(where, 0) + 1
+            elif not self.inside_other:
+                kind = _other_nonlinearity(func, args, kwargs)
+                if kind is not None:
+                    self._other(kind, self._where())
+        return func(*args, **kwargs)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -145,28 +358,32 @@ class _ReluTracer(TorchFunctionMode):
 
 
 _GBP_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _fingerprint(model: nn.Module, x: Tensor) -> tuple:
-    return (tuple(x.shape[1:]), tuple((n, id(m)) for n, m in model.named_modules()))
+_WARNED_GBP: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
 def check_guided_backprop(model: nn.Module, x: Tensor) -> int:
     """Check that Guided BackProp (captum's ``nn.ReLU`` hooks) covers every ReLU the forward
-    pass of ``model`` on ``x[:1]`` executes.  Returns the number of ReLU-module calls.
+    pass of ``model`` on ``x[:1]`` executes (in eval mode; the model's modes and buffers are
+    restored).  Returns the number of ReLU-module calls (``-1``: checked before, for the same
+    model instance, forward code, submodules and input shape).
 
     Raises:
         GuidedBackpropError: a ReLU-type function ran outside an ``nn.ReLU`` module (functional
             ``F.relu``, ``nn.ReLU6``, ...), or the model executed no ReLU at all; in both cases
             captum's Guided BackProp would silently degrade towards the plain gradient.
+
+    Warns:
+        GuidedBackpropWarning: (once per model) other nonlinearities (Hardswish, Hardsigmoid,
+            SiLU, GELU, sigmoid, tanh, ``clamp(min=0)``, ``torch.maximum``, ...) run beside the
+            ReLUs: the guided rule applies only to the ReLUs, the others pass the plain gradient.
     """
     key = _fingerprint(model, x)
     if _GBP_CHECKED.get(model) == key:
         return -1
     tracer = _ReluTracer(model)
     try:
-        with tracer:
+        with evaluating(model), tracer:
             model(x[:1])
     finally:
         tracer.remove()
@@ -186,25 +403,25 @@ def check_guided_backprop(model: nn.Module, x: Tensor) -> int:
             "Guided BackProp needs ReLU activations, but the forward pass executed no nn.ReLU "
             "module: on this model it would equal the plain gradient."
         )
+    if tracer.others and _WARNED_GBP.get(model) != key[2]:  # once per model (and its code)
+        _WARNED_GBP[model] = key[2]
+        items = list(tracer.others.items())
+        parts = []
+        for kind, (n, places) in items[:6]:
+            shown = ", ".join(places[:3]) + (", ..." if len(places) > 3 else "")
+            parts.append(f"{kind} x{n} (in {shown})")
+        more = f" and {len(items) - 6} more kinds" if len(items) > 6 else ""
+        warnings.warn(
+            f"Guided BackProp applies its rule only to the {tracer.n_relu_modules} nn.ReLU call(s) "
+            f"of this model; {sum(n for n, _ in tracer.others.values())} call(s) of other "
+            f"nonlinearities keep their plain gradient: {'; '.join(parts)}{more}. The map mixes "
+            "guided and plain backward passes: it is not Guided BackProp as in the paper "
+            "(which used ReLU networks).", GuidedBackpropWarning, stacklevel=3)
     _GBP_CHECKED[model] = key
     return tracer.n_relu_modules
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def resolve_settings(method: str, options: dict) -> dict:
-    """:data:`PAPER_SETTINGS` of ``method`` updated with ``options``; raises ``ValueError`` for
-    an unknown method or option."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
-    settings = dict(PAPER_SETTINGS.get(method, {}))
-    unknown = set(options) - set(settings)
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for {method!r}; "
-                         f"valid: {sorted(settings) or 'none'}")  # fmt: skip
-    settings.update(options)
-    return settings
 
 
 def unit_noise(xi: Tensor, n: int, seed: int, index: int) -> Tensor:
@@ -227,10 +444,40 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -
     return torch.cat([model(c) for c in x.split(batch_size)])
 
 
-def _targets(model: nn.Module, x: Tensor, target, batch_size: int) -> Tensor:
+def check_targets(target, n_classes: int | None = None, name: str = "target") -> Tensor:
+    """``target`` (an int, a sequence of ints or an integer tensor/array) as a 1-D long tensor,
+    each entry in ``[0, n_classes)``; ``ValueError`` naming ``name`` otherwise (bools, floats,
+    strings and negative indices are refused, not converted)."""
+    what = (f"{name} must be a class index (an int), a sequence of them or an integer tensor"
+            f"{f' with values in [0, {n_classes})' if n_classes else ''}")  # fmt: skip
+    if isinstance(target, (bool, str, bytes)) or target is None:
+        raise ValueError(f"{what}, got {target!r}")
+    if isinstance(target, numbers.Integral):
+        t = torch.tensor([int(target)])
+    else:
+        if isinstance(target, (list, tuple)) and any(isinstance(v, (bool, str)) for v in target):
+            raise ValueError(f"{what}, got {target!r}")
+        try:
+            t = torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{what}, got {target!r}") from None
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{what}, got a {t.dtype} value {target!r}")
+        t = t.reshape(-1).long()
+    if t.numel() and n_classes is not None and (int(t.min()) < 0 or int(t.max()) >= n_classes):
+        bad = sorted({int(v) for v in t if not 0 <= int(v) < n_classes})
+        raise ValueError(f"{name} must be in [0, {n_classes}) (the model returns {n_classes} "
+                         f"logits; negative indices are not allowed), got {bad[:5]}")  # fmt: skip
+    return t
+
+
+def resolve_targets(model: nn.Module, x: Tensor, target, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
+    """The ``(N,)`` classes to explain: ``target`` (an int, a sequence or a tensor with one entry
+    per image, each in ``[0, classes)``) or, for ``None``, the argmax of the model's logits on
+    ``x`` (the caller chooses the model's mode)."""
     if target is None:
         return predict(model, x, batch_size).argmax(1)
-    t = torch.as_tensor(target, device=x.device).long().reshape(-1)
+    t = check_targets(target, probe_model(model, x).n_classes).to(x.device)
     if t.numel() == 1:
         t = t.expand(len(x))
     if t.numel() != len(x):
@@ -250,7 +497,7 @@ def _gradients(model: nn.Module, x: Tensor, target: Tensor, batch_size: int) -> 
     return torch.cat(out)
 
 
-def _ig_weights(n_steps: int, rule: str, device) -> tuple[Tensor, Tensor]:
+def ig_weights(n_steps: int, rule: str, device) -> tuple[Tensor, Tensor]:
     """Path points (alphas) and weights of the Riemann sum for Integrated Gradients."""
     if rule == "paper":  # PAIR: mean of the gradients at linspace(0, 1, n), both ends included
         return torch.linspace(0, 1, n_steps, device=device), torch.full(
@@ -263,7 +510,7 @@ def _ig_weights(n_steps: int, rule: str, device) -> tuple[Tensor, Tensor]:
 
 
 def _integrated_gradients(model, x, target, n_steps, baseline, rule, batch_size) -> Tensor:
-    alphas, weights = _ig_weights(n_steps, rule, x.device)
+    alphas, weights = ig_weights(n_steps, rule, x.device)
     base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
     out = []
     for i in range(len(x)):  # one image's path at a time, the path itself batched
@@ -301,7 +548,9 @@ def _noise_tunnel(base: Callable[[Tensor, Tensor], Tensor], x: Tensor, target: T
     return torch.stack(out)
 
 
-def _layer(model: nn.Module, layer) -> nn.Module:
+def gradcam_layer(model: nn.Module, layer) -> nn.Module:
+    """The module GradCAM reads: ``layer`` (a module or dotted path) or, for ``None``, the
+    model's declared GradCAM layer (:class:`sanitylib.models.ModelInfo`)."""
     if isinstance(layer, nn.Module):
         return layer
     if layer is None:
@@ -315,37 +564,198 @@ def _layer(model: nn.Module, layer) -> nn.Module:
     return get_submodule(model, layer)
 
 
+def cam_to_map(cam: Tensor, like: Tensor) -> Tensor:
+    """GradCAM's post-processing, as the authors: the ReLU'd ``(n, 1, h, w)`` CAM divided by its
+    peak (all-zero stays zero), bilinear upsampling to ``like``'s size, tiled over its channels."""
+    peak = cam.amax(dim=(1, 2, 3), keepdim=True)
+    cam = torch.where(peak > 0, cam / peak.clamp_min(1e-30), torch.zeros_like(cam))
+    cam = F.interpolate(cam, size=like.shape[-2:], mode="bilinear", align_corners=False)
+    return cam.expand(-1, like.shape[1], -1, -1)
+
+
 def _gradcam(model, x, target, layer, batch_size) -> Tensor:
     from captum.attr import LayerGradCam
 
-    cam_attr = LayerGradCam(model, _layer(model, layer))
+    cam_attr = LayerGradCam(model, gradcam_layer(model, layer))
     out = []
     for xc, tc in zip(x.split(batch_size), target.split(batch_size)):
         cam = cam_attr.attribute(xc, target=tc, relu_attributions=True)  # (n, 1, h, w)
         if cam.ndim != 4:
             raise ValueError(f"GradCAM layer output must be (N, K, h, w), got {tuple(cam.shape)}")
-        peak = cam.amax(dim=(1, 2, 3), keepdim=True)
-        cam = torch.where(peak > 0, cam / peak.clamp_min(1e-30), torch.zeros_like(cam))
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        out.append(cam.expand(-1, x.shape[1], -1, -1))
+        out.append(cam_to_map(cam, xc))
     return torch.cat(out).detach()
 
 
 def _guided_backprop(model, x, target, batch_size) -> Tensor:
     from captum.attr import GuidedBackprop
 
-    check_guided_backprop(model, x)
     gbp = GuidedBackprop(model)
     return torch.cat([gbp.attribute(xc, target=tc).detach()
                       for xc, tc in zip(x.split(batch_size), target.split(batch_size))])  # fmt: skip
 
 
-def _edge_detector(x: Tensor) -> Tensor:
+def edge_detector(x: Tensor) -> Tensor:
+    """Sobel edge magnitude of the grey image, tiled over the channels (a model-independent
+    "explanation", paper Fig. 1)."""
     from skimage.filters import sobel
 
     gray = x.detach().mean(1).cpu().double().numpy()
     edges = torch.stack([torch.from_numpy(sobel(g)) for g in gray]).to(x.device, x.dtype)
     return edges[:, None].expand(-1, x.shape[1], -1, -1).contiguous()
+
+
+# ----------------------------------------------------------------------------- built-in methods
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a built-in method needs besides its options: the noise seed, the rows per pass and
+    optional explicit noise ``(N, S, C, H, W)``."""
+
+    seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    noise: Tensor | None = None
+
+
+def check_seed(seed) -> None:
+    """``ValueError`` unless ``seed`` is an integer."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
+def _check_int(settings: dict, key: str, lo: int = 1) -> None:
+    v = settings[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{key} must be an int >= {lo}, got {v!r}")
+
+
+def _check_noise_level(settings: dict) -> None:
+    v = settings["noise_level"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 10:
+        raise ValueError(f"noise_level must be a finite number in [0, 10] (the noise's standard "
+                         f"deviation as a fraction of each image's value range), got {v!r}")  # fmt: skip
+
+
+def _check_ig(settings: dict) -> None:
+    _check_int(settings, "n_steps")
+    rule = settings["rule"]
+    valid = ("paper", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+             "gausslegendre")  # fmt: skip
+    if rule not in valid:
+        raise ValueError(f"rule must be one of {valid}, got {rule!r}")
+    b = settings["baseline"]
+    if not isinstance(b, (int, float, Tensor)) or isinstance(b, bool):
+        raise ValueError(f"baseline must be a number or a tensor broadcastable to x, got {b!r}")
+
+
+def _check_noise(settings: dict) -> None:
+    _check_int(settings, "n_samples")
+    _check_noise_level(settings)
+
+
+def _check_ig_noise(settings: dict) -> None:
+    _check_noise(settings)
+    _check_ig(settings)
+
+
+def _builtin(name: str, label: str, fn: Callable, passes: Passes, validate=None, *,
+             guided: bool = False, layer: bool = False) -> MethodSpec:  # fmt: skip
+    return _register_builtin(MethodSpec(
+        name, fn, label, dict(PAPER_SETTINGS.get(name, {})), validate, passes, guided,
+        "layer" if layer else None, None, True, None))  # fmt: skip
+
+
+def _ig_fn(model, x, t, ctx: Context, *, n_steps, baseline, rule) -> Tensor:
+    return _integrated_gradients(model, x, t, n_steps, baseline, rule, ctx.batch_size)
+
+
+def _noise_fn(kind: str) -> Callable:
+    def fn(model, x, t, ctx: Context, *, n_samples, noise_level) -> Tensor:
+        def grad(inp: Tensor, tgt: Tensor) -> Tensor:
+            return _gradients(model, inp, tgt, ctx.batch_size)
+
+        return _noise_tunnel(grad, x, t, n_samples, noise_level, kind, ctx.seed, ctx.noise,
+                             ctx.batch_size)  # fmt: skip
+
+    return fn
+
+
+def _ig_smoothgrad_fn(model, x, t, ctx: Context, *, n_samples, noise_level, n_steps, baseline,
+                      rule) -> Tensor:  # fmt: skip
+    def ig(inp: Tensor, tgt: Tensor) -> Tensor:
+        return _integrated_gradients(model, inp, tgt, n_steps, baseline, rule, ctx.batch_size)
+
+    return _noise_tunnel(ig, x, t, n_samples, noise_level, "mean", ctx.seed, ctx.noise,
+                         max(1, ctx.batch_size // n_steps))  # fmt: skip
+
+
+# The order of registration is the order of the figures' colours.
+_builtin("gradient", "Gradient", lambda model, x, t, ctx: _gradients(model, x, t, ctx.batch_size),
+         Passes("x", plain=True, combine=lambda x, g, cam, gbp: g))
+_builtin("input_x_gradient", "Gradient⊙Input",
+         lambda model, x, t, ctx: _gradients(model, x, t, ctx.batch_size) * x,
+         Passes("x", plain=True, combine=lambda x, g, cam, gbp: g * x))
+_builtin("integrated_gradients", "Integrated Gradients", _ig_fn, Passes("ig"), _check_ig)
+_builtin("smoothgrad", "SmoothGrad", _noise_fn("mean"), Passes("noise", statistic="mean"),
+         _check_noise)
+_builtin("vargrad", "VarGrad", _noise_fn("var"), Passes("noise", statistic="var"), _check_noise)
+_builtin("ig_smoothgrad", "IG-SmoothGrad", _ig_smoothgrad_fn, Passes("ig_noise"), _check_ig_noise)
+_builtin("guided_backprop", "Guided BackProp",
+         lambda model, x, t, ctx: _guided_backprop(model, x, t, ctx.batch_size),
+         Passes("x", guided=True, combine=lambda x, g, cam, gbp: gbp), guided=True)
+_builtin("gradcam", "GradCAM",
+         lambda model, x, t, ctx, *, layer: _gradcam(model, x, t, layer, ctx.batch_size),
+         Passes("x", plain=True, layer=True, combine=lambda x, g, cam, gbp: cam), layer=True)
+# the authors' elementwise product, with bilinear GradCAM
+_builtin("guided_gradcam", "Guided GradCAM",
+         lambda model, x, t, ctx, *, layer: (_guided_backprop(model, x, t, ctx.batch_size)
+                                             * _gradcam(model, x, t, layer, ctx.batch_size)),
+         Passes("x", plain=True, guided=True, layer=True, combine=lambda x, g, cam, gbp: gbp * cam),
+         guided=True, layer=True)  # fmt: skip
+_builtin("edge_detector", "Edge detector", lambda model, x, t, ctx: edge_detector(x),
+         Passes("input", combine=edge_detector))
+
+
+# ----------------------------------------------------------------------------- running a method
+
+
+def _check_map(spec: MethodSpec, out, x: Tensor) -> Tensor:
+    """A user method's output as an ``(n, C, H, W)`` map of ``x``'s dtype (``(n, 1, H, W)`` is
+    tiled over the channels)."""
+    if isinstance(out, tuple) and len(out) == 1:
+        out = out[0]
+    if not isinstance(out, Tensor):
+        raise TypeError(f"method {spec.name!r} must return a Tensor, got {type(out).__name__}")
+    if out.ndim == 4 and out.shape[1] == 1 and x.shape[1] != 1 and out.shape[2:] == x.shape[2:]:
+        out = out.expand(-1, x.shape[1], -1, -1)
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError(f"method {spec.name!r} returned shape {tuple(out.shape)} for input "
+                         f"{tuple(x.shape)}; a saliency map must have the input's shape "
+                         "(or (N, 1, H, W))")  # fmt: skip
+    if not torch.isfinite(out).all():
+        raise ValueError(f"method {spec.name!r} returned NaN or infinite values")
+    return out.detach().to(x.device, x.dtype)
+
+
+def run_method(spec: MethodSpec, model: nn.Module, x: Tensor, target: Tensor, settings: dict,
+               ctx: Context = Context()) -> Tensor:  # fmt: skip
+    """One method's maps ``(N, C, H, W)`` of ``x`` for the classes ``target`` ``(N,)``, with
+    resolved ``settings`` (:meth:`MethodSpec.settings`); the straightforward computation, one
+    method at a time (:mod:`sanitylib.engine` shares passes between built-ins).  Modified-backprop
+    methods are guarded (:func:`check_guided_backprop`)."""
+    if spec.guided:
+        check_guided_backprop(model, x)
+    if spec.builtin:
+        return spec.fn(model, x, target, ctx, **settings)
+    kwargs = dict(settings)
+    if spec.takes_seed:
+        kwargs["seed"] = ctx.seed
+    step = spec.batch_size or ctx.batch_size
+    out = []
+    for xc, tc in zip(x.split(step), target.split(step)):
+        with torch.enable_grad():
+            out.append(_check_map(spec, spec.fn(model, xc.detach(), tc, **kwargs), xc))
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- explain
@@ -354,7 +764,7 @@ def _edge_detector(x: Tensor) -> Tensor:
 def explain(
     model: nn.Module,
     x: Tensor,
-    method: str,
+    method: str | Callable | type | MethodSpec,
     target: int | Sequence[int] | Tensor | None = None,
     *,
     seed: int = 0,
@@ -365,58 +775,42 @@ def explain(
     """Saliency map of ``model`` for ``x`` with the paper's settings.
 
     Args:
-        model: any classifier returning logits (put in eval mode by the caller or by
-            :func:`sanitylib.load_model`).
+        model: any classifier returning logits ``(N, classes)``; run in eval mode, its
+            ``training`` flags and buffers are restored afterwards.
         x: ``(N, C, H, W)`` preprocessed input.
-        method: one of :data:`METHODS`.
-        target: class to explain per image; default: argmax of the model's current logits.
-        seed: seed of the noise of SmoothGrad, VarGrad and IG-SmoothGrad.
-        batch_size: maximum number of rows (images x steps x samples) per forward/backward pass.
+        method: a registered name (:data:`METHODS` or :func:`sanitylib.register_method`), a
+            callable ``fn(model, x, target) -> Tensor`` or a captum ``Attribution`` class (see
+            :mod:`sanitylib.registry`).
+        target: class to explain per image (an int or one int per image, in
+            ``[0, classes)``); default: argmax of the model's logits (in eval mode).
+        seed: seed of the noise of SmoothGrad, VarGrad and IG-SmoothGrad (passed to user
+            methods that take a ``seed`` argument).
+        batch_size: maximum number of rows (images x steps x samples) per forward/backward pass
+            (images per call for user methods).
         noise: optional ``(N, S, C, H, W)`` noise for the stochastic methods (used as is).
-        **options: method hyper-parameters overriding :data:`PAPER_SETTINGS`: ``n_steps``,
-            ``baseline``, ``rule`` (``"paper"`` or a captum method such as
-            ``"riemann_trapezoid"``) for IG; ``n_samples`` and ``noise_level`` for the noise
-            methods; ``layer`` (dotted path or module) for GradCAM.
+        **options: method options overriding the defaults (the paper's settings,
+            :data:`PAPER_SETTINGS`): ``n_steps``, ``baseline``, ``rule`` (``"paper"`` or a
+            captum method such as ``"riemann_trapezoid"``) for IG; ``n_samples`` and
+            ``noise_level`` for the noise methods; ``layer`` (dotted path or module) for GradCAM;
+            a user method's registered options.
 
     Returns:
         ``(N, C, H, W)`` float tensor on ``x``'s device (GradCAM is tiled over channels).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    spec = resolve_method(method)
+    settings = spec.settings(options)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_seed(seed)
     check_input(model, x)
-    settings = resolve_settings(method, options)
-    if method == "edge_detector":
-        return _edge_detector(x)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+    dev = next((p.device for p in model.parameters()), x.device)
+    if x.device != dev:
+        raise ValueError(f"x is on {x.device} but the model's parameters are on {dev}; move it "
+                         f"with x.to({str(dev)!r})")  # fmt: skip
     x = x.detach()
-    t = _targets(model, x, target, batch_size)
-
-    def grad(inp: Tensor, tgt: Tensor) -> Tensor:
-        return _gradients(model, inp, tgt, batch_size)
-
-    if method == "gradient":
-        return grad(x, t)
-    if method == "input_x_gradient":
-        return grad(x, t) * x
-    if method == "integrated_gradients":
-        return _integrated_gradients(model, x, t, settings["n_steps"], settings["baseline"],
-                                     settings["rule"], batch_size)  # fmt: skip
-    if method in ("smoothgrad", "vargrad"):
-        return _noise_tunnel(grad, x, t, settings["n_samples"], settings["noise_level"],
-                             "mean" if method == "smoothgrad" else "var", seed, noise,
-                             batch_size)  # fmt: skip
-    if method == "ig_smoothgrad":
-        def ig(inp: Tensor, tgt: Tensor) -> Tensor:
-            return _integrated_gradients(model, inp, tgt, settings["n_steps"],
-                                         settings["baseline"], settings["rule"], batch_size)
-
-        return _noise_tunnel(ig, x, t, settings["n_samples"], settings["noise_level"], "mean",
-                             seed, noise, max(1, batch_size // settings["n_steps"]))  # fmt: skip
-    if method == "guided_backprop":
-        return _guided_backprop(model, x, t, batch_size)
-    if method == "gradcam":
-        return _gradcam(model, x, t, settings["layer"], batch_size)
-    # guided_gradcam: the authors' elementwise product, with bilinear GradCAM
-    return _guided_backprop(model, x, t, batch_size) * _gradcam(
-        model, x, t, settings["layer"], batch_size)
+    with evaluating(model):  # the user's training flags and buffers are restored on exit
+        if spec.passes is not None and spec.passes.kind == "input":
+            t = torch.zeros(len(x), dtype=torch.long, device=x.device)  # a function of x alone
+        else:
+            t = resolve_targets(model, x, target, batch_size)
+        return run_method(spec, model, x, t, settings, Context(int(seed), batch_size, noise))

@@ -8,7 +8,6 @@ downloaded (or is already on disk) and otherwise from the 5,000-digit subset shi
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,32 +17,9 @@ import torch
 from torch import nn
 
 from .models import get_info
+from .utils import cache_dir
 
-__all__ = ["PHOTOS", "DEFAULT_PHOTOS", "ImageBatch", "MnistData", "load_photos", "load_mnist",
-           "cache_dir"]  # fmt: skip
-
-
-def cache_dir(*parts: str) -> Path:
-    """Root of sanitylib's on-disk cache (``$SANITYLIB_CACHE`` or ``~/.cache/sanitylib``)."""
-    root = os.environ.get("SANITYLIB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sanitylib"
-    )
-    path = Path(root, *parts)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s folder, then rename it onto ``path``: an
-    interrupted run never leaves a half-written cache file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+__all__ = ["PHOTOS", "DEFAULT_PHOTOS", "ImageBatch", "MnistData", "load_photos", "load_mnist"]  # fmt: skip
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:

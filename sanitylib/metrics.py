@@ -14,19 +14,28 @@ value per image. Reference equivalences (checked in tests/test_metrics.py):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .postprocess import abs_normalize, check_maps, diverging_normalize, unit_normalize
+from .postprocess import (_safe_div, abs_normalize, check_maps, diverging_normalize,
+                          percentile_position, unit_normalize)
+from .registry import Metric, _register_builtin_metric, resolve_metric
 
-__all__ = ["METRICS", "similarity", "rankdata", "pearson", "spearman", "is_constant", "ssim", "hog",
+__all__ = ["METRICS", "METRIC_LABELS", "similarity", "rankdata", "ranks_of_sorted", "sort_rows",
+           "pearson", "spearman", "is_constant", "ssim", "hog", "MapFeatures", "compare",
            "FLOOR_KINDS", "different_images_floor", "random_mask_floor", "noise_floor"]  # fmt: skip
 
+#: The built-in metrics (registered below; :func:`sanitylib.metric_names` lists users' too).
 METRICS = ("spearman_abs", "spearman", "ssim", "hog_pearson", "hog_spearman")
+#: Their labels in figures.
+METRIC_LABELS = {
+    "spearman_abs": "Spearman (absolute)", "spearman": "Spearman (no absolute value)",
+    "ssim": "SSIM", "hog_spearman": "HOG (Spearman)", "hog_pearson": "HOG (Pearson)",
+}  # fmt: skip
 _PREPARE = {
     "spearman_abs": abs_normalize,
     "spearman": diverging_normalize,
@@ -72,8 +81,13 @@ def rankdata(x: Tensor) -> Tensor:
     """Average ranks (1-based, ties averaged, like ``scipy.stats.rankdata``) per row of (N, D) -> float64."""
     if x.ndim != 2:
         raise ValueError(f"rankdata expects a 2-D (N, D) tensor, got shape {tuple(x.shape)}")
-    n, d = x.shape
-    s, order = sort_rows(x)
+    return ranks_of_sorted(*sort_rows(x))
+
+
+def ranks_of_sorted(s: Tensor, order: Tensor) -> Tensor:
+    """Average ranks (as :func:`rankdata`) from rows sorted by :func:`sort_rows`: the sorted
+    values ``s`` (N, D) and the sort order -> (N, D) float64."""
+    n, d = s.shape
     new = torch.ones_like(s, dtype=torch.bool)
     new[:, 1:] = s[:, 1:] != s[:, :-1]  # first element of each tie group (groups never span rows)
     flat = new.flatten()
@@ -81,7 +95,7 @@ def rankdata(x: Tensor) -> Tensor:
     start = flat.nonzero().squeeze(1)  # flat position of each group's first element
     count = torch.diff(start, append=start.new_tensor([n * d]))
     avg = (start % d).double() + (count + 1).double() / 2  # mean of ranks start+1 .. start+count
-    return torch.empty(n, d, dtype=torch.float64, device=x.device).scatter_(1, order, avg[group].view(n, d))
+    return torch.empty(n, d, dtype=torch.float64, device=s.device).scatter_(1, order, avg[group].view(n, d))
 
 
 def _apply_policy(r: Tensor, const: Tensor, on_constant: str) -> Tensor:
@@ -247,12 +261,19 @@ def similarity(
     Pearson ("hog_pearson", paper text) or Spearman ("hog_spearman", authors' code) of HOG
     vectors. ``on_constant`` ('zero' | 'nan' | 'raise') decides the correlation of a constant
     map or HOG vector, which is undefined: 'zero' (default) means "no shared rank information".
+    A user metric (registered name, callable ``metric(a, b) -> (N,)`` or
+    :class:`sanitylib.Metric`) is called on the maps as given.
     ``ssim_data_range`` defaults to 2.0, which reproduces the authors' code: skimage 0.15
     inferred data_range 2.0 (= 1 - (-1)) for float images; 1.0 is the principled value for
     [0, 1] maps.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; known metrics: {', '.join(METRICS)}")
+    if not (isinstance(metric, str) and metric in METRICS):
+        spec = resolve_metric(metric)  # a user metric (registered name, callable or Metric)
+        if spec.builtin:
+            return similarity(a, b, spec.name, normalize=normalize, on_constant=on_constant,
+                              ssim_data_range=ssim_data_range)
+        _check_pair(a, b, (4,) if normalize else (3, 4))
+        return spec(a, b)
     if on_constant not in _ON_CONSTANT:
         raise ValueError(f"on_constant must be one of {_ON_CONSTANT}, got {on_constant!r}")
     _check_pair(a, b, (4,) if normalize else (3, 4))
@@ -267,6 +288,169 @@ def similarity(
     r = torch.cat([corr(x.flatten(1), y.flatten(1), on_constant="nan")  # NaN <=> constant (inputs are finite)
                    for x, y in zip(a.split(step), b.split(step))])
     return _apply_policy(r, r.isnan(), on_constant)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+class MapFeatures:
+    """Post-processed forms of a batch of raw maps ``(N, C, H, W)``, computed once and cached,
+    so that the trained model's maps are prepared once per run and not once per stage.
+
+    The paper's normalizations are monotone, so one sort per map gives both the 99th
+    percentile and the ranks (``abs_normalize`` followed by ``rankdata`` would sort twice).
+    Every value equals :func:`sanitylib.metrics.similarity`'s (``tests/test_engine.py``)."""
+
+    def __init__(self, maps: Tensor) -> None:
+        # a finite sum proves every value finite (cheaper than isfinite on every value)
+        if not torch.isfinite(maps.sum()) and not torch.isfinite(maps).all():
+            raise ValueError("maps contain NaN or infinite values")
+        self.maps = maps
+        self._cache: dict[str, object] = {}
+
+    def _get(self, key: str, fn: Callable[[], object]):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def abs_ranks(self) -> tuple[Tensor, Tensor]:
+        """Ranks ``(N, H*W)`` of ``abs_normalize(maps)`` and whether each map is constant."""
+        return self._get("abs", lambda: _normalized_ranks(self.maps, "abs"))
+
+    def abs_constant(self) -> Tensor:
+        """``is_constant(abs_normalize(maps).flatten(1))`` -> (N,) bool, without a full sort
+        unless the ranks are cached anyway: the ABS map is constant iff its 99th percentile
+        equals its minimum (then every pixel maps to 0)."""
+        if "abs" in self._cache:
+            return self.abs_ranks()[1]
+
+        def make():
+            n, c = self.maps.shape[:2]
+            if c == 1:
+                v = self.maps[:, 0].abs().flatten(1)
+                return v.amin(1) == v.amax(1)
+            v = self.maps.abs().sum(1).flatten(1)
+            lo, hi, frac = percentile_position(v.shape[1], 99.0)
+            # sorted values s: s[k] == min iff more than k values equal the minimum, so the
+            # percentile s[lo] + frac * (s[hi] - s[lo]) is found without sorting or selecting
+            mn = v.amin(1, keepdim=True)
+            at_min = v == mn
+            n_min = at_min.sum(1)
+            above = v.masked_fill(at_min, math.inf).amin(1)  # smallest value above the minimum
+            mn = mn[:, 0]
+            s_lo = torch.where(n_min > lo, mn, above)
+            s_hi = torch.where(n_min > hi, mn, above)
+            # s[lo] > min (n_min <= lo): the percentile is above the minimum; s_lo is then a
+            # lower bound of the true s[lo] (> min), so the test below is False as it must be
+            return (n_min > lo) & ((s_lo + frac * (s_hi - s_lo)) - mn == 0)
+        return self._get("abs_const", make)
+
+    def div_ranks(self) -> Tensor:
+        """Ranks ``(N, H*W)`` of ``diverging_normalize(maps)``."""
+        return self._get("div", lambda: _normalized_ranks(self.maps, "div"))[0]
+
+    def unit(self) -> Tensor:
+        return self._get("unit", lambda: unit_normalize(self.maps))
+
+    def ssim_stats(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """SSIM's per-map terms (float64, channels flattened): the unit map ``u``, its local
+        mean ``mu``, ``mu**2`` and the local sample variance."""
+        def make():
+            u = self.unit().double().flatten(0, 1)
+            mu, muu = _gauss_valid(u), _gauss_valid(u * u)
+            mu2 = mu * mu
+            return u, mu, mu2, muu.sub_(mu2).mul_(_SSIM_COV_NORM)
+        return self._get("ssim", make)
+
+    def hog(self) -> Tensor:
+        return self._get("hog", lambda: hog(self.unit()))
+
+    def hog_ranks(self) -> Tensor:
+        return self._get("hog_ranks", lambda: rankdata(self.hog()))
+
+
+def _normalized_ranks(maps: Tensor, kind: str, percentile: float = 99.0) -> tuple[Tensor, Tensor]:
+    """One sort per map: the ``abs`` or diverging normalization of
+    :mod:`sanitylib.postprocess` evaluated on the sorted values, then average ranks."""
+    n, c = maps.shape[:2]
+    if c == 1:
+        v = maps[:, 0].flatten(1)
+        v = v.abs() if kind == "abs" else v
+        s, order = sort_rows(v)
+        peak = torch.maximum(s[:, 0].abs(), s[:, -1].abs())
+        vals = _safe_div(s, peak, 0.0)
+    else:
+        v = (maps.abs().sum(1) if kind == "abs" else maps.sum(1)).flatten(1)
+        s, order = sort_rows(v)
+        lo, hi, frac = percentile_position(s.shape[1], percentile)
+        q = s[:, lo] + frac * (s[:, hi] - s[:, lo])  # == row_quantile(v, percentile)
+        if kind == "abs":
+            mn = s[:, 0]
+            vals = _safe_div(s - mn.view(-1, 1), q - mn, 0.0).clamp(0.0, 1.0)
+        else:
+            span = q.abs()
+            vals = _safe_div(s + span.view(-1, 1), 2 * span, 0.5).clamp(-1.0, 1.0)
+    return ranks_of_sorted(vals, order), vals[:, 0] == vals[:, -1]
+
+
+_SSIM_WIN = 11  # skimage's Gaussian window: sigma 1.5, truncate 3.5
+_SSIM_COV_NORM = _SSIM_WIN**2 / (_SSIM_WIN**2 - 1)  # sample covariance
+
+
+def _gauss_valid(u: Tensor, sigma: float = 1.5) -> Tensor:
+    """SSIM's Gaussian window (11 taps, truncate 3.5) over ``(M, H, W)`` float64 maps, 'valid'
+    region; scipy's C filter on the CPU (much faster than float64 convolutions in torch)."""
+    win = _gaussian_window(sigma, 3.5, u.device)
+    k, r = win.numel(), win.numel() // 2
+    if u.device.type == "cpu":
+        from scipy.ndimage import correlate1d
+
+        a = correlate1d(u.numpy(), win.numpy(), axis=1, mode="constant")[:, r:-r]
+        a = correlate1d(a, win.numpy(), axis=2, mode="constant")[:, :, r:-r]
+        return torch.from_numpy(a.copy())  # contiguous: strided torch ops are slow
+    return F.conv2d(F.conv2d(u[:, None], win.view(1, 1, k, 1)), win.view(1, 1, 1, k))[:, 0]
+
+
+def ssim_features(fa: MapFeatures, fb: MapFeatures, data_range: float = 2.0) -> Tensor:
+    """:func:`sanitylib.metrics.ssim` of the unit-normalized maps, from cached per-map terms
+    (one Gaussian filtering per pair)."""
+    if min(fa.maps.shape[-2:]) < _SSIM_WIN:
+        raise ValueError(f"SSIM needs maps of at least {_SSIM_WIN}x{_SSIM_WIN} pixels")
+    x, ux, ux2, vx = fa.ssim_stats()
+    y, uy, uy2, vy = fb.ssim_stats()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    p = ux * uy
+    num = (2 * p + c1).mul_(_gauss_valid(x * y).sub_(p).mul_(2 * _SSIM_COV_NORM).add_(c2))
+    den = (ux2 + uy2 + c1).mul_(vx + vy + c2)
+    return num.div_(den).flatten(1).mean(1).view(-1, fa.maps.shape[1]).mean(1)
+
+
+def compare(metric: str, fa: MapFeatures, fb: MapFeatures) -> Tensor:
+    """:func:`similarity` ``(a, b, metric)`` (defaults) of a built-in metric from the maps'
+    :class:`MapFeatures` -> (N,) float64."""
+    if metric == "spearman_abs":
+        return pearson(fa.abs_ranks()[0], fb.abs_ranks()[0], on_constant="zero")
+    if metric == "spearman":
+        return pearson(fa.div_ranks(), fb.div_ranks(), on_constant="zero")
+    if metric == "ssim":
+        return ssim_features(fa, fb)
+    if metric == "hog_spearman":
+        return pearson(fa.hog_ranks(), fb.hog_ranks(), on_constant="zero")
+    if metric == "hog_pearson":
+        return pearson(fa.hog(), fb.hog(), on_constant="zero")
+    raise ValueError(f"compare() takes a built-in metric ({', '.join(METRICS)}), got {metric!r}")
+
+
+def _builtin_metric(name: str) -> Metric:
+    def compare_maps(a: Tensor, b: Tensor) -> Tensor:
+        return similarity(a, b, name)
+
+    compare_maps.__qualname__ = f"similarity[{name}]"
+    return _register_builtin_metric(Metric(name, None, compare_maps, METRIC_LABELS[name], True))
+
+
+for _name in METRICS:
+    _builtin_metric(_name)
 
 
 # ----------------------------------------------------------------------------- noise floors
@@ -315,24 +499,45 @@ def noise_floor(maps: dict[str, Tensor], metrics: Sequence[str], *, seed: int = 
                 n_masks: int = 16) -> "pd.DataFrame":  # fmt: skip
     """Both noise floors as a tidy table with columns ``kind, method, metric, pair, value``.
 
+    ``metrics``: names, callables or :class:`sanitylib.Metric` s.
     ``maps`` is ``{method: (N, C, H, W)}`` of the *trained* model (N >= 2): the
     ``"different images"`` floor has one row per image pair and method; the ``"random masks"``
     floor has ``n_masks`` rows per metric, with ``method`` set to ``"random masks"``.
     """
     import pandas as pd
 
+    metrics = [m if isinstance(m, str) else resolve_metric(m) for m in metrics]
     rows = []
     shape = None
     for method, m in maps.items():
         shape = tuple(m.shape[1:])
         for metric in metrics:
+            name = metric if isinstance(metric, str) else metric.name
             for p, v in enumerate(different_images_floor(m.float(), metric).tolist()):
-                rows.append({"kind": FLOOR_KINDS[0], "method": method, "metric": metric,
+                rows.append({"kind": FLOOR_KINDS[0], "method": method, "metric": name,
                              "pair": p, "value": float(v)})  # fmt: skip
     if shape is None:
         raise ValueError("maps must not be empty")
     for metric in metrics:
         vals = random_mask_floor(shape, metric, n=n_masks, seed=seed)
-        rows += [{"kind": FLOOR_KINDS[1], "method": "random masks", "metric": metric, "pair": p,
+        name = metric if isinstance(metric, str) else metric.name
+        rows += [{"kind": FLOOR_KINDS[1], "method": "random masks", "metric": name, "pair": p,
                   "value": float(v)} for p, v in enumerate(vals.tolist())]  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def floor_mean(floor: "pd.DataFrame | None", method: str, metric: str,
+               kind: str = FLOOR_KINDS[0]) -> float:  # fmt: skip
+    """Mean of one method's and metric's rows of a :func:`noise_floor` table (``kind``: one of
+    :data:`FLOOR_KINDS`; default the ``"different images"`` floor); NaN when ``floor`` is
+    ``None`` or has no such rows."""
+    if kind not in FLOOR_KINDS:
+        raise ValueError(f"kind must be one of {FLOOR_KINDS}, got {kind!r}")
+    if floor is None:
+        return math.nan
+    sel = floor[(floor["kind"] == kind) & (floor["method"] == method)
+                & (floor["metric"] == metric)]["value"]  # fmt: skip
+    return float(sel.mean()) if len(sel) else math.nan
+
+
+__all__.append("floor_mean")

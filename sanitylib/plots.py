@@ -13,6 +13,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from . import attribution as _attribution  # noqa: F401  (registers the built-in methods)
+from . import metrics as _metrics  # noqa: F401  (registers the built-in metrics)
+from . import registry
 from .postprocess import abs_normalize, diverging_normalize
 
 __all__ = ["METHOD_LABELS", "METRIC_LABELS", "use_book_style", "to_display", "method_grid",
@@ -20,17 +23,18 @@ __all__ = ["METHOD_LABELS", "METRIC_LABELS", "use_book_style", "to_display", "me
            "abs_vs_diverging_grid", "paired_method_grid", "similarity_bars",
            "training_curves"]  # fmt: skip
 
-METHOD_LABELS = {
-    "gradient": "Gradient", "input_x_gradient": "Gradient⊙Input",
-    "integrated_gradients": "Integrated Gradients", "smoothgrad": "SmoothGrad",
-    "vargrad": "VarGrad", "ig_smoothgrad": "IG-SmoothGrad", "guided_backprop": "Guided BackProp",
-    "gradcam": "GradCAM", "guided_gradcam": "Guided GradCAM", "edge_detector": "Edge detector",
-}  # fmt: skip
-METRIC_LABELS = {
-    "spearman_abs": "Spearman (absolute)", "spearman": "Spearman (no absolute value)",
-    "ssim": "SSIM", "hog_spearman": "HOG (Spearman)", "hog_pearson": "HOG (Pearson)",
-}  # fmt: skip
-_COLORS = dict(zip(METHOD_LABELS, plt.get_cmap("tab10").colors))
+#: ``{method: label}`` and ``{metric: label}`` views of the registries (users' methods and
+#: metrics included); a name that is not registered is its own label.
+METHOD_LABELS = registry.METHOD_LABELS
+METRIC_LABELS = registry.METRIC_LABELS
+_COLORS = dict(zip(registry.method_names(builtin=True), plt.get_cmap("tab10").colors))
+
+
+def _names(methods) -> list[str]:
+    """Method names of a list of names, callables, captum classes or specs."""
+    if methods is None:
+        return None
+    return [m if isinstance(m, str) else registry.resolve_method(m).name for m in methods]
 
 
 def use_book_style() -> None:
@@ -98,6 +102,7 @@ def stage_grid(store, image: int, methods: Sequence[str], visualization: str = "
                size: float = 1.1) -> Figure:  # fmt: skip
     """Rows = methods, columns = the trained model then each randomization stage, for one
     image (paper Fig. 2).  ``store`` is ``df.attrs["maps"]`` of a randomization run."""
+    methods = _names(methods)
     if image not in store.images:
         raise ValueError(f"maps of image {image} were not stored; stored: {store.images}")
     k = store.images.index(image)
@@ -160,6 +165,7 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
     as a grey band, mean +- std; per-method floors are in :func:`similarity_panels`), or a dict
     metric -> value.
     """
+    methods = _names(methods)
     metrics = list(metrics or df["metric"].unique())
     methods = list(methods or df["method"].unique())
     stages, xlabel, cumulative = _stage_axis(df)
@@ -201,6 +207,7 @@ def similarity_panels(df: pd.DataFrame, floor: pd.DataFrame, metrics: Sequence[s
     with its own noise floors: the method's maps of two *different* images under the trained
     model (coloured band, mean +- std over pairs) and two random masks (grey dashed line).
     A curve inside its coloured band means "as dissimilar as unrelated maps"."""
+    methods = _names(methods)
     metrics = list(metrics or df["metric"].unique())
     methods = list(methods or df["method"].unique())
     stages, xlabel, _ = _stage_axis(df)
@@ -246,6 +253,7 @@ def stage_heatmap(df: pd.DataFrame, metric: str, methods: Sequence[str] | None =
     """Methods x stages heatmap of the mean similarity over images for one metric (diverging
     colours, -1 blue to 1 red), annotated with the values; suited to independent
     randomization, where the stages are not ordered by cumulative damage."""
+    methods = _names(methods)
     methods = list(methods or df["method"].unique())
     stages, xlabel, _ = _stage_axis(df)
     sub = df[df["metric"] == metric]
@@ -277,6 +285,7 @@ def abs_vs_diverging_grid(store, image: int, methods: Sequence[str],
                           size: float = 0.85) -> Figure:  # fmt: skip
     """:func:`stage_grid` in the absolute (left) and the diverging (right) visualization side
     by side: rows = methods, columns = the trained model then each randomization stage."""
+    methods = _names(methods)
     if image not in store.images:
         raise ValueError(f"maps of image {image} were not stored; stored: {store.images}")
     k = store.images.index(image)
@@ -353,6 +362,7 @@ def similarity_bars(df: pd.DataFrame, metrics: Sequence[str] = ("spearman_abs", 
     ``reference``: ``{panel value: {method: (one value per metric)}}`` drawn as black markers
     (e.g. the authors' numbers).
     """
+    methods = _names(methods)
     panels = list(dict.fromkeys(df[panel]))
     all_methods = list(methods or dict.fromkeys(df["method"]))
     fig, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True, constrained_layout=True,
@@ -424,6 +434,7 @@ def sensitivity_curves(df: pd.DataFrame, metric: str = "spearman",
     (normal approximation, +-1.96 standard errors).  ``floor`` (the table of
     :func:`sanitylib.sensitivity.same_model_floor`) adds each stochastic method's same-model
     floor as a dashed line: what independent noise draws alone score."""
+    methods = _names(methods)
     from .sensitivity import unit_curves
 
     wide = unit_curves(df, metric)

@@ -38,18 +38,24 @@ def check_maps(maps: Tensor, name: str = "maps", ndims: tuple[int, ...] = (4,)) 
             )
 
 
+def percentile_position(d: int, q: float) -> tuple[int, int, float]:
+    """Where percentile ``q`` in [0, 100] of ``d`` sorted values lies, with linear interpolation
+    (``numpy.percentile``'s default): ``s[lo] + frac * (s[hi] - s[lo])``."""
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {q}")
+    pos = q / 100.0 * (d - 1)
+    lo = int(pos)
+    return lo, min(lo + 1, d - 1), pos - lo
+
+
 def row_quantile(x: Tensor, q: float) -> Tensor:
     """Per-row percentile ``q`` in [0, 100] of ``x`` (N, D) -> (N,).
 
     Linear interpolation, identical to ``numpy.percentile`` / ``torch.quantile``; sort-based
     and chunked over rows, so it has no input-size limit.
     """
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile must be in [0, 100], got {q}")
     d = x.shape[1]
-    pos = q / 100.0 * (d - 1)
-    lo = int(pos)
-    hi, frac = min(lo + 1, d - 1), pos - lo
+    lo, hi, frac = percentile_position(d, q)
     out = []
     for chunk in x.split(max(1, _MAX_SORT_ELEMS // d)):
         s = chunk.sort(dim=1).values

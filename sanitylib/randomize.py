@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .attribution import derive_seed
 from .models import Block, get_info, get_submodule, init_mnist_cnn_, init_mnist_mlp_
+from .utils import derive_seed
 
 __all__ = ["INITS", "Perturbation", "Stage", "get_blocks", "infer_blocks", "cascading_stages",
-           "independent_stages", "randomize_", "randomized", "snapshot", "restore"]  # fmt: skip
+           "independent_stages", "randomize_", "randomized", "snapshot", "restore", "ModelStates", "evaluating"]  # fmt: skip
 
 Initializer = Callable[[nn.Module, torch.Generator], None]
 
@@ -135,12 +135,26 @@ class Stage:
     blocks: tuple[Block, ...]
 
 
+def _param_children(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    return [(f"{prefix}{n}", m) for n, m in module.named_children()
+            if any(True for _ in m.parameters())]  # fmt: skip
+
+
 def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple[Block, ...]:
     """Blocks of an arbitrary model: its top-level children that own parameters, ordered from
-    the output to the input.  With ``example``, the order is the execution order of a traced
-    forward pass (registration order can differ); otherwise the registration order."""
-    children = [(n, m) for n, m in model.named_children()
-                if any(True for _ in m.parameters())]  # fmt: skip
+    the output to the input.  A model that wraps its network in a single child (``model.net``,
+    an ``nn.Sequential`` inside a wrapper, ...) is descended into, as long as there is a single
+    parameterized child with parameterized children of its own, and its blocks are named by
+    their dotted paths (``"net.fc"``).  With ``example``, the order is the execution order of a
+    traced forward pass (in eval mode; modes and buffers restored), otherwise the registration
+    order."""
+    children = _param_children(model, "")
+    while len(children) == 1:
+        name, only = children[0]
+        inner = _param_children(only, f"{name}.")
+        if not inner:
+            break
+        children = inner
     if not children:
         raise ValueError("cannot infer blocks: the model has no child module with parameters; "
                          "pass blocks=[...] explicitly")  # fmt: skip
@@ -153,7 +167,7 @@ def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple
                      lambda *_, n=n: seen.append(n) if n not in seen else None)
                  for n, m in children for sub in m.modules()]  # fmt: skip
         try:
-            with torch.no_grad():
+            with evaluating(model), torch.no_grad():
                 model(example[:1])
         finally:
             for h in hooks:
@@ -164,11 +178,19 @@ def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple
 
 def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = None) -> tuple[Block, ...]:
     """Resolve ``blocks``: ``None`` (the model's declared blocks, or :func:`infer_blocks`),
-    a list of :class:`Block`, of block names of the model, or of dotted module paths."""
+    a non-empty list of :class:`Block`, of block names of the model, or of dotted module
+    paths."""
     info = get_info(model)
     declared = info.blocks if info is not None else None
     if blocks is None:
         return declared if declared is not None else infer_blocks(model, example)
+    if isinstance(blocks, (str, Block)) or not hasattr(blocks, "__iter__"):
+        raise ValueError(f"blocks must be a list of blocks (Block objects, block names or module "
+                         f"paths) or None, got {blocks!r}; e.g. blocks=[{blocks!r}]")  # fmt: skip
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("blocks must name at least one block, got an empty list; pass "
+                         "blocks=None for the model's declared (or inferred) blocks")  # fmt: skip
     out = []
     by_name = {b.name: b for b in (declared or ())}
     for b in blocks:
@@ -216,6 +238,27 @@ def restore(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
         state[k].data.copy_(v)
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module, buffers: bool = True) -> Iterator[nn.Module]:
+    """Context manager: the model in eval mode inside; on exit (also on error) every module's
+    own ``training`` flag is set back (a model may mix train and eval submodules) and, with
+    ``buffers=True``, every buffer (e.g. BatchNorm running statistics) is restored bit-exactly."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved = ({k: v.detach().clone() for k, v in model.named_buffers()} if buffers else {})
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        if saved:
+            with torch.no_grad():
+                current = dict(model.named_buffers())
+                for k, v in saved.items():
+                    if k in current and current[k] is not None:
+                        current[k].copy_(v)
+
+
 @torch.no_grad()
 def randomize_(model: nn.Module, blocks: Sequence[Block], perturbation: Perturbation | None = None,
                seed: int = 0) -> None:  # fmt: skip
@@ -258,3 +301,83 @@ def randomized(model: nn.Module, blocks: Sequence[Block], perturbation: Perturba
     finally:
         restore(model, snap)
         model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- model states
+
+
+class ModelStates:
+    """Switches the model between states (sets of randomized blocks) by copying tensors:
+    ``ModelStates(model, states, perturbation, seed)``, then ``set(k)`` puts the model in state
+    ``k`` (``states[k]`` is the tuple of blocks randomized in it) and ``restore()`` back to the
+    trained weights.
+
+    Each block's random tensors are drawn once with :func:`sanitylib.randomize.randomize_`
+    (its own generator), so a state equals ``randomized(model, blocks, perturbation, seed)``.
+    Blocks sharing tensors fall back to re-randomizing the whole state at every switch."""
+
+    def __init__(self, model: nn.Module, states: Sequence[Sequence[Block]],
+                 perturbation: Perturbation, seed: int) -> None:  # fmt: skip
+        self.model, self.states, self.perturbation, self.seed = model, states, perturbation, seed
+        self.tensors: dict[str, list[Tensor]] = {}
+        self.trained: dict[str, list[Tensor]] = {}
+        self.random: dict[str, list[Tensor]] = {}
+        blocks = {b.name: b for st in states for b in st}
+        seen: dict[int, str] = {}
+        self.shared = False
+        for name, b in blocks.items():
+            ts = []
+            for path in b.modules:
+                for t in get_submodule(model, path).state_dict(keep_vars=True).values():
+                    if id(t) in seen and seen[id(t)] != name:
+                        self.shared = True
+                    if id(t) not in {id(u) for u in ts}:
+                        ts.append(t)
+                    seen[id(t)] = name
+            self.tensors[name] = ts
+            self.trained[name] = [t.detach().clone() for t in ts]
+        if not self.shared:
+            with torch.no_grad():
+                for name, b in blocks.items():
+                    randomize_(model, [b], perturbation, seed)
+                    self.random[name] = [t.detach().clone() for t in self.tensors[name]]
+                    for t, v in zip(self.tensors[name], self.trained[name]):
+                        t.copy_(v)
+        self.current: set[str] = set()
+        self.dirty: dict[int, Tensor] = {}
+
+    @torch.no_grad()
+    def set(self, k: int) -> None:
+        """Put the model in state ``k``."""
+        want = {b.name for b in self.states[k]}
+        if self.shared:
+            for name in self.current:
+                self._write(name, self.trained[name])
+            randomize_(self.model, self.states[k], self.perturbation, self.seed)
+            for name in want:
+                for t in self.tensors[name]:
+                    self.dirty[id(t)] = t
+        else:
+            for name in self.current - want:
+                self._write(name, self.trained[name])
+            for name in want - self.current:
+                self._write(name, self.random[name])
+        self.current = want
+
+    def _write(self, name: str, values: list[Tensor]) -> None:
+        # in-place copies bump the version counters: autograd refuses to reuse a recorded
+        # graph that saved a changed tensor, a safety net for the replay logic
+        for t, v in zip(self.tensors[name], values):
+            t.copy_(v)
+            self.dirty[id(t)] = t
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every block back to its trained tensors."""
+        for name in self.tensors if self.shared else self.current:
+            self._write(name, self.trained[name])
+        self.current = set()
+
+    def clean(self) -> None:
+        """Forget earlier writes (called when a forward pass is recorded)."""
+        self.dirty = {}

@@ -16,6 +16,9 @@ The extension of the course report (paper-protocol.md section 8), done with repl
   noisy, and the curve's shape (mean second difference: < 0 concave, > 0 convex), each with a
   bootstrap confidence interval over (image, draw) units.
 * :func:`sigma_half`: the ``sigma`` at which the fully-noisy similarity falls to one half.
+
+The course report's conclusions are checked on a summary by the chapter layer
+(:data:`sanitylib.book.NOISE_CLAIMS`, :func:`sanitylib.book.evaluate_claims`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .metrics import similarity
 from .randomize import Perturbation
 
 __all__ = ["noise_sensitivity", "same_model_floor", "unit_curves", "sensitivity_summary",
-           "sigma_half", "bootstrap_ci", "report_claims"]  # fmt: skip
+           "sigma_half", "bootstrap_ci"]  # fmt: skip
 
 UNIT = ["image", "draw"]
 
@@ -187,61 +190,3 @@ def sigma_half(summary: pd.DataFrame, column: str = "final", level: float = 0.5)
             t = (v[k - 1] - level) / (v[k - 1] - v[k])
             out[method] = float(s[k - 1] + t * (s[k] - s[k - 1]))
     return pd.Series(out, name=f"sigma_half_{column}")
-
-
-def _separated(summary: pd.DataFrame, sigma: float, method: str, side: str) -> bool:
-    """Is ``method``'s AUC interval at ``sigma`` strictly below (``side="most"``) or above
-    (``"least"``) every other method's interval?"""
-    g = summary[summary["sigma"] == sigma].set_index("method")
-    me, others = g.loc[method], g.drop(index=method)
-    if others.empty:
-        return False
-    if side == "most":
-        return bool(me["auc_hi"] < others["auc_lo"].min())
-    return bool(me["auc_lo"] > others["auc_hi"].max())
-
-
-def report_claims(summary: pd.DataFrame, label: str = "") -> pd.DataFrame:
-    """The course report's conclusions, checked on one :func:`sensitivity_summary` (one model,
-    one noise scale).  Rows select methods by *name* (the report's plots selected them by
-    position, which shifted the labels).  Columns ``claim, setting, measured, holds``, where
-    ``holds`` is ``"yes"``, ``"no"`` or ``"partly"`` (true at some sigmas only)."""
-    sigmas = sorted(summary["sigma"].unique())
-    methods = list(dict.fromkeys(summary["method"]))
-    n = len(methods)
-    rows = []
-
-    def verdict(flags: list[bool]) -> str:
-        return "yes" if all(flags) else "no" if not any(flags) else "partly"
-
-    lo, hi = summary[summary["sigma"] == sigmas[0]], summary[summary["sigma"] == sigmas[-1]]
-    falls = [bool(hi.set_index("method").loc[m, "auc_hi"] < lo.set_index("method").loc[m, "auc_lo"])
-             for m in methods] if len(sigmas) > 1 else []  # fmt: skip
-    if falls:
-        rows.append({"claim": "similarity decreases as sigma grows",
-                     "measured": f"AUC lower at sigma={sigmas[-1]:g} than at {sigmas[0]:g} "
-                                 f"(intervals separated) for {sum(falls)} of {n} methods",
-                     "holds": verdict(falls)})  # fmt: skip
-    for method, side, text in (("integrated_gradients", "most", "Integrated Gradients is the most sensitive"),
-                               ("guided_backprop", "least", "Guided BackProp is the least sensitive")):  # fmt: skip
-        if method not in methods:
-            continue
-        want = 1 if side == "most" else n
-        ranks = [int(summary[(summary["sigma"] == s) & (summary["method"] == method)]["rank"].iloc[0])
-                 for s in sigmas]  # fmt: skip
-        flags = [r == want and _separated(summary, s, method, side) for r, s in zip(ranks, sigmas)]
-        rows.append({"claim": text,
-                     "measured": "rank (1 = most sensitive, of %d) per sigma: %s" % (
-                         n, ", ".join(f"{s:g}: {r}" for s, r in zip(sigmas, ranks))),
-                     "holds": verdict(flags)})  # fmt: skip
-    if len(sigmas) > 1:
-        first = (lo["shape"] == "concave").sum()
-        last = (hi["shape"] == "convex").sum()
-        flags = [first > n / 2, last > n / 2]
-        rows.append({"claim": "curves go from concave (small sigma) to convex (large sigma)",
-                     "measured": f"concave at sigma={sigmas[0]:g}: {first} of {n} methods; "
-                                 f"convex at sigma={sigmas[-1]:g}: {last} of {n}",
-                     "holds": verdict(flags)})  # fmt: skip
-    out = pd.DataFrame(rows)
-    out.insert(1, "setting", label)
-    return out

@@ -11,7 +11,9 @@ Every random draw (initial weights, label permutation, data order) comes from a
 under a key of the full configuration (model, labels, epochs, learning rate, batch size, weight
 decay, stopping rule, seed, data source, a hash of the data tensors and of the training code),
 and written atomically (temporary file + ``os.replace``): an interrupted training leaves no
-half-written checkpoint behind.
+half-written checkpoint behind.  A checkpoint holds only tensors and plain values and is read
+with ``torch.load(weights_only=True)``: nothing in it can run code; a file that cannot be read
+is reported (a warning naming it) and the model is trained again.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .attribution import derive_seed
-from .data import MnistData, atomic_save, cache_dir, load_mnist
+from . import models
+from .data import MnistData, load_mnist
+from .models import init_mnist_cnn_, init_mnist_mlp_, load_model, register_weights
+from .utils import atomic_save, cache_dir, derive_seed, load_cached, tensor_hash
 
 __all__ = ["TRAINING_VERSION", "accuracy", "paper_weight_decay", "train_mnist_model",
            "checkpoint_config", "pretrained_mnist", "mnist_model", "describe"]  # fmt: skip
@@ -104,7 +108,6 @@ def train_mnist_model(name: str, data: MnistData, labels: str = "true", epochs: 
         reached; ``None`` without ``stop_at``), ``history`` (per epoch: mean loss, running
         training accuracy, test accuracy), ``seconds`` and the settings.
     """
-    from .models import init_mnist_cnn_, init_mnist_mlp_, load_model
 
     _check(name, labels, epochs, lr, batch_size, stop_at)
     weight_decay = paper_weight_decay(name) if weight_decay is None else float(weight_decay)
@@ -170,8 +173,6 @@ def train_mnist_model(name: str, data: MnistData, labels: str = "true", epochs: 
 def _code_hash() -> str:
     """Hash of the code that determines a trained model: this training loop, the architectures
     and their initializers, plus :data:`TRAINING_VERSION`."""
-    from . import models
-
     parts = [TRAINING_VERSION, inspect.getsource(train_mnist_model),
              inspect.getsource(training_labels), inspect.getsource(paper_weight_decay),
              inspect.getsource(_decayed)]  # fmt: skip
@@ -184,12 +185,7 @@ _CODE_HASH = ""
 
 
 def _data_hash(data: MnistData) -> str:
-    h = hashlib.sha256()
-    for t in (data.x_train, data.y_train, data.x_test, data.y_test):
-        t = t.contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_hash([data.x_train, data.y_train, data.x_test, data.y_test])[:16]
 
 
 def checkpoint_config(name: str, data: MnistData, labels: str = "true", epochs: int = 10,
@@ -212,16 +208,42 @@ def _trained(name: str, data: MnistData, progress: bool, **config) -> tuple[dict
     cfg = checkpoint_config(name, data, **config)
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir("checkpoints") / f"{name}-{cfg['labels']}-{key}.pt"
-    if path.exists():
-        saved = torch.load(path, weights_only=False)
+    saved = load_cached(path, _checkpoint_problem)  # never unpickles code; bad files: retrain
+    if saved is not None:
         if saved.get("config") == cfg:
             if progress:
                 print(f"Loaded cached checkpoint {path.name} (trained {saved['stats']['epochs_run']} "
                       f"epochs, {saved['stats']['seconds']:.0f} s)")  # fmt: skip
             return saved["state_dict"], saved["stats"], path
     model, stats = train_mnist_model(name, data, progress=progress, **config)
-    atomic_save({"state_dict": model.state_dict(), "stats": stats, "config": cfg}, path)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    atomic_save({"state_dict": state, "stats": _plain(stats), "config": cfg}, path)
     return model.state_dict(), stats, path
+
+
+def _plain(obj):
+    """``obj`` as plain Python values (the checkpoint is read with ``weights_only=True``)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    return str(obj)
+
+
+def _checkpoint_problem(saved) -> str | None:
+    """Why a loaded checkpoint is unusable (``None``: it is usable)."""
+    if not isinstance(saved, dict) or not {"state_dict", "stats", "config"} <= saved.keys():
+        return "not a checkpoint of sanitylib.training"
+    if not isinstance(saved["state_dict"], dict) or not all(
+            isinstance(v, torch.Tensor) for v in saved["state_dict"].values()):  # fmt: skip
+        return "its state_dict holds something else than tensors"
+    if not isinstance(saved["stats"], dict):
+        return "its statistics are not a dict"
+    return None
 
 
 def describe(stats: dict) -> str:
@@ -266,8 +288,6 @@ def mnist_model(name: str, data: MnistData, labels: str = "true", epochs: int = 
     ``model.sanity_info.extra["training"]`` holds the statistics of :func:`train_mnist_model`
     (accuracies, epochs run, history), with ``"checkpoint"``, the cached file.
     """
-    from .models import load_model
-
     state, stats, path = _trained(name, data, progress, labels=labels, epochs=epochs,
                                   seed=seed, lr=lr, batch_size=batch_size, stop_at=stop_at)  # fmt: skip
     model = load_model(name, pretrained=False)
@@ -279,3 +299,5 @@ def mnist_model(name: str, data: MnistData, labels: str = "true", epochs: int = 
 
 
 _CODE_HASH = _code_hash()  # at import: the code that defines the models trained here
+register_weights("mnist_cnn", lambda: pretrained_mnist("mnist_cnn"))
+register_weights("mnist_mlp", lambda: pretrained_mnist("mnist_mlp"))

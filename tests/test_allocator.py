@@ -74,3 +74,44 @@ def test_user_settings_win(clean_env, monkeypatch, env):
     assert not allocator.keeps_freed_memory()
     with allocator.keep_freed_memory() as kept:
         assert not kept and allocator._depth == 0
+
+
+class _FakeLibc:
+    """Records mallopt/malloc_trim calls instead of changing the process's allocator."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, *args):
+        self.calls.append(("mallopt", *args))
+        return 1
+
+    def malloc_trim(self, *args):
+        self.calls.append(("malloc_trim", *args))
+        return 1
+
+
+def test_the_engine_leaves_the_allocator_alone_unless_opted_in(clean_env, monkeypatch):
+    """A library changes no process-global state by default: a run of the engine makes no
+    mallopt call; with SANITYLIB_KEEP_FREED_MEMORY=1 (or inside keep_freed_memory()) it sets
+    the thresholds and sets them back."""
+    import sanitylib as sl
+
+    fake = _FakeLibc()
+    monkeypatch.setattr(allocator, "_libc", fake)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(2 * 14 * 14, 3)).eval()  # fmt: skip
+    x = torch.rand(2, 1, 16, 16)
+    kw = dict(blocks=["3", "0"], metrics=["spearman"], cache=False, progress=False)
+    sl.cascading_randomization(model, x, ["gradient"], **kw)
+    assert fake.calls == []
+    monkeypatch.setenv("SANITYLIB_KEEP_FREED_MEMORY", "1")
+    sl.cascading_randomization(model, x, ["gradient"], **kw)
+    names = [c[0] for c in fake.calls]
+    assert names.count("mallopt") == 4 and names[-1] == "malloc_trim"
+    fake.calls.clear()
+    monkeypatch.delenv("SANITYLIB_KEEP_FREED_MEMORY")
+    with sl.keep_freed_memory():
+        sl.cascading_randomization(model, x, ["gradient"], **kw)
+        assert [c[0] for c in fake.calls] == ["mallopt", "mallopt"]  # set once, by the user
+    assert [c[0] for c in fake.calls][-1] == "malloc_trim"

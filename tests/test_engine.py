@@ -20,6 +20,8 @@ from torch import nn
 
 import sanitylib as sl
 from sanitylib import engine as EN
+from sanitylib import metrics as MT
+from sanitylib import replay as RP
 from sanitylib.attribution import GuidedBackpropError, explain, unit_noise
 from sanitylib.metrics import METRICS, is_constant, pearson, rankdata, similarity
 from sanitylib.models import Block
@@ -81,14 +83,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def raw_cam_has_negatives(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether GradCAM's CAM before its ReLU is negative somewhere, for every image."""
+    from captum.attr import LayerGradCam
+
+    y = sl.predict(model, x).argmax(1)
+    raw = LayerGradCam(model, layer).attribute(x, target=y, relu_attributions=False).detach()
+    return bool((raw.flatten(1).amin(1) < 0).all())
+
+
 # ---------------------------------------------------------------- maps equal explain
 def test_every_method_equals_explain_on_efficientnet(effnet, photos):
     """One engine call (shared passes, rows of both images mixed in chunks of 5) against
     ``explain`` per method and image."""
     x = photos.x
-    got = EN.compute_maps(effnet, x, ALL, method_options=CHEAP, batch_size=5, seed=3)
+    # GradCAM on a layer whose raw CAM is partly negative, so that its ReLU matters
+    opts = dict(CHEAP, gradcam={"layer": "_blocks.14"})
+    assert raw_cam_has_negatives(effnet, effnet._blocks[14], x)
+    got = EN.compute_maps(effnet, x, ALL, method_options=opts, batch_size=5, seed=3)
     for m in ALL:
-        ref = explain(effnet, x, m, seed=3, **CHEAP.get(m, {}))
+        ref = explain(effnet, x, m, seed=3, **opts.get(m, {}))
         assert got[m].shape == ref.shape and got[m].dtype == ref.dtype
         for i in range(len(x)):
             assert rel_err(got[m][i], ref[i]) <= EN.MAP_TOLERANCE, m
@@ -98,7 +112,9 @@ def test_every_method_equals_explain_on_efficientnet(effnet, photos):
 
 
 def test_explain_methods_uses_the_engine_and_matches_explain(tiny_, xt):
-    opts = dict(CHEAP, gradcam={"layer": "relu2"}, guided_gradcam={"layer": "relu2"})
+    # GradCAM layers whose raw CAM is partly negative (relu2's is positive: the ReLU would not matter)
+    opts = dict(CHEAP, gradcam={"layer": "bn1"}, guided_gradcam={"layer": "conv1"})
+    assert raw_cam_has_negatives(tiny_, tiny_.bn1, xt) and raw_cam_has_negatives(tiny_, tiny_.conv1, xt)
     got = sl.explain_methods(tiny_, xt, ALL, opts, seed=1, progress=False)
     for m in ALL:
         ref = explain(tiny_, xt, m, seed=1, **opts.get(m, {}))
@@ -123,10 +139,10 @@ def test_common_random_numbers_prefix_and_sharing():
     assert not torch.equal(unit_noise(xi, 3, 0, 5), short)  # other image, other noise
     assert not torch.equal(unit_noise(xi, 3, 1, 4), short)  # other seed, other noise
     rows = EN.rows_per_image(["smoothgrad", "vargrad"], {"smoothgrad": {"n_samples": 50}})
-    assert rows == {"plain": 50, "guided": 0, "total": 50}  # VarGrad's 25 are shared
+    assert rows == {"plain": 50, "guided": 0, "custom": 0, "total": 50}  # VarGrad's 25 are shared
     rows = EN.rows_per_image(["gradient", "input_x_gradient", "gradcam", "guided_backprop",
                               "guided_gradcam", "integrated_gradients"])  # fmt: skip
-    assert rows == {"plain": 51, "guided": 1, "total": 52}
+    assert rows == {"plain": 51, "guided": 1, "custom": 0, "total": 52}
 
 
 # ---------------------------------------------------------------- stages
@@ -185,14 +201,14 @@ def test_forward_replay_is_exact(xt, kw, monkeypatch):
     methods = ["gradient", "integrated_gradients", "guided_backprop", "guided_gradcam"]
     states = _states(model, ["fc", "conv2", Block("bn1", ("bn1",)), "conv1"])
     replayed = []
-    real_plan = EN._Recorder.plan
+    real_plan = RP.Recorder.plan
 
     def spy(self, cut):
         plan = real_plan(self, cut)
         replayed.append(sum(c is not None for v in plan.values() for c in v))
         return plan
 
-    monkeypatch.setattr(EN._Recorder, "plan", spy)
+    monkeypatch.setattr(RP.Recorder, "plan", spy)
     with_replay = _all_maps(model, xt, methods, states, opts, reuse_forward=True)
     assert sum(replayed) > 0  # replay really happened
     without = _all_maps(model, xt, methods, states, opts, reuse_forward=False)
@@ -268,8 +284,8 @@ def test_bfloat16_autocast_runs_and_stays_close(tiny_, xt):
 
 def test_auto_sizes_on_cpu(xt, tiny_):
     assert EN.auto_batch_size(tiny_, xt) == EN.CPU_BATCH_SIZE == 16
-    assert EN._group_size(xt, 20, 8, 1 << 40) == len(xt)
-    assert EN._group_size(torch.zeros(8, 3, 224, 224), 20, 8, 1 << 28) == 2  # 113 MB per image
+    assert EN._auto_group_size(xt, 20, 8, 1 << 40) == len(xt)
+    assert EN._auto_group_size(torch.zeros(8, 3, 224, 224), 20, 8, 1 << 28) == 2  # 113 MB per image
 
 
 # ---------------------------------------------------------------- metrics
@@ -282,27 +298,81 @@ def test_map_features_equal_similarity():
     a1, b1 = torch.randn(3, 1, 48, 48, generator=g), torch.randn(3, 1, 48, 48, generator=g)
     b1[0] = 0.0
     for x, y in ((a, b), (a1, b1), (b, b)):
-        fa, fb = EN.MapFeatures(x), EN.MapFeatures(y)
+        fa, fb = MT.MapFeatures(x), MT.MapFeatures(y)
         for metric in METRICS:
-            torch.testing.assert_close(EN.compare(metric, fa, fb), similarity(x, y, metric),
+            torch.testing.assert_close(MT.compare(metric, fa, fb), similarity(x, y, metric),
                                        rtol=0, atol=1e-12)  # fmt: skip
-        assert torch.equal(EN.MapFeatures(y).abs_constant(), is_constant(abs_normalize(y).flatten(1)))
+        assert torch.equal(MT.MapFeatures(y).abs_constant(), is_constant(abs_normalize(y).flatten(1)))
         assert torch.equal(fb.abs_constant(), is_constant(abs_normalize(y).flatten(1)))
     with pytest.raises(ValueError, match="NaN"):
-        EN.MapFeatures(torch.full((1, 3, 48, 48), float("nan")))
+        MT.MapFeatures(torch.full((1, 3, 48, 48), float("nan")))
     inf = torch.zeros(1, 3, 48, 48)
     inf[0, 1, 2, 3], inf[0, 2, 3, 4] = math.inf, -math.inf  # the sum is NaN
     for bad in (inf, inf[:, :2]):  # +inf and -inf; +inf alone
         with pytest.raises(ValueError, match="infinite"):
-            EN.MapFeatures(bad)
-    EN.MapFeatures(torch.full((1, 3, 48, 48), 3e38))  # finite values whose sum overflows
+            MT.MapFeatures(bad)
+    MT.MapFeatures(torch.full((1, 3, 48, 48), 3e38))  # finite values whose sum overflows
+
+
+def test_hog_metrics_in_the_runner_equal_similarity():
+    """The runner's HOG Pearson and HOG Spearman values (maps of 48x48 pixels) equal
+    ``similarity`` of the maps computed by ``explain`` on the trained and the randomized model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 4, 5, padding=2), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                              nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 5)).eval()
+    x = torch.rand(2, 2, 48, 48, generator=torch.Generator().manual_seed(0))
+    metrics = ["hog_pearson", "hog_spearman"]
+    methods = ["gradient", "guided_backprop"]
+    df = sl.run_randomization(model, x, methods, "independent", metrics=metrics, cache=False,
+                              progress=False, floor=False)  # fmt: skip
+    orig = {m: explain(model, x, m) for m in methods}
+    blocks = get_blocks(model, None, x)
+    assert df.attrs["stages"] == [b.name for b in blocks] == ["6", "2", "0"]
+    for k, b in enumerate(blocks):
+        with sl.randomized(model, [b], seed=0):
+            y = sl.predict(model, x).argmax(1)
+            for m in methods:
+                new = explain(model, x, m, target=y)
+                for metric in metrics:
+                    got = df[(df.stage == b.name) & (df.method == m) & (df.metric == metric)]
+                    want = similarity(orig[m], new, metric).numpy()
+                    np.testing.assert_allclose(got.sort_values("image")["value"], want, rtol=0, atol=1e-9)
+    v = df.pivot_table(index=["stage", "method", "image"], columns="metric", values="value")
+    assert (v["hog_pearson"] - v["hog_spearman"]).abs().max() > 0.01  # the two metrics differ here
+
+
+def test_model_with_batchnorm_restored_after_pytorch_reinit(xt):
+    """PyTorch's re-initialization resets BatchNorm's running statistics and counter: after a
+    run (the engine's state switching) and after the reference run, every parameter and buffer
+    is back, bit-exactly, and the outputs are the trained model's."""
+    model = tiny_model()
+    model.bn1.num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        y0 = model(xt)
+    blocks = ["fc", Block("bn1", ("bn1",)), "conv1"]
+    kw = dict(blocks=blocks, perturbation=Perturbation(init="pytorch"), metrics=["spearman"],
+              cache=False, progress=False, floor=False)  # fmt: skip
+    a = sl.run_randomization(model, xt, ["gradient", "guided_backprop"], engine="batched", **kw)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        assert torch.equal(model(xt), y0)
+    r = sl.run_randomization(model, xt, ["gradient", "guided_backprop"], engine="reference", **kw)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the BatchNorm stage really changed the maps (its statistics were reset), in both runs alike
+    bn = a[a.stage == "bn1"]
+    assert (bn["value"] < 0.999).any()
+    np.testing.assert_allclose(a["value"], r["value"], rtol=0, atol=1e-6)
 
 
 def test_custom_metrics_in_the_runner(tiny_, xt):
     def sum_spearman(a, b):
         return pearson(rankdata(a.sum(1).abs().flatten(1)), rankdata(b.sum(1).abs().flatten(1)))
 
-    prepared = EN.Metric("prepared", lambda m: rankdata(m.sum(1).abs().flatten(1)), pearson)
+    prepared = sl.Metric("prepared", lambda m: rankdata(m.sum(1).abs().flatten(1)), pearson)
     df = sl.run_randomization(tiny_, xt, ["gradient"], metrics=[sum_spearman, prepared, "spearman"],
                               cache=False, progress=False, floor=False)  # fmt: skip
     v = df.pivot_table(index=["stage", "image"], columns="metric", values="value")
@@ -334,7 +404,7 @@ def test_quantus_mprt_workload_through_the_public_api(tiny_, xt):
     from scipy.stats import spearmanr
 
     names = [n for n, m in tiny_.named_modules() if hasattr(m, "reset_parameters")][::-1]
-    metric = EN.Metric("q", lambda m: rankdata(m.sum(1).abs().flatten(1)),
+    metric = sl.Metric("q", lambda m: rankdata(m.sum(1).abs().flatten(1)),
                        lambda a, b: pearson(a, b, on_constant="nan"))  # fmt: skip
     kw = dict(blocks=names, metrics=[metric], seed=42, target="original", store_maps=0,
               perturbation=Perturbation(init=_reset_like_quantus(42)), cache=False,
@@ -361,7 +431,7 @@ def test_seeded_captum_noise_tunnel_draws_the_engine_noise(tiny_, xt):
     :func:`unit_noise`'s stream, so SmoothGrad and VarGrad agree with the engine's."""
     from captum.attr import NoiseTunnel, Saliency
 
-    from sanitylib.attribution import derive_seed
+    from sanitylib.utils import derive_seed
 
     got = EN.compute_maps(tiny_, xt, ["smoothgrad", "vargrad"], seed=5,
                           method_options={"smoothgrad": {"n_samples": 6},
@@ -397,29 +467,36 @@ def test_abs_constant_without_sorting_at_the_percentile_boundary():
             maps.append(m)
     maps = torch.stack(maps) + 0.25 * torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     want = is_constant(abs_normalize(maps).flatten(1))
-    assert torch.equal(EN.MapFeatures(maps).abs_constant(), want)
+    assert torch.equal(MT.MapFeatures(maps).abs_constant(), want)
     assert want.any() and not want.all()
 
 
 def test_forward_replay_default_on_cpu_follows_the_allocator(xt, monkeypatch):
-    """``reuse_forward=None`` (default): on the CPU, replay where freed memory is kept
-    (``sanitylib.allocator``) and ``REPLAY_ON_CPU``; the maps are the same either way."""
-    from sanitylib.allocator import keeps_freed_memory
+    """``reuse_forward=None`` (default): on the CPU, replay only where the user opted in to
+    keeping freed memory (``sanitylib.allocator``: a ``keep_freed_memory()`` block or
+    ``SANITYLIB_KEEP_FREED_MEMORY=1``) and ``REPLAY_ON_CPU``; the maps are the same either way."""
+    from sanitylib import allocator
 
     model = tiny_model()
     states = _states(model, ["fc", "conv2"])
     calls = []
-    real_plan = EN._Recorder.plan
-    monkeypatch.setattr(EN._Recorder, "plan", lambda self, cut: calls.append(1) or real_plan(self, cut))
-    default = _all_maps(model, xt, ["gradient"], states, {})
-    assert bool(calls) == keeps_freed_memory()
-    calls.clear()
-    monkeypatch.setenv("SANITYLIB_KEEP_FREED_MEMORY", "0")
+    real_plan = RP.Recorder.plan
+    monkeypatch.setattr(RP.Recorder, "plan", lambda self, cut: calls.append(1) or real_plan(self, cut))
+    monkeypatch.delenv("SANITYLIB_KEEP_FREED_MEMORY", raising=False)
     plain = _all_maps(model, xt, ["gradient"], states, {})
-    assert not calls
+    assert not calls  # no opt-in: the allocator is left alone, no replay on the CPU
+    monkeypatch.setenv("SANITYLIB_KEEP_FREED_MEMORY", "1")
+    default = _all_maps(model, xt, ["gradient"], states, {})
+    assert bool(calls) == allocator.keeps_freed_memory()
+    calls.clear()
     monkeypatch.delenv("SANITYLIB_KEEP_FREED_MEMORY")
+    with allocator.keep_freed_memory() as kept:
+        _all_maps(model, xt, ["gradient"], states, {})
+    assert bool(calls) == kept
+    calls.clear()
     monkeypatch.setattr(EN, "REPLAY_ON_CPU", False)
-    _all_maps(model, xt, ["gradient"], states, {})
+    with allocator.keep_freed_memory():
+        _all_maps(model, xt, ["gradient"], states, {})
     assert not calls
     replayed = _all_maps(model, xt, ["gradient"], states, {}, reuse_forward=True)
     assert calls

@@ -7,6 +7,7 @@ few blocks checks the pipeline end to end.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -20,7 +21,7 @@ import sanitylib.experiment as E
 from sanitylib.attribution import explain as real_explain
 from sanitylib.attribution import predict
 from sanitylib.data import load_photos
-from sanitylib.metrics import similarity
+from sanitylib.metrics import noise_floor, similarity
 from sanitylib.randomize import Perturbation, get_blocks, randomized
 
 pytestmark = [
@@ -82,6 +83,40 @@ def tiny_table(tiny, xt):
     return run_tiny(tiny, xt)
 
 
+def independent_values(model, x, methods, metrics, *, schedule="cascading", blocks=None, seed=0,
+                       options=None) -> tuple[dict, dict]:  # fmt: skip
+    """The straightforward computation of a run's table: ``explain`` on the trained model and
+    inside ``randomized`` per stage (target: the randomized model's argmax), ``similarity``
+    per metric -> ``({(stage_index, method, metric, image): value},
+    {stage_index: (stage name, targets)})``."""
+    options = options or {}
+    blocks = get_blocks(model, blocks, x)
+    orig = {m: real_explain(model, x, m, seed=seed, **options.get(m, {})) for m in methods}
+    values, targets = {}, {}
+    for k in range(len(blocks)):
+        chosen = blocks[: k + 1] if schedule == "cascading" else blocks[k : k + 1]
+        with randomized(model, chosen, Perturbation(), seed=seed):
+            cur = predict(model, x).argmax(1)
+            maps = {m: real_explain(model, x, m, target=cur, seed=seed, **options.get(m, {}))
+                    for m in methods}  # fmt: skip
+        targets[k] = (blocks[k].name, cur.tolist())
+        for m in methods:
+            for metric in metrics:
+                for i, v in enumerate(similarity(orig[m], maps[m], metric).tolist()):
+                    values[(k, m, metric, i)] = v
+    return values, targets
+
+
+def assert_table_equals(df, values: dict, targets: dict, atol: float) -> None:
+    """Every row of ``df`` has the value, stage name and target of :func:`independent_values`."""
+    assert len(df) == len(values)
+    got = {(r.stage_index, r.method, r.metric, r.image): r.value for r in df.itertuples()}
+    assert got.keys() == values.keys()
+    np.testing.assert_allclose([got[k] for k in values], list(values.values()), rtol=0, atol=atol)
+    for r in df.itertuples():
+        assert (r.stage, r.target) == (targets[r.stage_index][0], targets[r.stage_index][1][r.image])
+
+
 class Counting:
     """Wraps a function (the runner's per-group computation, or the engine's forward pass);
     optionally raises on a given call (1-based)."""
@@ -108,7 +143,7 @@ def _never(*args, **kwargs):
 
 
 # ---------------------------------------------------------------- table
-def test_tiny_table_structure(tiny_table, xt):
+def test_tiny_table_structure(tiny, tiny_table, xt):
     df = tiny_table
     stages = ["fc", "conv2", "conv1"]  # inferred: parameterized children, top to bottom
     assert set(df.columns) == COLUMNS
@@ -121,8 +156,10 @@ def test_tiny_table_structure(tiny_table, xt):
     assert set(df["image_name"]) == {"0", "1", "2"}
     assert (df["schedule"] == "cascading").all() and (df["model"] == "TinyCNN").all()
     assert (df["perturbation"] == "reinit(paper)").all()
-    v = df["value"].to_numpy()
-    assert np.isfinite(v).all() and (v >= -1 - 1e-9).all() and (v <= 1 + 1e-9).all()
+    assert not df["constant"].any()  # no constant map on this model (see the constant-flag test)
+    # every value, every method and metric, equals the straightforward computation
+    values, targets = independent_values(tiny, xt, METHODS, METRICS, options=OPTIONS)
+    assert_table_equals(df, values, targets, atol=1e-12)
     assert df["value"].std() > 0.01  # not a constant table
 
 
@@ -132,23 +169,9 @@ def test_table_values_equal_an_independent_computation(tiny, xt):
     methods = ["gradient", "smoothgrad", "gradcam"]
     for schedule in ("cascading", "independent"):
         df = run_tiny(tiny, xt, methods=methods, schedule=schedule, seed=5)
-        blocks = get_blocks(tiny, None, xt)
-        orig = {m: real_explain(tiny, xt, m, seed=5, **OPTIONS.get(m, {})) for m in methods}
-        for k in range(len(blocks)):
-            chosen = blocks[: k + 1] if schedule == "cascading" else blocks[k : k + 1]
-            with randomized(tiny, chosen, Perturbation(), seed=5):
-                cur = predict(tiny, xt).argmax(1)
-                maps = {m: real_explain(tiny, xt, m, target=cur, seed=5, **OPTIONS.get(m, {}))
-                        for m in methods}  # fmt: skip
-            rows = df[df["stage_index"] == k]
-            assert (rows["stage"] == blocks[k].name).all()
-            for i in range(len(xt)):
-                assert (rows[rows["image"] == i]["target"] == int(cur[i])).all()
-            for m in methods:
-                for metric in METRICS:
-                    ref = similarity(orig[m], maps[m], metric).tolist()
-                    got = rows[(rows["method"] == m) & (rows["metric"] == metric)].sort_values("image")
-                    np.testing.assert_allclose(got["value"].to_numpy(), ref, rtol=0, atol=1e-12)
+        values, targets = independent_values(tiny, xt, methods, METRICS, schedule=schedule, seed=5,
+                                             options=OPTIONS)  # fmt: skip
+        assert_table_equals(df, values, targets, atol=1e-12)
 
 
 def test_same_seed_identical_table_different_seed_differs(tiny, xt, tiny_table):
@@ -185,6 +208,60 @@ def test_map_store(tiny, xt, tiny_table):
     df = run_tiny(tiny, xt, methods=["gradient"], store_maps=[2])
     assert df.attrs["maps"].images == [2]
     assert torch.equal(df.attrs["maps"]["original"]["gradient"], real_explain(tiny, xt, "gradient")[[2]].half())
+
+
+def _zero_init(module, gen):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+
+
+def test_constant_flag_marks_a_constant_map_of_either_model(tiny, xt):
+    """``constant`` is True where the trained model's map OR the randomized model's map is
+    constant (a correlation with it is undefined and scored 0), False where neither is."""
+    # the trained model's gradient is exactly 0 (fc weights 0), the randomized fc's is not
+    dead = copy.deepcopy(tiny)
+    with torch.no_grad():
+        dead.fc.weight.zero_()
+    fc = get_blocks(dead, ["fc"])
+    assert real_explain(dead, xt, "gradient").eq(0).all()
+    with randomized(dead, fc, Perturbation(), seed=0):
+        assert (real_explain(dead, xt, "gradient").flatten(1).std(1) > 0).all()
+    df = run_tiny(dead, xt, methods=["gradient"], blocks=["fc"])
+    assert df["constant"].all()
+    assert (df[df["metric"] != "ssim"]["value"] == 0).all()
+    # the randomized model's gradient is exactly 0 (fc re-initialized to zeros), the trained one's is not
+    df = run_tiny(tiny, xt, methods=["gradient"], blocks=["fc"], perturbation=Perturbation(init=_zero_init))
+    assert df["constant"].all()
+    assert (df[df["metric"] != "ssim"]["value"] == 0).all()
+    # neither
+    df = run_tiny(tiny, xt, methods=["gradient"], blocks=["fc"])
+    assert not df["constant"].any() and (df["value"] != 0).all()
+
+
+def test_noise_floors_follow_the_run_seed(tiny, xt):
+    """``df.attrs["floor"]`` is ``noise_floor`` of the trained model's maps with the run's seed:
+    the random masks change with the seed; the different-images floor of a deterministic method
+    does not."""
+    methods = ["gradient", "smoothgrad"]
+    floors = {}
+    for seed in (0, 3):
+        df = run_tiny(tiny, xt, methods=methods, seed=seed)
+        maps = {m: real_explain(tiny, xt, m, seed=seed, **OPTIONS.get(m, {})) for m in methods}
+        want = noise_floor(maps, METRICS, seed=seed)
+        got = df.attrs["floor"]
+        cols = ["kind", "method", "metric", "pair"]
+        assert got[cols].equals(want[cols])
+        np.testing.assert_allclose(got["value"], want["value"], rtol=0, atol=1e-12)
+        floors[seed] = got.set_index(cols)["value"]
+    a, b = floors[0], floors[3]
+    masks = a.index.get_level_values("kind") == "random masks"
+    assert masks.sum() >= 8 * len(METRICS)
+    assert (a[masks] != b[masks]).mean() > 0.9  # other seed, other masks
+    grad = a.index.get_level_values("method") == "gradient"
+    assert a[grad].equals(b[grad])  # the gradient has no noise
+    sg = a.index.get_level_values("method") == "smoothgrad"
+    assert not np.allclose(a[sg], b[sg])  # SmoothGrad's noise follows the seed
 
 
 # ---------------------------------------------------------------- restoration
@@ -325,8 +402,8 @@ def test_cache_files_are_written_atomically(tiny, xt, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"methods": ["gradient", "lime"]}, "unknown methods"),
-        ({"metrics": ["spearman", "kendall"]}, "unknown metrics"),
+        ({"methods": ["gradient", "lime"]}, "unknown method 'lime'"),
+        ({"metrics": ["spearman", "kendall"]}, "unknown metric 'kendall'"),
         ({"schedule": "random"}, "unknown schedule"),
         ({"target": "true_label"}, "target must be"),
         ({"image_names": ["a", "b"]}, "image_names has 2 entries for 3 images"),
@@ -391,17 +468,12 @@ def test_efficientnet_cascading_table(effnet, photos):
     assert set(df["metric"]) == set(E.DEFAULT_METRICS)
     assert df.attrs["stages"] == blocks
     assert (df["model"] == "efficientnet_lite0").all() and (df["image_name"] == "chelsea").all()
-    v = df["value"].to_numpy()
-    assert np.isfinite(v).all() and (np.abs(v) <= 1 + 1e-9).all()
     assert state_equal(clone_state(effnet), before)
+    # every value equals the straightforward computation (explain per stage, similarity), and
     # the target is the randomized model's argmax (recomputed per stage, as the authors)
-    decl = {b.name: b for b in effnet.sanity_info.blocks}
-    orig = int(predict(effnet, x).argmax())
-    assert (df["original_target"] == orig).all()
-    for k in range(len(blocks)):
-        with randomized(effnet, [decl[b] for b in blocks[: k + 1]], seed=0):
-            cur = int(predict(effnet, x).argmax())
-        assert (df[df["stage_index"] == k]["target"] == cur).all()
+    values, targets = independent_values(effnet, x, methods, E.DEFAULT_METRICS, blocks=blocks)
+    assert_table_equals(df, values, targets, atol=1e-6)  # observed: 2e-16
+    assert (df["original_target"] == int(predict(effnet, x).argmax())).all()
     again = E.cascading_randomization(effnet, x, methods, blocks=blocks, cache=False,
                                       progress=False, image_names=photos.names[:1])  # fmt: skip
     assert again.equals(df)

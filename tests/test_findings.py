@@ -1,4 +1,5 @@
-"""Tests for sanitylib.findings (paper-vs-book claims) and the randomization profiles."""
+"""Tests for the chapter layer's paper-vs-book claims (sanitylib.book.claims) and the
+randomization profiles (sanitylib.book.profiles)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pandas as pd
 import pytest
 
 import sanitylib as sl
-from sanitylib.findings import Claim, evaluate_claims, stage_window, window_mean
+from sanitylib import book
+from sanitylib.book import Claim, evaluate_claims, stage_window, window_mean
 
 INCEPTION = ["Logits", "Mixed_7c", "Mixed_7b", "Mixed_7a", "Mixed_6e", "Mixed_6d", "Mixed_6c",
              "Mixed_6b", "Mixed_6a", "Mixed_5d", "Mixed_5c", "Mixed_5b", "Conv2d_4a_3x3",
@@ -78,20 +80,46 @@ def test_claim_validation():
 
 
 def test_default_claims_use_known_methods_and_metrics():
-    for c in sl.findings.CASCADING_CLAIMS + sl.findings.INDEPENDENT_CLAIMS:
+    for c in book.CASCADING_CLAIMS + book.INDEPENDENT_CLAIMS:
         assert c.method in sl.METHODS and c.metric in sl.METRICS and c.paper
 
 
 def test_randomization_profiles():
-    book = sl.get_profile("book")
-    methods, options = book.randomization
+    book_ = book.get_profile("book")
+    methods, options = book_.randomization
     assert "ig_smoothgrad" not in methods and len(methods) == 8
-    assert book.model == "auto" and len(book.photos) >= 4
+    assert book_.model == "auto" and len(book_.photos) >= 4
     assert options["integrated_gradients"] == {"n_steps": 25}
-    paper_methods, paper_options = sl.get_profile("paper").randomization
+    paper_methods, paper_options = book.get_profile("paper").randomization
     assert "ig_smoothgrad" in paper_methods and paper_options == {}
-    smoke = sl.get_profile("smoke")
+    smoke = book.get_profile("smoke")
     assert smoke.options_for("smoothgrad", randomization=True) == {"n_samples": 3}
-    custom = sl.get_profile("smoke", randomization_options={"smoothgrad": {"n_samples": 7}})
+    custom = book.get_profile("smoke", randomization_options={"smoothgrad": {"n_samples": 7}})
     assert custom.options_for("smoothgrad") == {"n_samples": 3}
     assert custom.options_for("smoothgrad", randomization=True) == {"n_samples": 7}
+
+
+def test_one_claim_type_for_every_table():
+    noise = book.NOISE_CLAIMS
+    assert [c.test for c in noise] == ["falls", "most", "least", "shape"]
+    with pytest.raises(ValueError, match="needs a method"):
+        Claim("x", test="most")
+    with pytest.raises(ValueError, match="test"):
+        Claim("x", "gradient", test="fastest")
+    with pytest.raises(ValueError, match="threshold claim needs"):
+        Claim("x", "gradient", "spearman", "top", ">=")
+    df = table({("gradient", "spearman"): [0.5] * 8})
+    with pytest.raises(ValueError, match="randomization table"):
+        evaluate_claims(df, claims=noise)
+
+
+def test_floor_mean_is_the_different_images_floor():
+    fl = pd.concat([floor_table("gradient", "spearman", [0.0, 0.02]),
+                    pd.DataFrame({"kind": "random masks", "method": "random masks",
+                                  "metric": "spearman", "pair": [0], "value": [0.5]})])  # fmt: skip
+    assert sl.metrics.floor_mean(fl, "gradient", "spearman") == pytest.approx(0.01)
+    assert sl.metrics.floor_mean(fl, "random masks", "spearman", kind="random masks") == 0.5
+    assert math.isnan(sl.metrics.floor_mean(fl, "gradient", "ssim"))
+    assert math.isnan(sl.metrics.floor_mean(None, "gradient", "spearman"))
+    with pytest.raises(ValueError, match="kind"):
+        sl.metrics.floor_mean(fl, "gradient", "spearman", kind="pairs")

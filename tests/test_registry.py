@@ -1,0 +1,287 @@
+"""The method and metric registries: a user's callable, a captum class and a registered name run
+through ``explain``, both randomization runners, the cache, the noise floors and the figures,
+and give the table of the equivalent built-in where one exists.
+
+A tiny random CNN (1x16x16) keeps most tests fast; torchvision's ``resnet18(weights=None)`` is
+the model we did not write.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+import torchvision
+from captum.attr import GuidedBackprop, InputXGradient, Saliency
+from torch import nn
+
+import sanitylib as sl
+from sanitylib.registry import MethodSpec, resolve_method
+
+matplotlib.use("Agg")
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require"),
+    pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU"),
+]
+
+METRICS = ["spearman_abs", "spearman", "ssim"]
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x):
+        x = self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def xt():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(3, 1, 16, 16, generator=g)
+
+
+def plain_gradient(model, x, target):
+    """The gradient of the target logit, written as a user would."""
+    x = x.clone().requires_grad_(True)
+    out = model(x).gather(1, target[:, None]).sum()
+    return torch.autograd.grad(out, x)[0]
+
+
+@pytest.fixture
+def user_methods():
+    names = []
+
+    def register(name, fn, **kw):
+        names.append(name)
+        return sl.register_method(name, fn, **kw)
+
+    yield register
+    for n in names:
+        if n in sl.method_names():
+            sl.unregister_method(n)
+
+
+def _values(df, method):
+    return df[df["method"] == method].sort_values(["stage_index", "metric", "image"])["value"].to_numpy()
+
+
+def test_explain_accepts_callable_captum_class_and_registered_name(tiny, xt, user_methods):
+    ref = sl.explain(tiny, xt, "gradient")
+    assert torch.allclose(sl.explain(tiny, xt, plain_gradient), ref, atol=1e-7)
+    user_methods("my_gradient", plain_gradient, label="My gradient")
+    assert torch.allclose(sl.explain(tiny, xt, "my_gradient"), ref, atol=1e-7)
+    ixg = sl.explain(tiny, xt, "input_x_gradient")
+    assert torch.allclose(sl.explain(tiny, xt, InputXGradient), ixg, atol=1e-7)
+    user_methods("signed_saliency", Saliency, options={"abs": False})
+    assert torch.allclose(sl.explain(tiny, xt, "signed_saliency"), ref, atol=1e-7)
+    # options of a registered method are validated and can be overridden
+    assert torch.allclose(sl.explain(tiny, xt, "signed_saliency", abs=True), ref.abs(), atol=1e-7)
+    with pytest.raises(ValueError, match="unknown option.*n_steps.*signed_saliency"):
+        sl.explain(tiny, xt, "signed_saliency", n_steps=3)
+
+
+@pytest.mark.parametrize("schedule", ["cascading", "independent"])
+def test_runner_user_method_equals_builtin(tiny, xt, schedule, user_methods):
+    """The same table (values, targets, constant flags) for "gradient", the callable, the
+    registered name and captum's Saliency(abs=False), on every stage."""
+    user_methods("my_gradient", plain_gradient)
+    user_methods("signed_saliency", Saliency, options={"abs": False})
+    methods = ["gradient", plain_gradient, "my_gradient", "signed_saliency"]
+    df = sl.run_randomization(tiny, xt, methods, schedule, metrics=METRICS, cache=False,
+                              progress=False, store_maps=[0, 1])  # fmt: skip
+    assert list(dict.fromkeys(df["method"])) == ["gradient", "plain_gradient", "my_gradient",
+                                                  "signed_saliency"]  # fmt: skip
+    ref = _values(df, "gradient")
+    assert len(ref) == len(df.attrs["stages"]) * len(METRICS) * len(xt)
+    for m in ("plain_gradient", "my_gradient", "signed_saliency"):
+        assert abs(_values(df, m) - ref).max() < 1e-6, m
+        for col in ("target", "constant"):
+            a = df[df["method"] == m].sort_values(["stage_index", "metric", "image"])[col]
+            b = df[df["method"] == "gradient"].sort_values(["stage_index", "metric", "image"])[col]
+            assert (a.to_numpy() == b.to_numpy()).all()
+    # maps stored per stage and the noise floors, for the user methods too
+    store = df.attrs["maps"]
+    for stage in store.stages:
+        assert torch.allclose(store[stage]["my_gradient"].float(), store[stage]["gradient"].float(),
+                              atol=1e-3)  # float16 storage
+    floor = df.attrs["floor"]
+    for m in ("my_gradient", "signed_saliency"):
+        a = floor[floor["method"] == m].sort_values(["metric", "pair"])["value"].to_numpy()
+        b = floor[floor["method"] == "gradient"].sort_values(["metric", "pair"])["value"].to_numpy()
+        assert len(a) == len(METRICS) * 3 and abs(a - b).max() < 1e-6
+
+
+def test_user_method_changes_with_the_model(tiny, xt, user_methods):
+    """A user method is called on every model state: a method that ignores the model scores 1
+    at every stage, one that uses it does not."""
+    calls = []
+
+    def constant_map(model, x, target):
+        calls.append(len(x))
+        return x * 2.0
+
+    user_methods("input_only", constant_map)
+    df = sl.cascading_randomization(tiny, xt, ["input_only", plain_gradient], metrics=["spearman"],
+                                    cache=False, progress=False, batch_size=2)  # fmt: skip
+    n_states = len(df.attrs["stages"]) + 1
+    assert calls == [2, 1] * n_states  # batched over images, in chunks of batch_size
+    assert (df[df["method"] == "input_only"]["value"] == 1.0).all()
+    assert (df[df["method"] == "plain_gradient"]["value"] < 0.99).all()
+
+
+def test_user_method_through_the_cache(tiny, xt, tmp_path, user_methods):
+    """A cached run of a user method is reused; another function under the same name is not."""
+    user_methods("mine", plain_gradient)
+    kw = dict(metrics=METRICS, cache=tmp_path, progress=False)
+    df1 = sl.cascading_randomization(tiny, xt, ["mine"], **kw)
+    df2 = sl.cascading_randomization(tiny, xt, ["mine"], **kw)
+    assert df1.equals(df2)
+    assert len(list(tmp_path.iterdir())) == 1
+
+    def doubled(model, x, target):
+        return 2 * plain_gradient(model, x, target) + x
+
+    user_methods("mine", doubled)  # re-registering a user name replaces it
+    df3 = sl.cascading_randomization(tiny, xt, ["mine"], **kw)
+    assert len(list(tmp_path.iterdir())) == 2
+    assert not df3["value"].equals(df1["value"])
+
+
+def test_user_metric_callable_and_registered(tiny, xt):
+    def neg_l1(a, b):
+        return -(a - b).abs().flatten(1).sum(1)
+
+    sl.register_metric("neg_l1", neg_l1, label="-L1")
+    with pytest.raises(ValueError, match="duplicate metric names"):
+        sl.cascading_randomization(tiny, xt, ["gradient"], metrics=["neg_l1", neg_l1],
+                                   cache=False, progress=False)  # fmt: skip
+    df = sl.cascading_randomization(tiny, xt, ["gradient"], metrics=["spearman", "neg_l1"],
+                                    cache=False, progress=False, store_maps=[0])  # fmt: skip
+    maps = df.attrs["maps"]
+    first = df.attrs["stages"][0]
+    got = df.query("metric == 'neg_l1' and stage == @first and image == 0")["value"].item()
+    want = neg_l1(maps["original"]["gradient"].float(), maps[first]["gradient"].float()).item()
+    assert got == pytest.approx(want, rel=1e-3)  # stored maps are float16
+    floor = df.attrs["floor"]
+    assert set(floor["metric"]) == {"spearman", "neg_l1"}
+    assert sl.plots.METRIC_LABELS["neg_l1"] == "-L1"
+    sl.unregister_metric("neg_l1")
+    with pytest.raises(ValueError, match="unknown metric 'neg_l1'"):
+        sl.cascading_randomization(tiny, xt, ["gradient"], metrics=["neg_l1"], cache=False,
+                                   progress=False)  # fmt: skip
+
+
+def test_figures_accept_user_methods(tiny, xt, user_methods):
+    import matplotlib.pyplot as plt
+
+    user_methods("mine", plain_gradient, label="My method")
+    df = sl.cascading_randomization(tiny, xt, ["gradient", "mine"], metrics=METRICS, cache=False,
+                                    progress=False, store_maps=[0])  # fmt: skip
+    fig = sl.plots.similarity_curves(df, METRICS, ["gradient", "mine"])
+    labels = {t.get_text() for ax in fig.axes for t in (ax.get_legend().get_texts()
+                                                         if ax.get_legend() else [])}
+    labels |= {line.get_label() for ax in fig.axes for line in ax.get_lines()}
+    assert "My method" in labels
+    plt.close(fig)
+    fig = sl.plots.stage_grid(df.attrs["maps"], 0, ["mine", "gradient"])
+    assert "My method" in {ax.get_ylabel() for ax in fig.axes}
+    plt.close(fig)
+
+
+def test_resnet18_user_method_and_captum_class():
+    """A model we did not write: torchvision resnet18 (random weights, in train mode as
+    torchvision builds it); a user callable and captum's InputXGradient through both runners."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for schedule in ("cascading", "independent"):
+        df = sl.run_randomization(model, x, [plain_gradient, InputXGradient, "input_x_gradient"],
+                                  schedule, blocks=["fc", "layer4", "layer3"],
+                                  metrics=["spearman_abs", "ssim"], cache=False, progress=False)  # fmt: skip
+        assert list(df.attrs["stages"]) == ["fc", "layer4", "layer3"]
+        a, b = _values(df, "InputXGradient"), _values(df, "input_x_gradient")
+        assert len(a) == 3 * 2 * 2 and abs(a - b).max() < 1e-5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_modified_backprop_captum_class_is_guarded():
+    """captum's GuidedBackprop passed as a class gets the same guard as the built-in: on a model
+    with functional ReLUs it would silently return the plain gradient."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+            self.fc = nn.Linear(3 * 14 * 14, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    model = Functional().eval()
+    x = torch.rand(2, 1, 16, 16)
+    assert resolve_method(GuidedBackprop).guided
+    with pytest.raises(sl.GuidedBackpropError):
+        sl.explain(model, x, GuidedBackprop)
+
+
+def test_bad_methods_get_clear_errors(tiny, xt, user_methods):
+    with pytest.raises(ValueError, match="unknown method 'nope'.*register_method"):
+        sl.explain(tiny, xt, "nope")
+    with pytest.raises(TypeError, match="a method must be"):
+        sl.explain(tiny, xt, 42)
+    with pytest.raises(TypeError, match=r"fn must take \(model, x, target\)"):
+        sl.register_method("two_args", lambda model, x: x)
+    with pytest.raises(ValueError, match="built-in method"):
+        sl.register_method("gradient", plain_gradient)
+    with pytest.raises(ValueError, match=r"returned shape \(3, 256\) for input \(3, 1, 16, 16\)"):
+        sl.explain(tiny, xt, lambda m, x, t: x.flatten(2)[:, 0])
+    with pytest.raises(ValueError, match="duplicate method names"):
+        sl.cascading_randomization(tiny, xt, [plain_gradient, plain_gradient], cache=False,
+                                   progress=False)  # fmt: skip
+    # one (N, 1, H, W) map per image is tiled over the channels, as GradCAM
+    x3 = xt.expand(-1, 3, -1, -1)
+
+    class Tiny3(TinyCNN):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+
+    m3 = Tiny3().eval()
+    out = sl.explain(m3, x3, lambda m, x, t: x[:, :1])
+    assert out.shape == x3.shape
+    # a string is one method
+    df = sl.cascading_randomization(tiny, xt, "gradient", metrics="spearman", cache=False,
+                                    progress=False)  # fmt: skip
+    assert set(df["method"]) == {"gradient"} and set(df["metric"]) == {"spearman"}
+
+
+def test_builtins_are_specs_with_the_papers_settings():
+    for name in sl.METHODS:
+        spec = sl.get_method(name)
+        assert isinstance(spec, MethodSpec) and spec.builtin and spec.passes is not None
+        assert spec.options == sl.attribution.PAPER_SETTINGS.get(name, {})
+        assert sl.method_label(name) == sl.plots.METHOD_LABELS[name]
+    assert sl.get_method("guided_backprop").guided and sl.get_method("guided_gradcam").guided
+    assert not sl.get_method("gradient").guided
+    with pytest.raises(ValueError, match="n_samples must be an int >= 1"):
+        sl.get_method("smoothgrad").settings({"n_samples": 0})
+    with pytest.raises(ValueError, match=r"noise_level must be a finite number in \[0, 10\]"):
+        sl.get_method("vargrad").settings({"noise_level": float("nan")})
+    with pytest.raises(ValueError, match="n_steps must be an int >= 1"):
+        sl.get_method("integrated_gradients").settings({"n_steps": 0})

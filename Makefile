@@ -3,13 +3,15 @@
 #   make test   set up .venv and run the whole test suite (unit tests, notebooks, strict book build);
 #               the chapters run in .venv-clean, a venv with only the package (no extras),
 #               papermill and ipykernel, built on first use and kept while pyproject.toml is unchanged
+#   make assignments  write the student notebooks assignments/*.ipynb from the chapters
+#   make lab    open the chapters in JupyterLab (same .venv, the project's kernel)
 #   make bench  also install the `bench` extra (Quantus 0.6) and run benchmarks/bench_sanity.py
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install book test bench clean
+.PHONY: install book test bench clean assignments lab
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +34,16 @@ book: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Student notebooks assignments/*.ipynb (no solutions, smoke profile, install pinned to
+# sanitylib.book.assignments.ASSIGNMENT_REF) from the chapters' Exercises sections; deterministic.
+assignments: $(STAMP)
+	$(BIN)/python -m sanitylib.book.assignments
+
+# JupyterLab on the chapters, in the same .venv, with the project's kernel ("sanitylib (.venv)").
+lab: $(STAMP)
+	$(BIN)/python -m ipykernel install --sys-prefix --name sanitylib --display-name "sanitylib (.venv)" >/dev/null
+	$(BIN)/jupyter lab notebooks/
+
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 $(BENCH_STAMP): pyproject.toml $(STAMP)
@@ -39,9 +51,12 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 	$(BIN)/python -c "import quantus, captum, sanitylib"
 	touch $(BENCH_STAMP)
 
-# One process, identical work on every side; prints a side-by-side table and a RESULT line.
+# One process, identical work, the same allocator setting and threads on every side (pinned
+# before the process starts); 3 ABBA repetitions; prints a side-by-side table and a RESULT line.
+BENCH_THREADS ?= 2
 bench: $(BENCH_STAMP)
-	$(BIN)/python benchmarks/bench_sanity.py
+	OMP_NUM_THREADS=$(BENCH_THREADS) MKL_NUM_THREADS=$(BENCH_THREADS) OPENBLAS_NUM_THREADS=$(BENCH_THREADS) \
+	  $(BIN)/python benchmarks/bench_sanity.py --threads $(BENCH_THREADS)
 
 clean:
 	rm -rf _build .venv-clean .venv-clean.lock

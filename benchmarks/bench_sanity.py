@@ -15,11 +15,20 @@ One process, identical work on every side, printed side by side (see ``benchmark
    sanitylib's ``run_randomization`` on the paper's full method set and all four metrics,
    >= 8 images, block-level cascading randomization with the paper's initializer.
 3. **Efficiency**: the time of the bare forward+backward passes the work needs (plain
-   ``torch.autograd.grad`` to the input, no hooks, same chunking), measured in the same run,
-   divided by sanitylib's total time.
+   ``torch.autograd.grad`` to the input, no hooks, same chunking) when the forward pass of the
+   blocks a state leaves unchanged is reused (as sanitylib does), measured in the same run,
+   divided by sanitylib's total time; the naive bare passes (every state's full forward pass)
+   over sanitylib's time is ``speedup_vs_naive_passes``.
+
+Fairness: every side runs under the same allocator setting (``--memory``, made for the whole
+process before any side runs), the same pinned torch and BLAS/OpenMP thread counts
+(``--threads``, set in the environment before numpy and torch load), after a warm-up at every
+batch size used; each workload is repeated ``--repeats`` times in ABBA order and the median
+(and range) is reported.
 
 Ends with ``RESULT speedup_vs_quantus=<x> speedup_vs_captum_loop=<y> efficiency=<z>
-max_abs_diff=<d>``.  Exits with status 1 if the numbers disagree.
+speedup_vs_naive_passes=<n> max_abs_diff=<d>`` (medians).  Exits with status 1 if the numbers
+disagree.
 
 Run: ``make bench`` (installs the ``bench`` extra) or ``.venv/bin/python benchmarks/bench_sanity.py``.
 """
@@ -35,8 +44,24 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
-import torch
+
+def _pin_threads(argv: list[str]) -> int:
+    """Pin BLAS/OpenMP threads before numpy and torch load (``--threads``, default 2)."""
+    n = 2
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            n = int(argv[i + 1])
+        elif a.startswith("--threads="):
+            n = int(a.split("=", 1)[1])
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[k] = str(n)
+    return n
+
+
+THREADS = _pin_threads(sys.argv[1:]) if __name__ == "__main__" else 0
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 
@@ -78,12 +103,29 @@ class Timing:
 
 @contextlib.contextmanager
 def timed(out: dict, key: str):
+    """Append the wall and process-CPU seconds of the block to ``out[key]`` (one per repetition)."""
     w, c = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
-        out[key] = Timing(time.perf_counter() - w, time.process_time() - c)
-        print(f"  [{key}: {out[key].wall:.1f} s wall, {out[key].cpu:.1f} s cpu]", flush=True)
+        t = Timing(time.perf_counter() - w, time.process_time() - c)
+        out.setdefault(key, []).append(t)
+        print(f"  [{key} #{len(out[key])}: {t.wall:.1f} s wall, {t.cpu:.1f} s cpu]", flush=True)
+
+
+def med(v) -> float:
+    """NaN-free median of a list of numbers."""
+    return float(np.median(np.asarray(v, dtype=float)))
+
+
+def nan_safe_max_diff(a, b) -> float:
+    """Largest |a - b| where both are numbers; ``inf`` when the NaN positions differ (a NaN on
+    one side only is a disagreement) or the shapes differ."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+        return float("inf")
+    ok = ~np.isnan(a)
+    return float(np.abs(a[ok] - b[ok]).max()) if ok.any() else 0.0
 
 
 def load_batch(model, n: int) -> torch.Tensor:
@@ -141,13 +183,12 @@ def run_sanitylib_quantus_task(model, x: torch.Tensor):
         prepare=lambda maps: rankdata(maps.sum(1).abs().flatten(1)),
         compare=lambda a, b: pearson(a, b, on_constant="nan"),
     )
-    with sl.keep_freed_memory():  # sanitylib's CPU setting, opted in (process-global)
-        return sl.run_randomization(
-            model, x, ["gradient"], "cascading", blocks=quantus_blocks(model),
-            metrics=[spearman_quantus], seed=QUANTUS_SEED,
-            perturbation=sl.Perturbation(init=quantus_reset(QUANTUS_SEED)), target="original",
-            store_maps=0, cache=False, progress=False, floor=False,
-        )  # fmt: skip
+    return sl.run_randomization(  # the allocator setting is the process's (--memory)
+        model, x, ["gradient"], "cascading", blocks=quantus_blocks(model),
+        metrics=[spearman_quantus], seed=QUANTUS_SEED,
+        perturbation=sl.Perturbation(init=quantus_reset(QUANTUS_SEED)), target="original",
+        store_maps=0, cache=False, progress=False, floor=False,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- 2: captum loop
@@ -212,23 +253,13 @@ def captum_map(model, xi: torch.Tensor, method: str, target: int, layer, index: 
     (``sanitylib.attribution.unit_noise``), so every method's numbers can be compared."""
     from sanitylib.utils import derive_seed
 
-    import torch.nn.functional as F
-    from captum.attr import (GuidedBackprop, GuidedGradCam, InputXGradient, IntegratedGradients,
-                             LayerGradCam, NoiseTunnel, Saliency)  # fmt: skip
+    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
+    if method not in STOCHASTIC:
+        return captum_batch(model, xi, method, [target], layer)
     sigma = 0.15 * float(xi.max() - xi.min())
     o = METHOD_OPTIONS
-    if method == "gradient":
-        return Saliency(model).attribute(xi, target=target, abs=False)
-    if method == "input_x_gradient":
-        return InputXGradient(model).attribute(xi, target=target)
-    if method == "integrated_gradients":
-        s = o["integrated_gradients"]
-        return IntegratedGradients(model).attribute(
-            xi, baselines=0.0, target=target, n_steps=s["n_steps"], method=s["rule"],
-            internal_batch_size=BATCH)  # fmt: skip
-    if method in STOCHASTIC:
-        torch.manual_seed(derive_seed(SEED, "noise", index))
+    torch.manual_seed(derive_seed(SEED, "noise", index))
     if method in ("smoothgrad", "vargrad"):
         n = o[method]["n_samples"]
         return NoiseTunnel(Saliency(model)).attribute(
@@ -240,21 +271,44 @@ def captum_map(model, xi: torch.Tensor, method: str, target: int, layer, index: 
             xi, nt_type="smoothgrad", nt_samples=s["n_samples"],
             nt_samples_batch_size=max(1, BATCH // s["n_steps"]), stdevs=sigma, baselines=0.0,
             target=target, n_steps=s["n_steps"], method=s["rule"], internal_batch_size=BATCH)  # fmt: skip
+    raise ValueError(method)
+
+
+def captum_batch(model, x: torch.Tensor, method: str, targets: list[int], layer) -> torch.Tensor:
+    """Maps of every image at once for the methods captum batches natively (a list of
+    targets): Gradient, Input x Gradient, IG, Guided BackProp, GradCAM, Guided GradCAM."""
+    import torch.nn.functional as F
+    from captum.attr import (GuidedBackprop, GuidedGradCam, InputXGradient, IntegratedGradients,
+                             LayerGradCam, Saliency)  # fmt: skip
+
+    o = METHOD_OPTIONS
+    if method == "gradient":
+        return Saliency(model).attribute(x, target=targets, abs=False)
+    if method == "input_x_gradient":
+        return InputXGradient(model).attribute(x, target=targets)
+    if method == "integrated_gradients":
+        s = o["integrated_gradients"]
+        return IntegratedGradients(model).attribute(
+            x, baselines=0.0, target=targets, n_steps=s["n_steps"], method=s["rule"],
+            internal_batch_size=max(BATCH, len(x)))  # fmt: skip
     if method == "guided_backprop":
-        return GuidedBackprop(model).attribute(xi, target=target)
-    if method == "gradcam":  # the paper's GradCAM: ReLU, divided by its peak, bilinear, tiled
-        cam = LayerGradCam(model, layer).attribute(xi, target=target, relu_attributions=True)
-        peak = float(cam.detach().max())
-        cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-        cam = F.interpolate(cam, size=xi.shape[-2:], mode="bilinear", align_corners=False)
-        return cam.expand(-1, xi.shape[1], -1, -1)
+        return GuidedBackprop(model).attribute(x, target=targets)
+    if method == "gradcam":  # the paper's GradCAM: ReLU, each map divided by its own peak,
+        # bilinear upsampling, tiled over the channels
+        cam = LayerGradCam(model, layer).attribute(x, target=targets, relu_attributions=True)
+        peak = cam.detach().amax(dim=(1, 2, 3), keepdim=True)
+        cam = torch.where(peak > 0, cam / peak.clamp_min(1e-30), torch.zeros_like(cam))
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return cam.expand(-1, x.shape[1], -1, -1)
     if method == "guided_gradcam":  # captum's GuidedGradCam with the paper's bilinear upsampling
-        return GuidedGradCam(model, layer).attribute(xi, target=target, interpolate_mode="bilinear")
+        return GuidedGradCam(model, layer).attribute(x, target=targets, interpolate_mode="bilinear")
     raise ValueError(method)
 
 
 def run_captum_loop(model, x: torch.Tensor, stages, perturbation) -> dict:
-    """Per stage, per image, per method: captum maps, scipy/scikit-image metrics."""
+    """Per stage: captum maps of every image at once for the methods captum batches natively
+    (a list of targets), per image for the NoiseTunnel methods (their noise is seeded per image
+    through the global RNG); scipy/scikit-image metrics per map."""
     from sanitylib.attribution import predict
     from sanitylib.models import get_info, get_submodule
     from sanitylib.randomize import randomized, snapshot
@@ -269,10 +323,13 @@ def run_captum_loop(model, x: torch.Tensor, stages, perturbation) -> dict:
                else contextlib.nullcontext(model))  # fmt: skip
         with ctx as m:
             targets = predict(m, x).argmax(1).tolist()
+            batched = {method: captum_batch(m, x, method, targets, layer).detach()
+                       for method in METHODS if method not in STOCHASTIC}  # fmt: skip
             for i in range(len(x)):
                 xi = x[i:i + 1]
                 for method in METHODS:
-                    a = captum_map(m, xi, method, targets[i], layer, i).detach()[0].numpy()
+                    a = (batched[method][i] if method in batched else
+                         captum_map(m, xi, method, targets[i], layer, i).detach()[0]).numpy()
                     feats = NumpyFeatures(a)
                     if stage is None:
                         original[(method, i)] = feats
@@ -285,12 +342,11 @@ def run_captum_loop(model, x: torch.Tensor, stages, perturbation) -> dict:
 def run_sanitylib_full(model, x: torch.Tensor, stages_blocks, perturbation):
     import sanitylib as sl
 
-    with sl.keep_freed_memory():  # sanitylib's CPU setting, opted in (process-global)
-        return sl.run_randomization(
-            model, x, list(METHODS), "cascading", blocks=stages_blocks, metrics=METRICS, seed=SEED,
-            perturbation=perturbation, target="current", method_options=METHOD_OPTIONS,
-            store_maps=0, cache=False, progress=False, floor=False,
-        )  # fmt: skip
+    return sl.run_randomization(  # the allocator setting is the process's (--memory)
+        model, x, list(METHODS), "cascading", blocks=stages_blocks, metrics=METRICS, seed=SEED,
+        perturbation=perturbation, target="current", method_options=METHOD_OPTIONS,
+        store_maps=0, cache=False, progress=False, floor=False,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- 3: bare passes
@@ -308,9 +364,8 @@ def bare_passes(model, rows: list[tuple[torch.Tensor, torch.Tensor, int]], state
     """Seconds of the bare passes in the model ``states``: per state, per chunk
     ``(inputs, targets, extra_backwards)``, one forward and one backward to the input (plus
     ``extra_backwards`` more backward passes through the same graph: Guided BackProp's).
-    Switching states is not timed; the model is restored afterwards.  Run with freed memory
-    kept (``sanitylib.allocator``), as sanitylib runs: the passes at their fastest."""
-    from sanitylib.allocator import keep_freed_memory
+    Switching states is not timed; the model is restored afterwards.  The allocator setting is
+    the process's (``--memory``), as for every side."""
     from sanitylib.randomize import restore
 
     def passes(inp: torch.Tensor, tgt: torch.Tensor, extra: int) -> None:
@@ -318,17 +373,16 @@ def bare_passes(model, rows: list[tuple[torch.Tensor, torch.Tensor, int]], state
         backward(model(inp).gather(1, tgt[:, None]).sum(), inp, extra, keep=False)
 
     t = 0.0
-    with keep_freed_memory():
-        try:
-            passes(*max(rows, key=lambda r: len(r[0])))  # untimed: grows the heap once
-            for state in states:
-                switch(state)
-                t0 = time.perf_counter()
-                for inp, tgt, extra in rows:
-                    passes(inp, tgt, extra)
-                t += time.perf_counter() - t0
-        finally:
-            restore(model, snap)
+    try:
+        passes(*max(rows, key=lambda r: len(r[0])))  # untimed: grows the heap once
+        for state in states:
+            switch(state)
+            t0 = time.perf_counter()
+            for inp, tgt, extra in rows:
+                passes(inp, tgt, extra)
+            t += time.perf_counter() - t0
+    finally:
+        restore(model, snap)
     return t
 
 
@@ -361,40 +415,38 @@ def bare_replay_passes(model, chunks: list, states: list, pert, seed: int,
     what sanitylib's op-level replay recomputes) and the backward passes to the input.  Plain
     autograd, no hooks.  Returns the seconds of the trained-model passes and of the picked
     states' passes (switching states is not timed; the model is restored afterwards)."""
-    from sanitylib.allocator import keep_freed_memory
     from sanitylib.randomize import ModelStates
 
     pieces = efficientnet_pieces(model)
     switch = ModelStates(model, states, pert, seed)  # copies only the blocks that change
     t0 = ts = 0.0
 
-    with keep_freed_memory():
-        try:
-            for n, (inp, tgt, extra) in enumerate([chunks[0], *chunks]):  # the first: warm-up
-                switch.set(0)
-                inp = inp.detach().requires_grad_(True)
+    try:
+        for n, (inp, tgt, extra) in enumerate([chunks[0], *chunks]):  # the first: warm-up
+            switch.set(0)
+            inp = inp.detach().requires_grad_(True)
+            start = time.perf_counter()
+            hs, h = [inp], None
+            for _, f in pieces:
+                hs.append(f(hs[-1]))
+            backward(hs[-1].gather(1, tgt[:, None]).sum(), inp, extra)
+            t0 += (time.perf_counter() - start) * (n > 0)
+            for k in picked:
+                switch.set(k)
+                c = first_changed(pieces, states[k])
                 start = time.perf_counter()
-                hs, h = [inp], None
-                for _, f in pieces:
-                    hs.append(f(hs[-1]))
-                backward(hs[-1].gather(1, tgt[:, None]).sum(), inp, extra)
-                t0 += (time.perf_counter() - start) * (n > 0)
-                for k in picked:
-                    switch.set(k)
-                    c = first_changed(pieces, states[k])
-                    start = time.perf_counter()
-                    h = hs[c]
-                    for _, f in pieces[c:]:
-                        h = f(h)
-                    backward(h.gather(1, tgt[:, None]).sum(), inp, extra)
-                    ts += (time.perf_counter() - start) * (n > 0)
-                    if n == 0:  # the pieces must be the model's forward pass in this state
-                        with torch.no_grad():
-                            if not torch.allclose(h, model(inp), atol=1e-4, rtol=1e-4):
-                                raise RuntimeError("efficientnet_pieces() do not compute the model")
-                del hs, h
-        finally:
-            switch.restore()
+                h = hs[c]
+                for _, f in pieces[c:]:
+                    h = f(h)
+                backward(h.gather(1, tgt[:, None]).sum(), inp, extra)
+                ts += (time.perf_counter() - start) * (n > 0)
+                if n == 0:  # the pieces must be the model's forward pass in this state
+                    with torch.no_grad():
+                        if not torch.allclose(h, model(inp), atol=1e-4, rtol=1e-4):
+                            raise RuntimeError("efficientnet_pieces() do not compute the model")
+            del hs, h
+    finally:
+        switch.restore()
     return t0, ts
 
 
@@ -406,9 +458,10 @@ def spread(states: list, k: int) -> tuple[list, list]:
 
 
 def side_by_side(T: dict, model, snap: dict, rows: list, states: list, k: int, switch,
-                 runs: list[tuple[str, object]], replay: dict) -> tuple[list, float, float, int]:  # fmt: skip
-    """Time each ``(name, fn)`` of ``runs`` into ``T[name]`` (restoring the model after each),
-    between two halves of the bare passes: the naive ones (:func:`bare_passes`) of ``k`` states
+                 runs: list[tuple[str, object]], replay: dict,
+                 repeats: int = 3) -> tuple[list, float, float, int]:  # fmt: skip
+    """Time each ``(name, fn)`` of ``runs`` ``repeats`` times into ``T[name]`` in ABBA order
+    (A B, B A, A B, ...; restoring the model after each), between two halves of the bare passes: the naive ones (:func:`bare_passes`) of ``k`` states
     spread over ``states``, and the replay-aware ones (:func:`bare_replay_passes`) of
     ``replay["k"]`` states spread over the randomized ones, on ``replay["groups"]`` (pairs of a
     chunk subset and its scale to all chunks of its kind).
@@ -427,11 +480,14 @@ def side_by_side(T: dict, model, snap: dict, rows: list, states: list, k: int, s
 
     t = bare_passes(model, rows, before, switch, snap)
     s_before = strict(r_before)
-    results = []
-    for name, fn in runs:
-        with timed(T, name):
-            results.append(fn())
-        restore(model, snap)
+    results: dict[str, object] = {}
+    for r in range(repeats):
+        for name, fn in (runs if r % 2 == 0 else runs[::-1]):
+            with timed(T, name):
+                out = fn()
+            results.setdefault(name, out)  # the values of the first repetition are compared
+            restore(model, snap)
+    results = [results[name] for name, _ in runs]
     t += bare_passes(model, rows, after, switch, snap)
     s_after = strict(r_after)
     measured = len(before) + len(after)
@@ -454,11 +510,31 @@ def _chunks(x: torch.Tensor, y: torch.Tensor, per_image: int, extra: int = 0) ->
 # ----------------------------------------------------------------------------- main
 
 
-def warm_up(model) -> None:
-    """One forward and backward pass at every chunk size used below (the first pass of a shape
-    pays one-off costs that no side should be charged for)."""
-    x = torch.zeros(20, 3, 224, 224)
-    for n in (1, 2, 8, 10, 16, 20):
+def batch_sizes(n_quantus: int, n_captum: int) -> list[int]:
+    """Every number of rows a forward/backward pass sees below: Quantus's batches (64 rows at
+    most), sanitylib's CPU chunks and their remainders, captum's batched calls (the images, IG's
+    ``internal_batch_size`` chunks) and NoiseTunnel's per-image batches."""
+    from sanitylib.engine import CPU_BATCH_SIZE as B, rows_per_image
+
+    sizes = {1, 2, min(n_quantus, 64), n_quantus % 64 or 64, n_captum, B}
+    per = rows_per_image(METHODS, METHOD_OPTIONS)
+    for rows in (n_quantus, n_captum, n_captum * (per["plain"] - 1), n_captum * per["total"]):
+        sizes.add(rows % B or B)
+    ig = n_captum * METHOD_OPTIONS["integrated_gradients"]["n_steps"]
+    ib = max(BATCH, n_captum)
+    sizes |= {min(ib, ig), ig % ib or ib}
+    sizes |= {METHOD_OPTIONS["smoothgrad"]["n_samples"], METHOD_OPTIONS["vargrad"]["n_samples"]}
+    s = METHOD_OPTIONS["ig_smoothgrad"]
+    nt = max(1, BATCH // s["n_steps"])
+    sizes |= {min(BATCH, nt * s["n_steps"]), (s["n_samples"] % nt or nt) * s["n_steps"]}
+    return sorted(v for v in sizes if v > 0)
+
+
+def warm_up(model, sizes: list[int]) -> None:
+    """One forward and backward pass at every batch size used (the first pass of a shape pays
+    one-off costs that no side should be charged for)."""
+    x = torch.zeros(max(sizes), 3, 224, 224)
+    for n in sizes:
         xi = x[:n].clone().requires_grad_(True)
         torch.autograd.grad(model(xi)[:, 0].sum(), xi)
 
@@ -499,44 +575,65 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quantus-images", type=int, default=16)
     ap.add_argument("--captum-images", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="repetitions of each side, interleaved in ABBA order (median, range)")
     ap.add_argument("--bare-states", type=int, default=0,
                     help="model states whose bare passes are timed (the rest is scaled; "
-                         "0: a quarter of the states, at least 2)")  # fmt: skip
+                         "0: a tenth of the states, at least 2)")  # fmt: skip
     ap.add_argument("--skip-quantus", action="store_true")
     ap.add_argument("--skip-captum", action="store_true")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--baselines-keep-memory", action="store_true",
-                    help="run Quantus and the captum loop with freed memory kept too "
-                         "(sanitylib.allocator), as a user tuning glibc would")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch, OpenMP and BLAS threads, equal for every side (default 2)")
+    ap.add_argument("--memory", choices=("keep", "default"), default="keep",
+                    help="allocator setting of the whole process, hence of every side: 'keep' "
+                         "(freed CPU memory kept, sanitylib.allocator) or 'default' (glibc's)")  # fmt: skip
+    ap.add_argument("--device", default="cpu", help="'cpu' (this benchmark's GPU path is not "
+                    "written yet: 'cuda' is refused)")  # fmt: skip
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen
+    if args.device != "cpu":
+        ap.error("--device: only 'cpu' is implemented (the GPU figures are unmeasured)")
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    torch.set_num_threads(args.threads)
+    if args.memory == "default":  # no side may opt in on its own
+        os.environ["SANITYLIB_KEEP_FREED_MEMORY"] = "0"
     torch.manual_seed(0)
 
     import sanitylib as sl
-    from sanitylib.engine import rows_per_image
-    from sanitylib.models import Block
-    from sanitylib.randomize import cascading_stages, randomize_, restore, snapshot
-
-    def baseline(fn, *a):
-        from sanitylib.allocator import keep_freed_memory
-
-        with keep_freed_memory() if args.baselines_keep_memory else contextlib.nullcontext():
-            return fn(*a)
+    from sanitylib.allocator import keep_freed_memory, keeps_freed_memory
 
     t_start = time.perf_counter()
     print("sanitylib benchmark: sanitylib vs Quantus MPRT vs a plain captum loop")
     print(device_line())
-    from sanitylib.allocator import keeps_freed_memory
-
-    print(f"freed CPU memory kept (sanitylib.allocator): sanitylib and bare passes "
-          f"{keeps_freed_memory()}, baselines {args.baselines_keep_memory and keeps_freed_memory()}")
+    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                              "OPENBLAS_NUM_THREADS")}  # fmt: skip
+    print(f"threads: torch {torch.get_num_threads()}, " + ", ".join(f"{k}={v}" for k, v in threads.items()))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    ctx = keep_freed_memory() if args.memory == "keep" else contextlib.nullcontext(False)
+    with ctx as kept:
+        print(f"allocator (every side, the whole process): "
+              f"{'freed CPU memory kept' if kept else 'glibc defaults'}"
+              f"{'' if kept or args.memory == 'default' else ' (keeping was asked for but is not possible here)'}")  # fmt: skip
+        print(f"repetitions: {args.repeats}, ABBA order; medians [min-max]")
+        status = _main(args, sl)
+    print(f"total benchmark time: {time.perf_counter() - t_start:.0f} s; load average now "
+          f"{os.getloadavg()[0]:.2f}")  # fmt: skip
+    return status
+
+
+def _main(args, sl) -> int:
+    from sanitylib.engine import rows_per_image
+    from sanitylib.models import Block
+    from sanitylib.randomize import cascading_stages, randomize_, restore, snapshot
+
     with contextlib.redirect_stdout(sys.stderr):
         model = sl.load_model("efficientnet_lite0")
     model.eval()
-    warm_up(model)
-    T: dict[str, Timing] = {}
+    sizes = batch_sizes(args.quantus_images, args.captum_images)
+    print(f"warm-up at every batch size used: {sizes}")
+    warm_up(model, sizes)
+    T: dict[str, list[Timing]] = {}
     res: dict[str, float] = {}
     bare: dict[str, float] = {}  # naive: every state's full forward and backward passes
     strict: dict[str, float] = {}  # reusing the forward pass of unchanged blocks
@@ -564,21 +661,26 @@ def main(argv=None) -> int:
                   "groups": [(rows, 1.0)]}  # fmt: skip
         (scores, df), bare["q"], strict["q"], measured = side_by_side(
             T, model, snap, rows, q_states, args.bare_states or max(2, n_states // 10), q_switch,
-            [("quantus", lambda: baseline(run_quantus, model, x, y)),
-             ("sanitylib_q", lambda: run_sanitylib_quantus_task(model, x))], replay)  # fmt: skip
+            [("quantus", lambda: run_quantus(model, x, y)),
+             ("sanitylib_q", lambda: run_sanitylib_quantus_task(model, x))], replay,
+            args.repeats)  # fmt: skip
         print(f"  [bare passes: {bare['q'] * measured / n_states:.1f} s for {measured} of "
               f"{n_states} states -> {bare['q']:.1f} s; reusing unchanged blocks: "
               f"{strict['q']:.1f} s (from {replay['k']} states)]")  # fmt: skip
-        diffs = []
+        ours_all, theirs_all = [], []
         for name in blocks:
-            ours = df[df.stage == name].sort_values("image")["value"].to_numpy()
-            theirs = np.asarray(scores[name], dtype=float)
-            diffs.append(np.nanmax(np.abs(ours - theirs)) if len(ours) == len(theirs) else np.inf)
-            if np.isnan(ours).any() != np.isnan(theirs).any():
-                diffs[-1] = np.inf
-        res["diff_quantus"] = float(np.max(diffs))
-        print(f"  max |sanitylib - Quantus| over {len(blocks)} steps x {len(x)} images: "
-              f"{res['diff_quantus']:.2e} (tolerance {TOL_QUANTUS:g})")  # fmt: skip
+            ours_all.append(df[df.stage == name].sort_values("image")["value"].to_numpy())
+            theirs_all.append(np.asarray(scores[name], dtype=float))
+        n_values = sum(len(v) for v in theirs_all)
+        expected = len(blocks) * len(x)
+        res["diff_quantus"] = nan_safe_max_diff(np.concatenate(ours_all), np.concatenate(theirs_all)) \
+            if all(len(a) == len(b) for a, b in zip(ours_all, theirs_all)) else float("inf")
+        print(f"  max |sanitylib - Quantus| over {n_values} values ({len(blocks)} steps x "
+              f"{len(x)} images; NaN positions compared): {res['diff_quantus']:.2e} "
+              f"(tolerance {TOL_QUANTUS:g})")  # fmt: skip
+        if n_values != expected or len(df) != expected or (args.quantus_images == 16 and n_values != 1584):
+            print(f"  ERROR: {n_values} Quantus values and {len(df)} sanitylib rows, expected {expected}")
+            ok = False
         if not res["diff_quantus"] <= TOL_QUANTUS:
             print("  ERROR: sanitylib and Quantus disagree")
             ok = False
@@ -590,8 +692,9 @@ def main(argv=None) -> int:
         stages = cascading_stages(blocks)
         pert = sl.Perturbation()  # the paper's re-initialization
         n_states = len(stages) + 1
-        print(f"\n[2] plain captum loop vs sanitylib: {len(x)} images, {len(METHODS)} methods "
-              f"({', '.join(METHODS)}), {len(METRICS)} metrics, {len(stages)} cascade stages")  # fmt: skip
+        print(f"\n[2] captum loop (batched where captum batches) vs sanitylib: {len(x)} images, "
+              f"{len(METHODS)} methods ({', '.join(METHODS)}), {len(METRICS)} metrics, "
+              f"{len(stages)} cascade stages")  # fmt: skip
         print(f"  settings: {METHOD_OPTIONS}")
         per = rows_per_image(METHODS, METHOD_OPTIONS)
         y = sl.predict(model, x).argmax(1)
@@ -609,61 +712,72 @@ def main(argv=None) -> int:
                   "groups": [(img_rows, 1.0), (picked, len(path_rows) / len(picked))]}  # fmt: skip
         (values, df), bare["c"], strict["c"], measured = side_by_side(
             T, model, snap, rows, c_states, args.bare_states or 2, c_switch,
-            [("captum_loop", lambda: baseline(run_captum_loop, model, x, stages, pert)),
-             ("sanitylib_c", lambda: run_sanitylib_full(model, x, blocks, pert))], replay)  # fmt: skip
+            [("captum_loop", lambda: run_captum_loop(model, x, stages, pert)),
+             ("sanitylib_c", lambda: run_sanitylib_full(model, x, blocks, pert))], replay,
+            args.repeats)  # fmt: skip
         print(f"  [bare passes: {bare['c'] * measured / n_states:.1f} s for {measured} of "
               f"{n_states} states -> {bare['c']:.1f} s; {per['total']} passes per image and state; "
               f"reusing unchanged blocks: {strict['c']:.1f} s (from {len(picked)} of "
               f"{len(path_rows)} path chunks)]")  # fmt: skip
-        diffs = []
-        for r in df.itertuples():
-            v = values[(r.stage, r.method, r.image, r.metric)]
-            diffs.append((abs(r.value - v), r.stage, r.method, r.metric, r.image, r.value, v))
-        diffs.sort(reverse=True)
-        res["diff_captum"] = float(diffs[0][0])
-        print(f"  max |sanitylib - captum loop| over {len(diffs)} values (every method, stage, "
-              f"image and metric): {res['diff_captum']:.2e} (tolerance {TOL_DETERMINISTIC:g})")  # fmt: skip
-        for d in diffs[:3]:
-            print("    largest: |d|={:.1e} stage={} method={} metric={} image={} sanitylib={:.6f} "
-                  "captum loop={:.6f}".format(*d))
+        expected = len(stages) * len(METHODS) * len(x) * len(METRICS)
+        keys = [(r.stage, r.method, r.image, r.metric) for r in df.itertuples()]
+        missing = [k for k in keys if k not in values]
+        ours = np.array([r.value for r in df.itertuples()], dtype=float)
+        theirs = np.array([values.get(k, np.nan) for k in keys], dtype=float)
+        res["diff_captum"] = nan_safe_max_diff(ours, theirs) if not missing else float("inf")
+        print(f"  max |sanitylib - captum loop| over {len(values)} values (every method, stage, "
+              f"image and metric; NaN positions compared): {res['diff_captum']:.2e} "
+              f"(tolerance {TOL_DETERMINISTIC:g})")  # fmt: skip
+        d = np.where(np.isnan(ours) | np.isnan(theirs), -1.0, np.abs(ours - theirs))
+        for j in np.argsort(-d)[:3]:
+            print("    largest: |d|={:.1e} stage={} method={} image={} metric={} sanitylib={:.6f} "
+                  "captum loop={:.6f}".format(d[j], *keys[j], ours[j], theirs[j]))
+        if len(values) != expected or len(df) != expected or missing or \
+                (args.captum_images == 8 and len(values) != 1440):
+            print(f"  ERROR: {len(values)} captum values and {len(df)} sanitylib rows, expected {expected}")
+            ok = False
         if not res["diff_captum"] <= TOL_DETERMINISTIC:
             print("  ERROR: sanitylib and the captum loop disagree")
             ok = False
 
     # -- table ----------------------------------------------------------------------------
-    print("\nside by side (wall-clock seconds; process CPU seconds in the [..] lines above)")
+    def fmt(v: list[float]) -> str:
+        return f"{med(v):.2f} [{min(v):.2f}-{max(v):.2f}]"
+
+    print("\nside by side (wall-clock seconds, medians over the repetitions; process CPU seconds "
+          "in the [..] lines above)")  # fmt: skip
     print("  bare passes: 'naive' = every state's full forward and backward passes; 'reuse' = the "
-          "forward pass of the blocks a state leaves unchanged computed once (what sanitylib "
-          "needs)")  # fmt: skip
+          "forward pass of the blocks a state leaves unchanged computed once, at block "
+          "granularity (what sanitylib needs)")  # fmt: skip
     print(f"  {'workload':<38} {'baseline':>9} {'sanitylib':>9} {'naive':>7} {'reuse':>7} "
-          f"{'speedup':>8} {'eff. naive':>10} {'eff. reuse':>10}")  # fmt: skip
+          f"{'speedup [range]':>20} {'efficiency [range]':>20} {'vs naive':>8}")  # fmt: skip
     rows_out = [("1 Quantus MPRT (Gradient, 99 steps)", "quantus", "sanitylib_q", "q"),
                 ("2 captum loop (9 methods, 4 metrics)", "captum_loop", "sanitylib_c", "c")]
-    speedup: dict[str, float] = {}
-    for label, base, ours, key in rows_out:
+    speedup: dict[str, list[float]] = {}
+    for label, base, ours_, key in rows_out:
         if base not in T:
             continue
-        speedup[key] = T[base].wall / T[ours].wall
-        print(f"  {label:<38} {T[base].wall:>9.1f} {T[ours].wall:>9.1f} {bare[key]:>7.1f} "
-              f"{strict[key]:>7.1f} {speedup[key]:>8.2f} {bare[key] / T[ours].wall:>10.2f} "
-              f"{strict[key] / T[ours].wall:>10.2f}")  # fmt: skip
+        speedup[key] = [b.wall / o.wall for b, o in zip(T[base], T[ours_])]
+        eff = [strict[key] / o.wall for o in T[ours_]]
+        print(f"  {label:<38} {med([t.wall for t in T[base]]):>9.1f} "
+              f"{med([t.wall for t in T[ours_]]):>9.1f} {bare[key]:>7.1f} {strict[key]:>7.1f} "
+              f"{fmt(speedup[key]):>20} {fmt(eff):>20} {bare[key] / med([t.wall for t in T[ours_]]):>8.2f}")  # fmt: skip
     if speedup:
-        sl_total = sum(T[k].wall for k in ("sanitylib_q", "sanitylib_c") if k in T)
-        efficiency = sum(bare.values()) / sl_total
-        print(f"  efficiency = naive bare passes / sanitylib time, both workloads: {efficiency:.2f} "
-              "(the RESULT figure: the passes every model state needs, as for Quantus's 0.79)")  # fmt: skip
-        print(f"  against the bare passes with the unchanged blocks' forward pass reused: "
-              f"{sum(strict.values()) / sl_total:.2f} (sanitylib's overhead: metrics, "
-              "bookkeeping, hooks)")  # fmt: skip
-    print(f"total benchmark time: {time.perf_counter() - t_start:.0f} s; load average now "
-          f"{os.getloadavg()[0]:.2f}")  # fmt: skip
-    print(f"device: cpu, {torch.get_num_threads()} torch threads (every side; this benchmark "
-          "does not use a GPU)")  # fmt: skip
+        sl_keys = [k for k in ("sanitylib_q", "sanitylib_c") if k in T]
+        sl_total = [sum(T[k][r].wall for k in sl_keys) for r in range(args.repeats)]
+        efficiency = [sum(strict.values()) / t for t in sl_total]
+        naive = [sum(bare.values()) / t for t in sl_total]
+        print(f"  efficiency = replay-aware bare passes / sanitylib time, both workloads: "
+              f"{fmt(efficiency)} (1.0 = sanitylib as fast as the passes it cannot avoid)")  # fmt: skip
+        print(f"  speedup_vs_naive_passes = every state's full passes / sanitylib time: {fmt(naive)} "
+              "(above 1: forward replay skips work a naive algorithm does)")  # fmt: skip
+    print(f"device: cpu, {torch.get_num_threads()} torch threads (every side)")
     if "quantus" in T and "captum_loop" in T:
         d = max(res["diff_quantus"], res["diff_captum"])
-        print(f"RESULT speedup_vs_quantus={speedup['q']:.2f} "
-              f"speedup_vs_captum_loop={speedup['c']:.2f} "
-              f"efficiency={efficiency:.2f} max_abs_diff={d:.1e}")  # fmt: skip
+        print(f"RESULT speedup_vs_quantus={med(speedup['q']):.2f} "
+              f"speedup_vs_captum_loop={med(speedup['c']):.2f} "
+              f"efficiency={med(efficiency):.2f} speedup_vs_naive_passes={med(naive):.2f} "
+              f"max_abs_diff={d:.1e}")  # fmt: skip
     return 0 if ok else 1
 
 

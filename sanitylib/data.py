@@ -19,7 +19,8 @@ from torch import nn
 from .models import get_info
 from .utils import cache_dir
 
-__all__ = ["PHOTOS", "DEFAULT_PHOTOS", "ImageBatch", "MnistData", "load_photos", "load_mnist"]  # fmt: skip
+__all__ = ["PHOTOS", "DEFAULT_PHOTOS", "ImageBatch", "MnistData", "load_photos", "load_mnist",
+           "PAPER_IMAGENET", "paper_imagenet_ids", "load_paper_imagenet"]  # fmt: skip
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -70,20 +71,82 @@ class ImageBatch:
         return len(self.names)
 
 
+#: Name of the paper's image list for the ``ids`` argument of :func:`load_photos`.
+PAPER_IMAGENET = "paper_imagenet"
+_PAPER_LIST = "paper_imagenet_val.txt"  # sanitylib/resources/, declared as package data
+
+
+def paper_imagenet_ids(classes: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """The ImageNet validation images behind the paper's InceptionV3 curves.
+
+    The authors' repository lists 10 classes x 20 ILSVRC2012 validation files (one file,
+    ``ILSVRC2012_val_00015300.JPEG``, under two classes); the list ships with sanitylib as
+    ``sanitylib/resources/paper_imagenet_val.txt``.
+
+    Args:
+        classes: keep only these classes of the authors' list (``"accordion"``, ``"banjo"``,
+            ``"book"``, ``"cannon"``, ``"coffeemaker"``, ``"cowboyhat"``, ``"dumbell"``,
+            ``"dutchoven"``, ``"maltese"``, ``"scuba"``); ``None``: all.
+
+    Returns:
+        ``(class, file name)`` pairs in the authors' order, each file once (200 without
+        ``classes``).
+    """
+    from importlib.resources import files
+
+    text = files("sanitylib").joinpath("resources", _PAPER_LIST).read_text(encoding="utf-8")
+    rows = [tuple(line.split("\t")) for line in text.splitlines()
+            if line.strip() and not line.startswith("#")]  # fmt: skip
+    known = list(dict.fromkeys(c for c, _ in rows))
+    if classes is not None:
+        unknown = [c for c in classes if c not in known]
+        if unknown:
+            raise ValueError(f"classes: unknown {unknown}; the paper's classes are {known}")
+        rows = [r for r in rows if r[0] in set(classes)]
+    seen: set[str] = set()
+    out = []
+    for c, f in rows:
+        if f not in seen:
+            seen.add(f)
+            out.append((c, f))
+    return out
+
+
+def _resolve_ids(ids: Sequence[str] | str | None) -> Sequence[str] | None:
+    if isinstance(ids, str):
+        if ids != PAPER_IMAGENET:
+            raise ValueError(f"ids: expected a list of file names or {PAPER_IMAGENET!r} (the "
+                             f"paper's ImageNet validation images), got {ids!r}")  # fmt: skip
+        return [f for _, f in paper_imagenet_ids()]
+    return ids
+
+
 def _read_folder(folder: Path, ids: Sequence[str] | None) -> tuple[list[str], list[np.ndarray]]:
+    """Image files of ``folder`` sorted by name; with ``ids``, exactly those files (by stem),
+    found anywhere below ``folder`` (an ImageNet validation folder may have class
+    subfolders), in the order of ``ids``."""
     from PIL import Image
 
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-    if ids is not None:
-        wanted = {Path(i).stem for i in ids}
-        files = [p for p in files if p.stem in wanted]
-        missing = wanted - {p.stem for p in files}
+        raise FileNotFoundError(f"image folder {folder} does not exist (or is not a folder)")
+    if ids is None:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    else:
+        wanted = list(dict.fromkeys(Path(i).stem for i in ids))
+        found: dict[str, Path] = {}
+        for root, _, names in os.walk(folder):
+            for name in names:
+                p = Path(root, name)
+                if p.suffix.lower() in _IMAGE_SUFFIXES and p.stem not in found:
+                    found[p.stem] = p
+        missing = [w for w in wanted if w not in found]
         if missing:
+            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
             raise FileNotFoundError(
-                f"{len(missing)} requested images are not in {folder}, e.g. {sorted(missing)[:3]}"
+                f"{len(missing)} of the {len(wanted)} requested images are not in {folder} "
+                f"(searched with its subfolders): {shown}"
             )
+        files = [found[w] for w in wanted]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
     return [p.stem for p in files], [np.asarray(Image.open(p).convert("RGB")) for p in files]
@@ -105,7 +168,7 @@ def load_photos(
     model: nn.Module | None = None,
     names: Sequence[str] | None = None,
     folder: str | os.PathLike | None = None,
-    ids: Sequence[str] | None = None,
+    ids: Sequence[str] | str | None = None,
     n: int | None = None,
     preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
@@ -119,7 +182,9 @@ def load_photos(
         names: scikit-image photos to use (see :data:`PHOTOS`); default :data:`DEFAULT_PHOTOS`.
             Ignored when ``folder`` is given.
         folder: a folder of image files (sorted by name), e.g. ImageNet validation images.
-        ids: restrict the folder to these file stems (e.g. the paper's image list).
+        ids: take exactly these files (by stem, searched below ``folder``, in this order), or
+            ``"paper_imagenet"``: the paper's 200 ImageNet validation images
+            (:func:`paper_imagenet_ids`); a missing file is an error that names it.
         n: keep the first ``n`` images.
         preprocess: uint8 ``(H, W, 3)`` -> ``(C, H, W)``; defaults to the model's.
 
@@ -133,8 +198,10 @@ def load_photos(
             "no preprocessing known for this model: pass preprocess=... (a function from a "
             "uint8 (H, W, 3) image to a (C, H, W) tensor) or a model from sanitylib.load_model"
         )
+    if ids is not None and folder is None:
+        raise ValueError("ids: selecting files needs folder=... (the folder that holds them)")
     if folder is not None:
-        names_, raw = _read_folder(Path(folder), ids)
+        names_, raw = _read_folder(Path(folder), _resolve_ids(ids))
         source = f"{len(names_)} images from folder {folder}"
     else:
         names_ = list(names) if names is not None else list(DEFAULT_PHOTOS)
@@ -156,6 +223,42 @@ def load_photos(
     if verbose:
         print(f"Images: {source}")
     return ImageBatch(x, names_, shown, source)
+
+
+def load_paper_imagenet(
+    folder: str | os.PathLike,
+    model: nn.Module | None = None,
+    classes: Sequence[str] | None = None,
+    n: int | None = None,
+    preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
+    device: str | torch.device = "cpu",
+    verbose: bool = True,
+) -> ImageBatch:
+    """The paper's 200 ImageNet validation images, from a local copy of the ILSVRC2012
+    validation set.
+
+    Args:
+        folder: the validation folder (flat, or with class subfolders); it must hold every file
+            of :func:`paper_imagenet_ids` (``ILSVRC2012_val_00000204.JPEG``, ...).
+        model, n, preprocess, device, verbose: as for :func:`load_photos`.
+        classes: only these classes of the authors' list (see :func:`paper_imagenet_ids`).
+
+    Returns:
+        An :class:`ImageBatch` of up to 200 images, in the authors' order; ``meta["classes"]``
+        gives each image's class in the authors' list.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist, or some files are missing (the message
+            says how many and which).
+    """
+    pairs = paper_imagenet_ids(classes)
+    batch = load_photos(model, folder=folder, ids=[f for _, f in pairs], n=n,
+                        preprocess=preprocess, device=device, verbose=False)  # fmt: skip
+    batch.source = f"the paper's ImageNet validation images ({len(batch)}) from {folder}"
+    batch.meta["classes"] = [c for c, _ in pairs][: len(batch)]
+    if verbose:
+        print(f"Images: {batch.source}")
+    return batch
 
 
 # ----------------------------------------------------------------------------- MNIST

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from .attribution import check_input, check_seed, explain, predict
 from .engine import (AMP_DTYPES, GroupMaps, auto_batch_size, compute_maps, image_groups,
                      iter_state_maps, rows_per_image)  # fmt: skip
+from .diagnostics import activation_scales
 from .metrics import MapFeatures, compare, noise_floor
 from .models import Block, get_info
 from .registry import MethodSpec, resolve_methods, resolve_metrics
@@ -662,6 +663,9 @@ def run_randomization(
     amp: str | None = None,
     group_size: int | None = None,
     floor: bool = True,
+    order: str = "top_down",
+    activations: bool = False,
+    image_ids: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Run a randomization schedule and compare maps with the trained model's maps.
 
@@ -710,9 +714,17 @@ def run_randomization(
         engine: ``"batched"`` (:mod:`sanitylib.engine`: shared passes, batched rows, forward
             replay) or ``"reference"`` (``explain`` per method and stage; slow, for checks).
         amp: ``None`` (default), ``"bfloat16"`` or ``"float16"``: autocast of the forward
-            passes (batched engine; changes the numbers slightly, see the status page).
+            passes (batched engine; changes the numbers slightly).
         group_size: images computed together (default: automatic).
         floor: compute the noise floors (``df.attrs["floor"]``).
+        order: ``"top_down"`` (the paper: the output block first) or ``"bottom_up"`` (the input
+            block first, Hedström et al. 2023); with ``"independent"`` it only orders the stages.
+        activations: also measure, per stage, how much each block's output scale changes
+            (:func:`sanitylib.diagnostics.activation_scales`, Binder et al. 2023) into
+            ``df.attrs["activations"]``.
+        image_ids: each image's index in a larger collection (distinct ints >= 0; default
+            ``0..N-1``): the ``image`` column and the noise seeds use it, so a run on a subset
+            of the images (a shard, :mod:`sanitylib.distributed`) gives the full run's rows.
 
     Returns:
         Tidy table with columns ``schedule, stage_index, stage, method, image, image_name,
@@ -729,6 +741,19 @@ def run_randomization(
     _check_arguments(model, x, schedule, blocks, seed, perturbation, target, method_options,
                      image_names, store_maps, batch_size, cache, progress, label, engine, amp,
                      group_size, floor)  # fmt: skip
+    if order not in ("top_down", "bottom_up"):
+        raise ValueError(f"order must be 'top_down' or 'bottom_up', got {order!r}")
+    if not isinstance(activations, bool):
+        raise ValueError(f"activations must be True or False, got {activations!r}")
+    if image_ids is not None:
+        if isinstance(image_ids, (str, bytes)) or not hasattr(image_ids, "__len__") or \
+                len(image_ids) != len(x) or not all(_is_int(i) and i >= 0 for i in image_ids) \
+                or len({int(i) for i in image_ids}) != len(x):
+            raise ValueError(f"image_ids must be {len(x)} distinct ints >= 0, one per image, "
+                             f"got {image_ids!r}")  # fmt: skip
+        if engine != "batched":
+            raise ValueError("image_ids needs engine='batched'")
+        image_ids = [int(i) for i in image_ids]
     method_options = dict(method_options or {})
     for sp in specs:
         sp.settings(method_options.get(sp.name, {}))  # invalid options fail before any work
@@ -736,20 +761,29 @@ def run_randomization(
         blocks = [blocks]
     kept = _store_indices(store_maps, len(x))
     with evaluating(model):
-        return _run(model, x, specs, fns, schedule, blocks, seed, perturbation or Perturbation(),
-                    target, method_options, image_names, kept, batch_size, cache, progress,
-                    label, engine, amp, group_size, floor)  # fmt: skip
+        df = _run(model, x, specs, fns, schedule, blocks, seed, perturbation or Perturbation(),
+                  target, method_options, image_names, kept, batch_size, cache, progress,
+                  label, engine, amp, group_size, floor, order, image_ids)  # fmt: skip
+        df.attrs["order"] = order
+        if activations:
+            df.attrs["activations"] = activation_scales(
+                model, x, blocks, schedule=schedule, order=order, seed=seed,
+                perturbation=perturbation, batch_size=batch_size)  # fmt: skip
+        return df
 
 
 def _run(model, x, specs, fns, schedule, blocks, seed, perturbation, target, method_options,
          image_names, kept, batch_size, cache, progress, label, engine, amp, group_size,
-         floor) -> pd.DataFrame:  # fmt: skip
+         floor, order="top_down", image_ids=None) -> pd.DataFrame:  # fmt: skip
     methods = [sp.name for sp in specs]
     blocks_ = get_blocks(model, blocks, x)
+    if order == "bottom_up":
+        blocks_ = blocks_[::-1]
     stages = (cascading_stages if schedule == "cascading" else independent_stages)(blocks_)
     info = get_info(model)
     label = label or (info.name if info else type(model).__name__)
-    names = list(image_names) if image_names is not None else [str(i) for i in range(len(x))]
+    ids = image_ids if image_ids is not None else list(range(len(x)))
+    names = list(image_names) if image_names is not None else [str(i) for i in ids]
     dev = next((t.device for t in model.parameters()), x.device)
     x = x.detach().to(dev)
     n_states = len(stages) + 1
@@ -762,6 +796,8 @@ def _run(model, x, specs, fns, schedule, blocks, seed, perturbation, target, met
     if cache is not False:
         config = _cache_config(model, x, dev, specs, fns, schedule, blocks_, seed, perturbation,
                                target, method_options, kept, names, engine, amp, label)  # fmt: skip
+        if config is not None and image_ids is not None:
+            config["image_ids"] = ids  # they seed the noise (absent from the key by default)
         if config is not None:
             root = Path(cache) if not isinstance(cache, bool) else cache_dir("runs")
             folder = root / config_key(config)
@@ -783,10 +819,12 @@ def _run(model, x, specs, fns, schedule, blocks, seed, perturbation, target, met
         engine_bs = batch_size
     kw = dict(perturbation=perturbation, seed=seed, target=target, method_options=method_options,
               batch_size=engine_bs, amp=amp, on_rows=bar.update)  # fmt: skip
+    if image_ids is not None:
+        kw["image_ids"] = ids
     describe = perturbation.describe()
     state_names = [ORIGINAL] + [st.name for st in stages]
     table = functools.partial(_group_rows, methods=methods, fns=fns, names=names,
-                              schedule=schedule, describe=describe, label=label)  # fmt: skip
+                              schedule=schedule, describe=describe, label=label, ids=ids)  # fmt: skip
     rows: list[dict] = []
     stored: dict[int, dict[str, dict[str, Tensor]]] = {}  # image -> state -> method -> map
     original: dict[int, dict[str, Tensor]] = {}  # image -> method -> trained model's map
@@ -849,7 +887,8 @@ def _run(model, x, specs, fns, schedule, blocks, seed, perturbation, target, met
             missing = [i for i in range(len(x)) if i not in original]
             if missing:  # images loaded from the cache: recompute the trained model's maps
                 maps0 = explain_methods(model, x[missing], specs, method_options, seed,
-                                        batch_size, progress=False, image_ids=missing)  # fmt: skip
+                                        batch_size, progress=False,
+                                        image_ids=[ids[i] for i in missing])  # fmt: skip
                 for j, i in enumerate(missing):
                     original[i] = {m: maps0[m][j:j + 1] for m in methods}
             orig_all = {m: torch.cat([original[i][m] for i in range(len(x))]) for m in methods}
@@ -964,7 +1003,8 @@ def _cached_group(model, x, images, specs, stages, kw, files: _GroupFiles, table
 
 def _group_rows(gm: GroupMaps, methods: Sequence[str], fns, stages: Sequence[Stage],
                 names: Sequence[str], schedule: str, describe: str, label: str, first: int = 0,
-                orig: dict[str, MapFeatures] | None = None) -> list[dict]:  # fmt: skip
+                orig: dict[str, MapFeatures] | None = None,
+                ids: Sequence[int] | None = None) -> list[dict]:  # fmt: skip
     """Table rows of one group of images: every stage, method, metric and image (``gm.maps[0]``
     the trained model's maps, ``gm.maps[k]`` those of ``stages[k - 1]``, the schedule's stage
     ``first + k - 1``).  The trained model's maps are post-processed once
@@ -991,7 +1031,8 @@ def _group_rows(gm: GroupMaps, methods: Sequence[str], fns, stages: Sequence[Sta
                     i = gm.images[g]
                     rows.append({
                         "schedule": schedule, "stage_index": first + k - 1, "stage": stage.name,
-                        "method": meth, "image": int(i), "image_name": names[i], "metric": metric,
+                        "method": meth, "image": int(i if ids is None else ids[i]),
+                        "image_name": names[i], "metric": metric,
                         "value": float(vals[g]), "constant": bool(const[g]),
                         "target": int(targets[k][g]), "original_target": int(targets[0][g]),
                         "perturbation": describe, "model": label,

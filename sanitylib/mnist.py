@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .attribution import METHODS, derive_seed, predict
+from .attribution import METHODS, PAPER_SETTINGS, derive_seed, predict, unit_noise
 from .data import MnistData, load_mnist
 from .experiment import explain_methods
 from .metrics import METRICS, noise_floor, similarity, spearman
@@ -33,8 +33,9 @@ from .models import get_info
 from .postprocess import abs_normalize, diverging_normalize
 
 __all__ = ["MNIST_METHODS", "CONV_ONLY_METHODS", "ARCHITECTURES", "methods_for", "load_data",
-           "train_models", "pick_digits", "digits_rgb", "data_randomization", "zero_fraction",
-           "support_spearman", "input_times_noise", "tie_table"]  # fmt: skip
+           "train_models", "random_label_seed", "pick_digits", "digits_rgb", "data_randomization",
+           "zero_fraction", "support_spearman", "input_times_noise", "tie_table",
+           "noise_method_control"]  # fmt: skip
 
 #: The paper's methods on MNIST (section 3 of the protocol without VarGrad), in its order.
 MNIST_METHODS = ("gradient", "smoothgrad", "guided_backprop", "gradcam", "guided_gradcam",
@@ -92,22 +93,28 @@ def load_data(cfg, verbose: bool = True, n_train: int | None = None) -> MnistDat
 def train_models(cfg, data: MnistData, names: Sequence[str] = ("mnist_cnn", "mnist_mlp"),
                  labels: Sequence[str] = ("true", "random"),
                  progress: bool = True) -> dict[tuple[str, str], nn.Module]:  # fmt: skip
-    """Trained models ``{(name, labels): model}`` with the profile's training settings: true
-    labels for ``cfg.mnist_epochs`` epochs at ``cfg.mnist_lr``; random labels at
-    ``cfg.mnist_random_lr`` until the training accuracy reaches ``cfg.mnist_memorize`` (at most
-    ``cfg.mnist_random_epochs`` epochs).  Each is trained once and then loaded from the cache;
-    a random-label model that failed to memorize is announced."""
+    """Trained models ``{(name, labels): model}`` with the profile's training settings.
+
+    Both label kinds use the same optimizer (Adam), peak learning rate ``cfg.mnist_lr`` and
+    schedule ``cfg.mnist_schedule`` (planned over each model's own epoch budget); only the
+    labels, the number of epochs and the seed differ.  True labels: ``cfg.mnist_epochs`` epochs,
+    seed ``cfg.seed``.  Random labels: at most ``cfg.mnist_random_epochs`` epochs, stopping once
+    the training accuracy reaches ``cfg.mnist_memorize``, with seed ``cfg.seed + 1`` (see
+    :func:`random_label_seed`): independent initial weights and data order, so that the two
+    models share nothing but the architecture and the images.  Each is trained once and then
+    loaded from the cache; a random-label model that failed to memorize is announced."""
     from .training import mnist_model
 
     out = {}
     for name in names:
         for lab in labels:
             if lab == "true":
-                kw = dict(epochs=cfg.mnist_epochs, lr=cfg.mnist_lr, stop_at=None)
+                kw = dict(epochs=cfg.mnist_epochs, stop_at=None, seed=cfg.seed)
             else:
-                kw = dict(epochs=cfg.mnist_random_epochs, lr=cfg.mnist_random_lr,
-                          stop_at=cfg.mnist_memorize)  # fmt: skip
-            model = mnist_model(name, data, labels=lab, seed=cfg.seed, progress=progress, **kw)
+                kw = dict(epochs=cfg.mnist_random_epochs, stop_at=cfg.mnist_memorize,
+                          seed=random_label_seed(cfg.seed))  # fmt: skip
+            model = mnist_model(name, data, labels=lab, progress=progress, lr=cfg.mnist_lr,
+                                schedule=cfg.mnist_schedule, **kw)  # fmt: skip
             stats = model.sanity_info.extra["training"]
             if progress:
                 print(f"{name}, {lab} labels: {model.sanity_info.source}")
@@ -117,6 +124,13 @@ def train_models(cfg, data: MnistData, names: Sequence[str] = ("mnist_cnn", "mni
                       f"(reached {stats['train_accuracy']:.3f}).")  # fmt: skip
             out[(name, lab)] = model
     return out
+
+
+def random_label_seed(seed: int) -> int:
+    """Seed of the random-label model of the data randomization test: ``seed + 1``, so that
+    its initial weights and data order are independent of the true-label model's (seed
+    ``seed``)."""
+    return int(seed) + 1
 
 
 def pick_digits(data: MnistData, n: int) -> tuple[Tensor, list[str], Tensor]:
@@ -279,4 +293,55 @@ def tie_table(df: pd.DataFrame, x: Tensor, methods: Sequence[str]) -> pd.DataFra
                 "Spearman abs (digit pixels)": float(support_spearman(ref, rnd, x).nanmean()),
                 "Spearman no abs (all pixels)": float(sub[sub["metric"] == "spearman"]["value"].mean()),
             })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- IG-SmoothGrad control
+
+
+def noise_method_control(model: nn.Module, random_model: nn.Module, x: Tensor,
+                         method: str = "ig_smoothgrad", options: Mapping | None = None,
+                         seed: int = 0, other_seed: int | None = None,
+                         metrics: Sequence[str] = ("spearman_abs", "spearman"),
+                         progress: bool = False) -> pd.DataFrame:  # fmt: skip
+    """Why a noise-averaged, input-multiplied method (IG-SmoothGrad) keeps the same similarity
+    whatever the model: three comparisons of ``model``'s maps of ``x``.
+
+    * ``"random model, same noise"``: ``random_model``'s maps with the same noise samples
+      (``seed``: common random numbers, as in the randomization tests);
+    * ``"random model, independent noise"``: ``random_model``'s maps with other noise samples
+      (``other_seed``, default ``derive_seed(seed, "control")``);
+    * ``"no model: (x + noise) * Gaussian"``: no network at all; two maps
+      ``mean_s (x + e_s) * u`` and ``mean_s (x + e_s) * v`` with the method's own noise samples
+      ``e_s`` (same ``seed``) and independent standard Gaussian "gradients" ``u, v``: what the
+      shared factor ``x + noise`` alone scores.
+
+    Returns:
+        Tidy table ``comparison, metric, image, value``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    settings = {**PAPER_SETTINGS.get(method, {}), **dict(options or {})}
+    if "n_samples" not in settings or "noise_level" not in settings:
+        raise ValueError(f"{method!r} is not a noise-averaged method (no n_samples/noise_level)")
+    other = derive_seed(seed, "control") if other_seed is None else int(other_seed)
+    opts = {method: dict(options or {})}
+    ref = explain_methods(model, x, [method], opts, seed=seed, progress=progress)[method]
+    same = explain_methods(random_model, x, [method], opts, seed=seed, progress=progress)[method]
+    indep = explain_methods(random_model, x, [method], opts, seed=other, progress=progress)[method]
+    gen = torch.Generator().manual_seed(derive_seed(seed, "control", "gaussian"))
+    factor = torch.stack([
+        (x[i] + unit_noise(x[i], settings["n_samples"], seed, i)
+         * settings["noise_level"] * float(x[i].max() - x[i].min())).mean(0)
+        for i in range(len(x))])  # fmt: skip
+    u = torch.randn(x.shape, generator=gen)
+    v = torch.randn(x.shape, generator=gen)
+    pairs = {"random model, same noise": (ref, same),
+             "random model, independent noise": (ref, indep),
+             "no model: (x + noise) * Gaussian": (factor * u, factor * v)}
+    rows = []
+    for comp, (a, b) in pairs.items():
+        for metric in metrics:
+            rows += [{"comparison": comp, "metric": metric, "image": i, "value": float(val)}
+                     for i, val in enumerate(similarity(a, b, metric).tolist())]  # fmt: skip
     return pd.DataFrame(rows)

@@ -248,6 +248,15 @@ class SanityBasicConv2d(_TVBasicConv2d):
         return self.relu(self.bn(self.conv(x)))
 
 
+class GlobalMeanPool(nn.Module):
+    """``x.mean((2, 3), keepdim=True)``: the same numbers as ``nn.AdaptiveAvgPool2d((1, 1))``
+    (up to float rounding), with a deterministic CUDA backward (adaptive average pooling has
+    none, so ``torch.use_deterministic_algorithms(True)`` would refuse every gradient pass)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x.mean((2, 3), keepdim=True)
+
+
 class EfficientNetLite0(_EfficientNet):
     """EfficientNet-Lite0 whose stem and head have their own activation modules (the package
     reuses one ReLU6 module for both, which makes the head output unusable for GradCAM)."""
@@ -279,6 +288,7 @@ def _inception_v3(pretrained: bool) -> nn.Module:
         if type(m) is _TVBasicConv2d:
             m.relu = nn.ReLU(inplace=False)
             m.__class__ = SanityBasicConv2d
+    model.avgpool = GlobalMeanPool()  # deterministic CUDA backward (no parameters change)
     return model
 
 

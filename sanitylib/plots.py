@@ -19,7 +19,7 @@ from . import registry
 from .postprocess import abs_normalize, diverging_normalize
 
 __all__ = ["METHOD_LABELS", "METRIC_LABELS", "use_book_style", "to_display", "method_grid",
-           "stage_grid", "similarity_curves", "similarity_panels", "stage_heatmap",
+           "stage_grid", "pick_stages", "similarity_curves", "similarity_panels", "stage_heatmap",
            "abs_vs_diverging_grid", "paired_method_grid", "similarity_bars",
            "training_curves"]  # fmt: skip
 
@@ -97,19 +97,43 @@ def method_grid(images: np.ndarray, maps: Mapping[str, Tensor], visualization: s
     return fig
 
 
+def pick_stages(store_or_stages, n: int = 7) -> list[str]:
+    """``n`` randomization stages spread evenly from the first to the last (the trained model,
+    ``"original"``, left out), for a grid that fits a page: e.g. the figure of a chapter."""
+    names = [s for s in (store_or_stages.stages if hasattr(store_or_stages, "stages")
+                         else store_or_stages) if s != "original"]  # fmt: skip
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n >= len(names):
+        return names
+    idx = np.unique(np.linspace(0, len(names) - 1, n).round().astype(int))
+    return [names[i] for i in idx]
+
+
 def stage_grid(store, image: int, methods: Sequence[str], visualization: str = "abs",
                picture: np.ndarray | None = None, title: str | None = None,
-               size: float = 1.1) -> Figure:  # fmt: skip
+               size: float = 1.1, stages: Sequence[str] | None = None) -> Figure:  # fmt: skip
     """Rows = methods, columns = the trained model then each randomization stage, for one
-    image (paper Fig. 2).  ``store`` is ``df.attrs["maps"]`` of a randomization run."""
+    image (paper Fig. 2).  ``store`` is ``df.attrs["maps"]`` of a randomization run.
+
+    ``stages``: the stages to show, in this order (default: every stored stage; the trained
+    model ``"original"`` is always first).  :func:`pick_stages` chooses a few spread evenly.
+    """
     methods = _names(methods)
     if image not in store.images:
         raise ValueError(f"maps of image {image} were not stored; stored: {store.images}")
     k = store.images.index(image)
-    stages = list(store.stages)
+    if stages is None:
+        stages = list(store.stages)
+    else:
+        unknown = [s for s in stages if s not in store]
+        if unknown:
+            raise ValueError(f"stages: {unknown} were not stored; stored: {list(store.stages)}")
+        stages = ["original"] * ("original" in store) + [s for s in stages if s != "original"]
     cols = len(stages) + (picture is not None)
     fig, axes = plt.subplots(len(methods), cols, figsize=(size * cols, size * len(methods) + 0.5),
                              squeeze=False, constrained_layout=True)  # fmt: skip
+    small = 7 if cols > 10 else 9
     for r, m in enumerate(methods):
         off = 0
         if picture is not None:
@@ -120,8 +144,8 @@ def stage_grid(store, image: int, methods: Sequence[str], visualization: str = "
         for c, s in enumerate(stages):
             _show(axes[r, c + off], to_display(store[s][m][k : k + 1], visualization)[0], visualization)
             if r == 0:
-                axes[0, c + off].set_title(s, rotation=45, fontsize=7)
-        axes[r, 0].set_ylabel(METHOD_LABELS.get(m, m), rotation=0, ha="right", fontsize=7)
+                axes[0, c + off].set_title(s, rotation=45 if cols > 10 else 0, fontsize=small)
+        axes[r, 0].set_ylabel(METHOD_LABELS.get(m, m), rotation=0, ha="right", fontsize=small)
     if title:
         fig.suptitle(title)
     return fig
@@ -159,7 +183,9 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
                       floor: pd.DataFrame | Mapping[str, float] | None = None) -> Figure:  # fmt: skip
     """Mean +- population std over images of each metric against the randomization stage, one
     panel per metric, one line per method, with the trained model as a first point at 1.0 and a
-    dashed line where randomization starts (paper Figs. 4-5).
+    dashed line where randomization starts (paper Figs. 4-5).  Independent randomization is not
+    a trend: its blocks are drawn as separate points (mean, with error bars; methods offset
+    sideways), not joined by lines.
 
     ``floor``: the table of :func:`sanitylib.metrics.noise_floor` (the random-mask floor is drawn
     as a grey band, mean +- std; per-method floors are in :func:`similarity_panels`), or a dict
@@ -174,13 +200,19 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
                              constrained_layout=True)  # fmt: skip
     for ax, metric in zip(axes[0], metrics):
         sub = df[df["metric"] == metric]
-        for m in methods:
+        for j, m in enumerate(methods):
             g = sub[sub["method"] == m].groupby("stage")["value"]
             mean = np.r_[1.0, g.mean().reindex(stages).to_numpy()]
             std = np.r_[0.0, g.std(ddof=0).reindex(stages).to_numpy()]
             color = _COLORS.get(m)
-            ax.plot(x, mean, marker="o", ms=3, lw=1.4, color=color, label=METHOD_LABELS.get(m, m))
-            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.12, lw=0)
+            label = METHOD_LABELS.get(m, m)
+            if cumulative:
+                ax.plot(x, mean, marker="o", ms=3, lw=1.4, color=color, label=label)
+                ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.12, lw=0)
+            else:  # one point per block, no line: the blocks are not an ordered dose
+                dx = (j - (len(methods) - 1) / 2) * min(0.08, 0.7 / max(len(methods), 1))
+                ax.errorbar(x + dx, mean, yerr=std, fmt="o", ms=3, lw=0.8, capsize=0,
+                            color=color, label=label)
         fl = _floor_stats(floor, metric, None)
         if fl is not None:
             half = max(fl[1], 0.01)
@@ -210,7 +242,7 @@ def similarity_panels(df: pd.DataFrame, floor: pd.DataFrame, metrics: Sequence[s
     methods = _names(methods)
     metrics = list(metrics or df["metric"].unique())
     methods = list(methods or df["method"].unique())
-    stages, xlabel, _ = _stage_axis(df)
+    stages, xlabel, cumulative = _stage_axis(df)
     x = np.arange(len(stages) + 1)
     fig, axes = plt.subplots(len(methods), len(metrics), squeeze=False, sharex=True,
                              figsize=(size[0] * len(metrics) + 0.8, size[1] * len(methods) + 0.9),
@@ -222,8 +254,11 @@ def similarity_panels(df: pd.DataFrame, floor: pd.DataFrame, metrics: Sequence[s
             g = df[(df["metric"] == metric) & (df["method"] == m)].groupby("stage")["value"]
             mean = np.r_[1.0, g.mean().reindex(stages).to_numpy()]
             std = np.r_[0.0, g.std(ddof=0).reindex(stages).to_numpy()]
-            ax.plot(x, mean, marker="o", ms=2, lw=1.2, color=color)
-            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+            if cumulative:
+                ax.plot(x, mean, marker="o", ms=2, lw=1.2, color=color)
+                ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+            else:  # independent randomization: separate blocks, separate points
+                ax.errorbar(x, mean, yerr=std, fmt="o", ms=2.5, lw=0.8, capsize=0, color=color)
             own = _floor_stats(floor, metric, m)
             if own is not None:
                 half = max(own[1], 0.01)
@@ -502,7 +537,9 @@ def sensitivity_forest(summaries: Mapping[str, pd.DataFrame], value: str = "auc"
         ax.set_title(lab)
         ax.set_xlabel("area under the similarity curve" if value == "auc" else value)
         ax.axvline(0, color="0.8", lw=0.8)
-        ax.legend(title="sigma", fontsize=6, title_fontsize=6, loc="upper right", frameon=False)
+        # below the panel (outside the axes), so that it never covers a point or an interval
+        ax.legend(title="sigma", fontsize=6, title_fontsize=6, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.2), ncol=len(sigmas), frameon=False)
     if title:
         fig.suptitle(title)
     return fig

@@ -11,6 +11,8 @@ The extension of the course report (paper-protocol.md section 8), done with repl
 * :func:`same_model_floor`: what the stochastic methods score against *themselves* with
   independent noise draws (the report's unseeded setting), i.e. how low a curve can fall without
   any change in the weights.
+* :func:`floor_by_samples`: that floor as a function of a stochastic method's sample count
+  (e.g. IG-SmoothGrad at the course report's 25 samples of 50-step IG).
 * :func:`sensitivity_summary`: per method and ``sigma``, the area under the similarity curve
   (mean similarity over the stages; lower = more sensitive), the similarity once every layer is
   noisy, and the curve's shape (mean second difference: < 0 concave, > 0 convex), each with a
@@ -36,7 +38,7 @@ from .experiment import explain_methods, run_randomization
 from .metrics import similarity
 from .randomize import Perturbation
 
-__all__ = ["noise_sensitivity", "same_model_floor", "unit_curves", "sensitivity_summary",
+__all__ = ["noise_sensitivity", "same_model_floor", "floor_by_samples", "unit_curves", "sensitivity_summary",
            "sigma_half", "bootstrap_ci"]  # fmt: skip
 
 UNIT = ["image", "draw"]
@@ -113,6 +115,32 @@ def same_model_floor(model: nn.Module, x: Tensor, methods: Sequence[str], *,
                 rows += [{"method": m, "metric": metric, "image": k, "pair": p, "value": float(v)}
                          for k, v in enumerate(vals)]  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def floor_by_samples(model: nn.Module, x: Tensor, method: str, sample_counts: Sequence[int], *,
+                     options: dict | None = None, metrics: Sequence[str] = ("spearman",),
+                     draws: int = 2, seed: int = 0, progress: bool = False) -> pd.DataFrame:  # fmt: skip
+    """The same-model floor (:func:`same_model_floor`) of one stochastic ``method`` for every
+    number of noise samples in ``sample_counts``; ``options`` are its other settings (e.g.
+    ``{"n_steps": 50}`` for IG-SmoothGrad).
+
+    Returns:
+        Columns ``n_samples, method, metric, image, pair, value`` (one row per image and pair of
+        draws).
+    """
+    counts = [int(n) for n in sample_counts]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"sample_counts must be positive integers, got {list(sample_counts)}")
+    if options and "n_samples" in options:
+        raise ValueError("options must not set n_samples: it is taken from sample_counts")
+    out = []
+    for n in tqdm(counts, disable=not progress, desc=f"{method} floor by sample count"):
+        opts = {method: {**(options or {}), "n_samples": n}}
+        fl = same_model_floor(model, x, [method], metrics=metrics, draws=draws, seed=seed,
+                              method_options=opts)  # fmt: skip
+        out.append(fl.assign(n_samples=n))
+    df = pd.concat(out, ignore_index=True)
+    return df[["n_samples", *[c for c in df.columns if c != "n_samples"]]]
 
 
 def unit_curves(df: pd.DataFrame, metric: str) -> pd.DataFrame:

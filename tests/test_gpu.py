@@ -1,8 +1,37 @@
-"""GPU checks: collected only when CUDA is available (see conftest.py); CI has no GPU."""
+"""GPU checks: collected only when CUDA is available (see conftest.py); CI has no GPU.
+
+Every method, every metric and the runners on CUDA against the CPU, with IEEE fp32 (TF32 off:
+the reference numerics); the opt-in fast mode (TF32) validated against it; InceptionV3's
+deterministic backward; the command line on CUDA."""
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
 import sanitylib as sl
+from sanitylib.cli import main, restore_tf32, set_precision, tf32_state
+
+#: Smoke-sized settings (the comparison is about the device, not the method).
+OPTIONS = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4},
+           "vargrad": {"n_samples": 4}, "ig_smoothgrad": {"n_samples": 2, "n_steps": 4}}  # fmt: skip
+STOCHASTIC = ("smoothgrad", "vargrad", "ig_smoothgrad")
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """The reference numerics for every test here; torch's settings restored afterwards."""
+    old = tf32_state()
+    set_precision("cuda", fast=False)
+    yield
+    restore_tf32(old)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = sl.load_model("efficientnet_lite0")
+    x = sl.load_photos(model, names=["chelsea", "coffee"], verbose=False).x
+    gpu = sl.load_model("efficientnet_lite0", device="cuda")
+    return model, x, gpu
 
 
 def _maps(seed: int) -> torch.Tensor:
@@ -23,9 +52,84 @@ def test_normalizations_on_cuda_match_cpu():
         torch.testing.assert_close(fn(x.cuda()).cpu(), fn(x))
 
 
-def test_explain_on_cuda_matches_cpu():
-    model = sl.load_model("efficientnet_lite0")
-    x = sl.load_photos(model, names=["chelsea"], verbose=False).x
-    cpu = sl.explain(model, x, "guided_backprop")
-    gpu = sl.explain(model.cuda(), x.cuda(), "guided_backprop").cpu()
-    assert np.corrcoef(cpu.flatten(), gpu.flatten())[0, 1] > 0.999
+@pytest.mark.parametrize("method", [m for m in sl.METHODS if m not in STOCHASTIC])
+def test_every_deterministic_method_on_cuda_matches_cpu(pair, method):
+    model, x, gpu = pair
+    cpu = sl.explain(model, x, method, **OPTIONS.get(method, {}))
+    dev = sl.explain(gpu, x.cuda(), method, **OPTIONS.get(method, {})).cpu()
+    assert dev.shape == cpu.shape
+    for i in range(len(x)):
+        r = np.corrcoef(cpu[i].flatten(), dev[i].flatten())[0, 1]
+        assert r > 0.999, (method, i, r)
+    torch.testing.assert_close(dev, cpu, rtol=1e-3, atol=1e-3 * float(cpu.abs().max()))
+
+
+@pytest.mark.parametrize("method", STOCHASTIC)
+def test_stochastic_methods_on_cuda(pair, method):
+    """CUDA and CPU generators draw different streams, so the noise differs by device (the
+    table records the device): with zero noise the methods reduce to their deterministic
+    counterpart on both devices, and on CUDA the same seed gives the same map."""
+    model, x, gpu = pair
+    opts = {**OPTIONS[method], "noise_level": 0.0}
+    cpu = sl.explain(model, x, method, **opts)
+    dev = sl.explain(gpu, x.cuda(), method, **opts).cpu()
+    torch.testing.assert_close(dev, cpu, rtol=1e-3, atol=1e-3 * float(cpu.abs().max()) + 1e-12)
+    a = sl.explain(gpu, x.cuda(), method, seed=3, **OPTIONS[method])
+    b = sl.explain(gpu, x.cuda(), method, seed=3, **OPTIONS[method])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_runner_on_cuda_matches_cpu(pair):
+    model, x, gpu = pair
+    methods = ["gradient", "input_x_gradient", "integrated_gradients", "guided_backprop",
+               "gradcam", "guided_gradcam"]  # fmt: skip
+    kw = dict(blocks=["logits", "conv_head"], metrics=list(sl.METRICS), cache=False,
+              progress=False, floor=False, store_maps=0,
+              method_options={m: OPTIONS[m] for m in methods if m in OPTIONS})  # fmt: skip
+    a = sl.cascading_randomization(model, x, methods, **kw)
+    b = sl.cascading_randomization(gpu, x.cuda(), methods, **kw)
+    pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
+    # HOG turns rounding into bin jumps: a looser bound there
+    hog = a.metric.str.startswith("hog").to_numpy()
+    d = np.abs(a.value.to_numpy() - b.value.to_numpy())
+    assert np.nanmax(d[~hog]) < 5e-3 and np.nanmax(d[hog]) < 5e-2, np.nanmax(d)
+
+
+def test_fast_mode_is_close_to_the_reference(pair):
+    """TF32 (opt-in) against IEEE fp32: per-method Spearman of the maps stays high."""
+    _, x, gpu = pair
+    methods = ["gradient", "integrated_gradients", "guided_backprop"]
+    opts = {m: OPTIONS[m] for m in methods if m in OPTIONS}
+    ref = sl.explain_methods(gpu, x.cuda(), methods, opts, progress=False)
+    set_precision("cuda", fast=True)
+    fast = sl.explain_methods(gpu, x.cuda(), methods, opts, progress=False)
+    for m in ref:
+        rho = sl.similarity(ref[m].double(), fast[m].double(), "spearman_abs").cpu()
+        print(f"{m}: Spearman(TF32 map, fp32 map) = {rho.tolist()}")
+        assert (rho > 0.95).all(), (m, rho)
+
+
+def test_inception_backward_is_deterministic_on_cuda():
+    model = sl.load_model("inception_v3", pretrained=False, device="cuda")
+    x = torch.randn(2, 3, 299, 299, device="cuda")
+    torch.use_deterministic_algorithms(True)
+    try:
+        maps = [sl.explain(model, x, "gradient", target=[1, 2]) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(maps[0], maps[1])
+
+
+def test_command_line_on_cuda(tmp_path):
+    out = tmp_path / "run"
+    status = main(["run", "--profile", "smoke", "--methods", "gradient,guided_backprop",
+                   "--metrics", "spearman_abs,ssim", "--blocks", "2", "--device", "cuda",
+                   "--out", str(out), "--quiet"])  # fmt: skip
+    assert status == 0
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 2 * 2 * 2 * 2 and df.value.notna().all()
+    import json
+
+    rec = json.loads((out / "config.json").read_text())
+    assert rec["config"]["device"] == "cuda" and rec["run"]["precision"]["tf32"] is False
+    assert rec["run"]["precision"]["gpu"] and rec["run"]["peak_gpu_memory_gib"] > 0

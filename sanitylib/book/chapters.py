@@ -7,16 +7,22 @@ which model ran (and why, when InceptionV3 fell back), glued under the chapter's
 
 from __future__ import annotations
 
+import contextlib
+import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .. import load_model, load_photos, plots
+from ..models import GuidedReLU6
 from .notebook import glue
 from .profiles import Profile, chapter_profile
 
-__all__ = ["ImageNetChapter", "setup_imagenet_chapter", "model_sentence", "markdown"]
+__all__ = ["ImageNetChapter", "setup_imagenet_chapter", "model_sentence", "markdown",
+           "RELU6_VARIANTS", "relu6_backward_variants", "relu6_saturation"]  # fmt: skip
 
 
 def markdown(text: str) -> Any:
@@ -64,28 +70,160 @@ class ImageNetChapter:
 
 def setup_imagenet_chapter(prefix: str, profile: str | Profile = "book", *,
                            model: str | None = None, photos=None, image_folder: str | None = None,
-                           n_images: int | None = None,
+                           n_images: int | None = None, image_ids: str | None = None,
                            seed: int | None = None) -> ImageNetChapter:  # fmt: skip
     """The set-up of a model-randomization chapter, from its ``parameters`` cell.
 
     Applies the book's plot style, builds the profile (parameters left at ``None`` keep the
-    profile's value), prints its note, loads the model and the photos, prints which model ran
-    on how many images, and glues ``{prefix}_model``, ``{prefix}_model_sentence``,
+    profile's value), prints its note, loads the model and the photos (``image_ids="paper_imagenet"``
+    with ``image_folder``: the paper's 200 ImageNet validation images, see
+    :func:`sanitylib.load_paper_imagenet`), and glues ``{prefix}_model``, ``{prefix}_model_sentence``,
     ``{prefix}_n_images`` and ``{prefix}_n_blocks``.
     """
     plots.use_book_style()
     cfg = chapter_profile(profile, model=model, photos=photos, image_folder=image_folder,
-                          n_images=n_images, seed=seed)  # fmt: skip
+                          n_images=n_images, image_ids=image_ids, seed=seed)  # fmt: skip
     print(cfg.note)
     net = load_model(cfg.model)
     info = net.sanity_info
-    batch = load_photos(net, names=cfg.photos, folder=cfg.image_folder, n=cfg.n_images)
+    batch = load_photos(net, names=cfg.photos, folder=cfg.image_folder, ids=cfg.image_ids,
+                        n=cfg.n_images)  # fmt: skip
     methods, options = cfg.randomization
     label = info.name + (" (fallback)" if info.extra.get("fallback_from") else "")
-    sentence = model_sentence(info, len(batch))
-    print(sentence.replace("**", ""))
+    sentence = model_sentence(info, len(batch))  # shown once, in the chapter's text
     glue(f"{prefix}_model", info.name, display=False)
     glue(f"{prefix}_model_sentence", markdown(sentence), display=False)
     glue(f"{prefix}_n_images", len(batch), display=False)
     glue(f"{prefix}_n_blocks", len(info.blocks), display=False)
     return ImageNetChapter(cfg, net, info, batch, methods, options, label, sentence)
+
+
+# ----------------------------------------------------------------------------- chapter 1
+#: The backward passes of :func:`relu6_backward_variants`: name -> what differs from Guided
+#: BackProp (the forward pass, hence the logits and the explained class, never changes).
+RELU6_VARIANTS: dict[str, str] = {
+    "guided_backprop": "Guided BackProp (ReLU6 passes no gradient below 0 or above 6)",
+    "no_clip": "ReLU6's upper clip ignored in the backward pass",
+    "rectified_blocks": "guided rule also at every block output (linear bottleneck + residual sum)",
+    "no_skip": "no gradient through the residual skip paths",
+    "gradient": "plain gradient",
+}
+
+
+class _GuidedReLU6Fn(torch.autograd.Function):
+    """relu6 forward; backward: the gradient where ``0 < x`` (and ``x < 6`` with ``clip``),
+    then the guided rule (negative gradients set to 0) unless ``guided`` is false."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, clip: bool, guided: bool) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x)
+        ctx.clip, ctx.guided = clip, guided
+        return F.hardtanh(x, 0.0, 6.0)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: D102
+        (x,) = ctx.saved_tensors
+        g = g * (x > 0)
+        if ctx.clip:
+            g = g * (x < 6)
+        return (g.clamp(min=0) if ctx.guided else g), None, None
+
+
+class _RectifyGrad(torch.autograd.Function):
+    """Identity forward; backward sets negative gradients to 0 (the guided rule alone)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # noqa: D102
+        return g.clamp(min=0)
+
+
+def _has_skip(block: nn.Module) -> bool:
+    a = block._block_args  # efficientnet_lite_pytorch's MBConvBlock condition for x + inputs
+    return bool(block.id_skip and a.stride == 1 and a.input_filters == a.output_filters)
+
+
+@contextlib.contextmanager
+def _backward_variant(model: nn.Module, variant: str) -> Iterator[None]:
+    acts = [m for m in model.modules() if isinstance(m, GuidedReLU6)]
+    clip, guided = variant != "no_clip", variant != "gradient"
+    hooks = []
+    for m in acts:  # an instance attribute shadows the class's forward; removed below
+        m.forward = types.MethodType(lambda self, x: _GuidedReLU6Fn.apply(x, clip, guided), m)
+    for block in model._blocks:
+        if variant == "rectified_blocks":
+            hooks.append(block.register_forward_hook(lambda mod, a, out: _RectifyGrad.apply(out)))
+        if variant == "no_skip" and _has_skip(block):  # out - x + x.detach(): same value
+            hooks.append(block.register_forward_hook(
+                lambda mod, a, out: out - a[0] + a[0].detach()))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in acts:
+            m.__dict__.pop("forward", None)
+
+
+def relu6_backward_variants(model: nn.Module, x: Tensor, target: Tensor,
+                            variants=tuple(RELU6_VARIANTS)) -> dict[str, Tensor]:  # fmt: skip
+    """Guided BackProp on EfficientNet-Lite0 (:func:`sanitylib.load_model`) with one feature of
+    the architecture switched off in the **backward pass only** (:data:`RELU6_VARIANTS`).
+
+    Args:
+        model: ``load_model("efficientnet_lite0")`` (its ReLU6 are :class:`GuidedReLU6`).
+        x: ``(N, 3, 224, 224)`` input; target: ``(N,)`` explained classes.
+        variants: names from :data:`RELU6_VARIANTS`.
+
+    Returns:
+        ``{variant: (N, 3, 224, 224) map}``: the gradient of the target logit w.r.t. ``x``
+        under each backward rule.  ``"guided_backprop"`` equals ``sanitylib.explain(...,
+        "guided_backprop")`` (captum's hooks), which the chapter checks.  The model is left
+        unchanged (its activations' ``forward`` and all hooks are restored).
+    """
+    if not hasattr(model, "_blocks") or not any(isinstance(m, GuidedReLU6) for m in model.modules()):
+        raise ValueError("model: expected EfficientNet-Lite0 from sanitylib.load_model "
+                         "(MBConv blocks with ReLU6 activations)")  # fmt: skip
+    unknown = [v for v in variants if v not in RELU6_VARIANTS]
+    if unknown:
+        raise ValueError(f"variants: unknown {unknown}; known: {list(RELU6_VARIANTS)}")
+    out = {}
+    for v in variants:
+        xx = x.detach().clone().requires_grad_(True)
+        with _backward_variant(model, v), torch.enable_grad():
+            logits = model(xx)
+            logits.gather(1, target.view(-1, 1)).sum().backward()
+        out[v] = xx.grad.detach()
+    return out
+
+
+@torch.no_grad()
+def relu6_saturation(model: nn.Module, x: Tensor) -> tuple[float, Tensor]:
+    """Where EfficientNet-Lite0's ReLU6 units saturate (input >= 6, where ReLU6 passes no
+    gradient).
+
+    Returns:
+        ``(fraction, stem)``: the fraction of all ReLU6 inputs (every call, all images) that are
+        >= 6, and ``(N, H/2, W/2)``: per position of the stem's output, the fraction of its 32
+        channels that are >= 6.
+    """
+    counts = [0, 0]
+    stem: list[Tensor] = []
+
+    def hook(mod, args, out):
+        sat = args[0] >= 6
+        counts[0] += int(sat.sum())
+        counts[1] += sat.numel()
+        if mod is model._stem_act and not stem:
+            stem.append(sat.float().mean(1))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GuidedReLU6)]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts[0] / counts[1], stem[0]

@@ -24,13 +24,15 @@ __all__ = ["training_table", "data_sentence", "cascade_summary", "accuracy_summa
 
 
 def training_table(models: Mapping[tuple[str, str], nn.Module]) -> pd.DataFrame:
-    """One row per trained model: architecture, labels, epochs run, learning rate, training
-    accuracy (against the labels it was trained on), test accuracy (true labels), time."""
+    """One row per trained model: architecture, labels, seed, epochs run, optimizer steps,
+    (peak) learning rate and schedule, training accuracy (against the labels it was trained on),
+    test accuracy (true labels), time."""
     rows = []
     for (name, lab), model in models.items():
         s = get_info(model).extra["training"]
         rows.append({"model": ARCHITECTURES.get(name, name), "labels": lab,
-                     "epochs": s["epochs_run"], "lr": s["lr"],
+                     "seed": s.get("seed"), "epochs": s["epochs_run"], "steps": s.get("steps"),
+                     "lr": s["lr"], "schedule": s.get("schedule", "constant"),
                      "train accuracy": round(s["train_accuracy"], 4),
                      "test accuracy": round(s["test_accuracy"], 4),
                      "train images": s["n_train"], "test images": s["n_test"],

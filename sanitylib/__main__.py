@@ -1,0 +1,8 @@
+"""``python -m sanitylib run ...``: see :mod:`sanitylib.cli`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

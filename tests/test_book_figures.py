@@ -1,0 +1,111 @@
+"""Chapter 1's ReLU6 analysis (sanitylib.book.chapters) and the figure helpers of chapters 2-3
+(stage selection of the map grids, independent randomization drawn as points)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import sanitylib as sl  # noqa: E402
+from sanitylib.book.chapters import (RELU6_VARIANTS, relu6_backward_variants,  # noqa: E402
+                                     relu6_saturation)
+from sanitylib.experiment import MapStore  # noqa: E402
+from sanitylib.models import GuidedReLU6  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def chelsea(effnet):
+    return sl.load_photos(effnet, names=["chelsea"], verbose=False).x
+
+
+def test_relu6_variants_reproduce_guided_backprop_and_leave_the_model_alone(effnet, chelsea):
+    state = {k: v.clone() for k, v in effnet.state_dict().items()}
+    target = sl.predict(effnet, chelsea).argmax(1)
+    maps = relu6_backward_variants(effnet, chelsea, target)
+    assert list(maps) == list(RELU6_VARIANTS)
+    # our backward rules: Guided BackProp is captum's exactly, "gradient" is autograd's
+    torch.testing.assert_close(maps["guided_backprop"],
+                               sl.explain(effnet, chelsea, "guided_backprop", target=target))
+    torch.testing.assert_close(maps["gradient"], sl.explain(effnet, chelsea, "gradient",
+                                                            target=target))
+    # each switch changes the map (none is silently the same rule)
+    for v in ("no_clip", "rectified_blocks", "no_skip"):
+        assert not torch.allclose(maps[v], maps["guided_backprop"]), v
+    # the model is untouched: weights, no hooks, no instance-level forward left behind
+    assert all(torch.equal(v, effnet.state_dict()[k]) for k, v in state.items())
+    assert all(not m._forward_hooks for m in effnet.modules())
+    assert all("forward" not in m.__dict__ for m in effnet.modules() if isinstance(m, GuidedReLU6))
+    with pytest.raises(ValueError, match="variants"):
+        relu6_backward_variants(effnet, chelsea, target, variants=("no_relu",))
+
+
+def test_relu6_variants_refuse_other_models(chelsea):
+    cnn = sl.load_model("mnist_cnn", pretrained=False)
+    with pytest.raises(ValueError, match="EfficientNet-Lite0"):
+        relu6_backward_variants(cnn, torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long))
+
+
+def test_relu6_saturation(effnet, chelsea):
+    frac, stem = relu6_saturation(effnet, chelsea)
+    assert 0 < frac < 0.5
+    assert stem.shape == (1, 112, 112) and 0 <= float(stem.min()) <= float(stem.max()) <= 1
+    assert all(not m._forward_hooks for m in effnet.modules())
+    # an input 10x larger saturates more units
+    assert relu6_saturation(effnet, chelsea * 10)[0] > frac
+
+
+def _store(names):
+    store = MapStore([0])
+    g = torch.Generator().manual_seed(0)
+    for s in ["original", *names]:
+        store.stages[s] = {"gradient": torch.randn(1, 3, 8, 8, generator=g)}
+    return store
+
+
+def test_pick_stages_spreads_evenly_and_keeps_the_ends():
+    names = [f"b{i}" for i in range(19)]
+    picked = sl.plots.pick_stages(_store(names), 7)
+    assert len(picked) == 7 and picked[0] == "b0" and picked[-1] == "b18"
+    assert picked == sorted(picked, key=names.index)
+    assert sl.plots.pick_stages(names[:3], 7) == names[:3]
+    with pytest.raises(ValueError, match="n must"):
+        sl.plots.pick_stages(names, 0)
+
+
+def test_stage_grid_shows_the_chosen_stages():
+    store = _store([f"b{i}" for i in range(19)])
+    pic = np.zeros((8, 8, 3), dtype=np.uint8)
+    fig = sl.plots.stage_grid(store, 0, ["gradient"], picture=pic, stages=["b3", "b10"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 4 and titles[1:] == ["original", "b3", "b10"]
+    plt.close(fig)
+    fig = sl.plots.stage_grid(store, 0, ["gradient"])
+    assert len(fig.axes) == 20
+    plt.close(fig)
+    with pytest.raises(ValueError, match="stages"):
+        sl.plots.stage_grid(store, 0, ["gradient"], stages=["nope"])
+
+
+def _table(schedule):
+    rows = [{"stage": s, "stage_index": i, "method": m, "metric": "spearman", "image": k,
+             "value": 0.5, "schedule": schedule}
+            for i, s in enumerate(["b2", "b1", "b0"]) for m in ("gradient", "guided_backprop")
+            for k in range(2)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("schedule,joined", [("cascading", True), ("independent", False)])
+def test_independent_randomization_is_drawn_as_points(schedule, joined):
+    for fig in (sl.plots.similarity_curves(_table(schedule), ["spearman"]),
+                sl.plots.similarity_panels(_table(schedule), pd.DataFrame(
+                    columns=["kind", "method", "metric", "pair", "value"]), ["spearman"])):
+        lines = [ln for ax in fig.axes for ln in ax.lines if len(ln.get_xdata()) == 4]
+        assert lines  # one per method: the trained model and three stages
+        assert all((ln.get_linestyle() != "None") == joined for ln in lines)
+        plt.close(fig)

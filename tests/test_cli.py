@@ -1,0 +1,213 @@
+"""The command line (``python -m sanitylib run``) and sharded runs under ``torchrun``.
+
+Real parts: EfficientNet-Lite0 with its shipped weights and scikit-image photos written to a
+folder (the ``--images`` path).  The two-rank runs use ``torch.distributed.run`` (torchrun) on
+the CPU with the ``gloo`` backend."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sanitylib import cli
+from sanitylib.distributed import finished_shards, plan_shards, shard_path, write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+# smoke profile: SmoothGrad with 3 samples (the noise must be seeded per image, not per rank)
+RUN = ["run", "--profile", "smoke", "--methods", "gradient,smoothgrad", "--metrics",
+       "spearman_abs,ssim", "--blocks", "1", "--shard-size", "1", "--quiet", "--device", "cpu"]  # fmt: skip
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def _cli(*args: str, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "sanitylib", *args]
+    else:  # torchrun; --standalone picks a free port
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={ranks}", "-m", "sanitylib", *args]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """Three scikit-image photos as PNG files."""
+    from PIL import Image
+
+    from sanitylib.data import PHOTOS
+
+    d = tmp_path_factory.mktemp("images")
+    for k in ("chelsea", "coffee", "astronaut"):
+        Image.fromarray(PHOTOS[k]()).save(d / f"{k}.png")
+    return d
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "gradient,nosuch"], "--methods"),
+    (["--methods", "gradient,,smoothgrad"], "--methods"),
+    (["--metrics", "ssim,nosuch"], "--metrics"),
+    (["--model", "resnet9000"], "--model"),
+    (["--n-images", "0"], "--n-images"),
+    (["--n-images", "99"], "--n-images"),
+    (["--seed", "-1"], "--seed"),
+    (["--schedule", "sideways"], "--schedule"),
+    (["--shard-size", "two"], "--shard-size"),
+    (["--images", "/nonexistent/folder"], "--images"),
+    (["--device", "tpu"], "--device"),
+    (["--blocks", "0"], "--blocks"),
+])  # fmt: skip
+def test_bad_arguments_give_clear_errors_before_any_work(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    try:
+        status = cli.main(["run", "--profile", "smoke", "--out", str(out), *args])
+    except SystemExit as err:  # argparse's own checks
+        status = err.code
+    err = capsys.readouterr().err
+    assert status == cli.EXIT_USAGE
+    assert message in err, err
+    assert not out.exists()  # nothing was written
+
+
+def test_out_must_not_be_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cli.main(["run", "--profile", "smoke", "--out", str(f)]) == cli.EXIT_USAGE
+    assert "--out" in capsys.readouterr().err
+
+
+def test_empty_image_folder_is_refused(tmp_path, capsys):
+    assert cli.main(["run", "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == cli.EXIT_USAGE
+    assert "no image files" in capsys.readouterr().err
+
+
+def test_missing_command_is_a_usage_error():
+    with pytest.raises(SystemExit) as err:
+        cli.main([])
+    assert err.value.code == 2
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def test_plan_shards_cover_every_image_once():
+    for n, size in [(1, 1), (7, 3), (11, 4), (8, 8), (5, 100)]:
+        shards = plan_shards(n, size)
+        assert sorted(i for s in shards for i in s) == list(range(n))
+        assert all(len(s) <= size for s in shards)
+    with pytest.raises(ValueError, match="shard_size"):
+        plan_shards(5, 0)
+
+
+def test_shards_of_another_configuration_are_refused(tmp_path):
+    df = pd.DataFrame({"image": [0], "value": [0.5]})
+    write_shard(df, shard_path(tmp_path, 0), "key-a")
+    assert finished_shards(tmp_path, 2, "key-a") == {0}
+    with pytest.raises(ValueError, match="another configuration"):
+        finished_shards(tmp_path, 2, "key-b")
+    shard_path(tmp_path, 1).write_bytes(b"not parquet")  # truncated: recomputed, with a warning
+    with pytest.warns(RuntimeWarning, match="cannot be read"):
+        assert finished_shards(tmp_path, 2, "key-a") == {0}
+    assert not shard_path(tmp_path, 1).exists()
+
+
+def test_a_subset_of_images_gives_the_full_runs_rows(effnet):
+    """Noise is seeded per (seed, image index, draw): a shard (``image_ids``) reproduces its
+    images' rows of the run on every image (up to float rounding of other batch shapes)."""
+    import sanitylib as sl
+
+    b = sl.load_photos(effnet, names=["chelsea", "coffee"], verbose=False)
+    kw = dict(blocks=["logits"], metrics=["spearman_abs", "ssim"], cache=False, progress=False,
+              floor=False, method_options={"smoothgrad": {"n_samples": 3}}, store_maps=0)  # fmt: skip
+    full = sl.cascading_randomization(effnet, b.x, ["gradient", "smoothgrad"], image_names=b.names, **kw)
+    sub = sl.cascading_randomization(effnet, b.x[[1]], ["gradient", "smoothgrad"],
+                                     image_names=[b.names[1]], image_ids=[1], **kw)  # fmt: skip
+    a = full[full.image == 1].reset_index(drop=True)
+    pd.testing.assert_frame_equal(a.drop(columns="value"), sub.drop(columns="value"))
+    np.testing.assert_allclose(sub.value, a.value, atol=1e-5, rtol=0)
+    # without the id the image gets image 0's noise: the check above could fail
+    other = sl.cascading_randomization(effnet, b.x[[1]], ["smoothgrad"], **kw)
+    mine = a[a.method == "smoothgrad"].value.to_numpy()
+    assert np.abs(other.value.to_numpy() - mine).max() > 1e-4
+    with pytest.raises(ValueError, match="image_ids"):
+        sl.cascading_randomization(effnet, b.x, ["gradient"], image_ids=[1, 1], **kw)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_table_and_resume(image_dir, tmp_path):
+    args = [*RUN, "--images", str(image_dir), "--n-images", "3"]
+    one = _cli(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-6000:]
+    ref = pd.read_parquet(tmp_path / "one" / "results.parquet")
+    # 3 images x 1 stage x 2 methods x 2 metrics, every image once, the images' names kept
+    assert len(ref) == 12 and sorted(ref.image.unique()) == [0, 1, 2]
+    assert set(ref.image_name) == {"astronaut", "chelsea", "coffee"}
+    assert ref.value.notna().all()
+
+    # two ranks, each stops after one shard: 2 of 3 shards done, no table yet
+    out = tmp_path / "two"
+    first = _cli(*args, "--out", str(out), "--max-shards", "1", ranks=2)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-6000:]
+    shards = out / "shards"
+    done = sorted(p.name for p in shards.glob("part-*.parquet"))
+    assert len(done) == 2 and not (out / "results.parquet").exists()
+    stamps = {p: (shards / p).stat().st_mtime_ns for p in done}
+    (shards / "part-00002.parquetXYZ.tmp").write_bytes(b"half a shard")  # an interrupted write
+
+    again = _cli(*args, "--out", str(out), ranks=2)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-6000:]
+    assert "2 finished (skipped), 1 to compute" in again.stdout, again.stdout
+    assert {p: (shards / p).stat().st_mtime_ns for p in done} == stamps  # not recomputed
+    assert not list(shards.glob("*.tmp"))
+    merged = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(merged, ref)  # exactly the single-process table
+
+    # another configuration in the same folder is refused, not mixed
+    other = _cli(*args, "--out", str(out), "--seed", "1")
+    assert other.returncode == cli.EXIT_USAGE and "another configuration" in other.stderr
+
+
+# ----------------------------------------------------------------------------- GPU path, on the CPU
+
+
+def test_inception_mean_pool_equals_adaptive_average_pool():
+    """InceptionV3's final pool is a mean (deterministic CUDA backward): the same outputs and
+    gradients as torchvision's ``AdaptiveAvgPool2d((1, 1))`` on its 2048 x 8 x 8 features."""
+    from sanitylib.models import GlobalMeanPool, load_model
+
+    model = load_model("inception_v3", pretrained=False)
+    assert isinstance(model.avgpool, GlobalMeanPool)
+    h = torch.randn(2, 2048, 8, 8, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(2, 2048, 1, 1, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for pool in (model.avgpool, torch.nn.AdaptiveAvgPool2d((1, 1))):
+        hi = h.clone().requires_grad_(True)
+        y = pool(hi)
+        (y * w).sum().backward()
+        outs.append((y.detach(), hi.grad))
+    assert outs[0][0].shape == outs[1][0].shape == (2, 2048, 1, 1)
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=1e-9)
+
+
+def test_precision_settings_leave_the_cpu_alone():
+    before = cli.tf32_state()
+    assert cli.set_precision("cpu", fast=True) == {"device": "cpu", "tf32": False}
+    assert cli.tf32_state() == before

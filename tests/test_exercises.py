@@ -1,0 +1,274 @@
+"""The exercise checks are honest: each reference solution passes, each curated wrong answer fails
+with the hint that names its mistake (mutation testing, as nbgrader's ``validate --invert``)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sanitylib as sl
+from sanitylib import exercises as ex
+from sanitylib.metrics import pearson, spearman
+from sanitylib.utils import derive_seed
+
+
+# ----------------------------------------------------------------------------- gradient map
+def gradient_ref(model, x, target):
+    x = x.detach().clone().requires_grad_(True)
+    logits = model(x)
+    return torch.autograd.grad(logits.gather(1, target[:, None]).sum(), x)[0]
+
+
+def gradient_loss(model, x, target):
+    x = x.detach().clone().requires_grad_(True)
+    return torch.autograd.grad(F.cross_entropy(model(x), target), x)[0]
+
+
+def gradient_prob(model, x, target):
+    x = x.detach().clone().requires_grad_(True)
+    return torch.autograd.grad(model(x).softmax(1).gather(1, target[:, None]).sum(), x)[0]
+
+
+def gradient_prediction(model, x, target):
+    return gradient_ref(model, x, model(x).argmax(1))
+
+
+def gradient_abs(model, x, target):
+    return gradient_ref(model, x, target).abs()
+
+
+def test_gradient_map_reference_passes(capsys):
+    ex.check_gradient_map(gradient_ref)
+    assert "PASS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong,hint", [
+    (gradient_loss, "LOSS"), (gradient_prob, "PROBABILITY"), (gradient_prediction, "target"),
+    (gradient_abs, "signed"), (lambda m, x, t: x, "gradient"), (lambda m, x, t: x[0], "shape"),
+])  # fmt: skip
+def test_gradient_map_wrong_answers_fail(wrong, hint):
+    with pytest.raises(ex.ExerciseFailed, match=hint):
+        ex.check_gradient_map(wrong)
+
+
+def test_a_stub_fails_with_a_clear_message():
+    def stub(model, x, target):
+        raise NotImplementedError("Exercise 1.1")
+
+    with pytest.raises(NotImplementedError, match="Exercise 1.1"):  # stops a student notebook
+        ex.check_gradient_map(stub)
+    with pytest.raises(ex.ExerciseFailed, match="expected a function"):
+        ex.check_gradient_map(None)
+    with pytest.raises(ValueError, match="unknown exercise"):
+        ex.check("nope", gradient_ref)
+
+
+# ----------------------------------------------------------------------------- Spearman abs
+def spearman_abs_ref(a, b):
+    return spearman(sl.abs_normalize(a).flatten(1), sl.abs_normalize(b).flatten(1))
+
+
+@pytest.mark.parametrize("wrong,hint", [
+    (lambda a, b: pearson(sl.abs_normalize(a).flatten(1), sl.abs_normalize(b).flatten(1)), "Pearson"),
+    (lambda a, b: spearman(sl.diverging_normalize(a).flatten(1), sl.diverging_normalize(b).flatten(1)),
+     "no absolute value"),
+    (lambda a, b: spearman(a.sum(1).abs().flatten(1), b.sum(1).abs().flatten(1)), r"\|sum_c E_c\|"),
+    (lambda a, b: spearman(a.abs().sum(1).flatten(1), b.abs().sum(1).flatten(1)), "clip"),
+    (lambda a, b: spearman(sl.abs_normalize(a).reshape(1, -1),
+                           sl.abs_normalize(b).reshape(1, -1)).expand(len(a)), "whole batch"),
+])  # fmt: skip
+def test_spearman_abs_wrong_answers_fail(wrong, hint):
+    with pytest.raises(ex.ExerciseFailed, match=hint):
+        ex.check_spearman_abs(wrong)
+
+
+def test_spearman_abs_reference_passes():
+    ex.check("spearman_abs", spearman_abs_ref)
+
+
+# ----------------------------------------------------------------------------- randomization
+def cascading_ref(model, blocks, seed):
+    trained = sl.randomize.snapshot(model)
+    states = []
+    for block in blocks:
+        sl.randomize.randomize_(model, [block], seed=seed)
+        states.append(sl.randomize.snapshot(model))
+    sl.randomize.restore(model, trained)
+    return states
+
+
+def independent_ref(model, blocks, seed):
+    trained = sl.randomize.snapshot(model)
+    states = []
+    for block in blocks:
+        sl.randomize.randomize_(model, [block], seed=seed)
+        states.append(sl.randomize.snapshot(model))
+        sl.randomize.restore(model, trained)
+    return states
+
+
+def bottom_up(model, blocks, seed):
+    return cascading_ref(model, blocks[::-1], seed)
+
+
+def same_seed_every_block(model, blocks, seed):
+    trained = sl.randomize.snapshot(model)
+    states = []
+    for block in blocks:
+        for path in block.modules:
+            gen = torch.Generator().manual_seed(seed)  # re-seeded: same-shape blocks get equal draws
+            sl.randomize.he_truncated_normal_(sl.models.get_submodule(model, path), gen)
+        states.append(sl.randomize.snapshot(model))
+    sl.randomize.restore(model, trained)
+    return states
+
+
+def not_restored(model, blocks, seed):
+    states = []
+    for block in blocks:
+        sl.randomize.randomize_(model, [block], seed=seed)
+        states.append(sl.randomize.snapshot(model))
+    return states
+
+
+def global_rng(model, blocks, seed):
+    trained = sl.randomize.snapshot(model)
+    states = []
+    torch.manual_seed(seed)
+    for block in blocks:
+        with torch.no_grad():
+            for path in block.modules:
+                for w in sl.models.get_submodule(model, path).parameters():
+                    w.normal_()
+        states.append(sl.randomize.snapshot(model))
+    sl.randomize.restore(model, trained)
+    return states
+
+
+def pytorch_default_init(model, blocks, seed):
+    """Resets the BatchNorm running statistics too (reset_parameters())."""
+    trained = sl.randomize.snapshot(model)
+    states = []
+    for block in blocks:
+        for path in block.modules:
+            gen = torch.Generator().manual_seed(derive_seed(seed, block.name))
+            sl.randomize.pytorch_default_(sl.models.get_submodule(model, path), gen)
+        states.append(sl.randomize.snapshot(model))
+    sl.randomize.restore(model, trained)
+    return states
+
+
+def test_randomization_references_pass():
+    ex.check_cascading_randomization(cascading_ref)
+    ex.check_independent_randomization(independent_ref)
+
+
+@pytest.mark.parametrize("wrong,hint", [
+    (bottom_up, "bottom-up"), (independent_ref, "cumulative"),
+    (same_seed_every_block, "identical random weights"), (not_restored, "not restored"),
+    (global_rng, "global random"), (pytorch_default_init, "running statistics"),
+    (lambda m, b, s: cascading_ref(m, b, s)[:-1], "expected a list"),
+])  # fmt: skip
+def test_cascading_wrong_answers_fail(wrong, hint, effnet):
+    before = {k: v.clone() for k, v in ex._photos()[0].state_dict().items()}
+    with pytest.raises(ex.ExerciseFailed, match=hint):
+        ex.check_cascading_randomization(wrong)
+    after = ex._photos()[0].state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # the check restores the model
+
+
+@pytest.mark.parametrize("wrong,hint", [
+    (cascading_ref, "restore the trained weights before each stage"),
+    (same_seed_every_block, "identical random weights|restore"),
+])  # fmt: skip
+def test_independent_wrong_answers_fail(wrong, hint):
+    with pytest.raises(ex.ExerciseFailed, match=hint):
+        ex.check_independent_randomization(wrong)
+
+
+# ----------------------------------------------------------------------------- digit Spearman
+def digit_spearman_ref(a, b, x):
+    na, nb = sl.abs_normalize(a).flatten(1), sl.abs_normalize(b).flatten(1)
+    keep = x.flatten(1) != 0
+    return torch.cat([spearman(na[i, keep[i]][None], nb[i, keep[i]][None]) for i in range(len(x))])
+
+
+@pytest.mark.parametrize("wrong,hint", [
+    (lambda a, b, x: sl.similarity(a, b, "spearman_abs"), "all pixels"),
+    (lambda a, b, x: sl.mnist.support_spearman(a, b, x, absolute=False), "absolute normalization"),
+    (lambda a, b, x: torch.zeros(len(x), 1), "shape"),
+])  # fmt: skip
+def test_digit_spearman_wrong_answers_fail(wrong, hint):
+    with pytest.raises(ex.ExerciseFailed, match=hint):
+        ex.check_digit_spearman(wrong)
+
+
+# ----------------------------------------------------------------------------- shuffled labels
+def shuffled_ref(y, seed):
+    return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))]
+
+
+def shuffled_in_place(y, seed):
+    y[:] = shuffled_ref(y.clone(), seed)
+    return y
+
+
+@pytest.mark.parametrize("wrong,hint", [
+    (lambda y, s: y[torch.randperm(len(y))], "global random"),
+    (lambda y, s: torch.randint(0, 10, y.shape, generator=torch.Generator().manual_seed(s)),
+     "class frequencies"),
+    (lambda y, s: shuffled_ref(y, 0), "another seed"),
+    (shuffled_in_place, "in place"),
+    (lambda y, s: y.clone(), "unchanged"),
+])  # fmt: skip
+def test_shuffled_labels_wrong_answers_fail(wrong, hint):
+    with pytest.raises(ex.ExerciseFailed, match=hint):
+        ex.check_shuffled_labels(wrong)
+
+
+# ----------------------------------------------------------------------------- SmoothGrad
+def smoothgrad_ref(model, x, target, noise, noise_level):
+    out = []
+    for i in range(len(x)):
+        sigma = noise_level * (x[i].max() - x[i].min())
+        xs = x[i] + sigma * noise[i]
+        out.append(gradient_ref(model, xs, target[i].expand(len(xs))).mean(0))
+    return torch.stack(out)
+
+
+def smoothgrad_sum(model, x, target, noise, noise_level):
+    return smoothgrad_ref(model, x, target, noise, noise_level) * noise.shape[1]
+
+
+def smoothgrad_unscaled(model, x, target, noise, noise_level):
+    return smoothgrad_ref(model, x, target, noise / (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+                          .view(-1, 1, 1, 1, 1), noise_level)
+
+
+def smoothgrad_loss(model, x, target, noise, noise_level):
+    out = []
+    for i in range(len(x)):
+        sigma = noise_level * (x[i].max() - x[i].min())
+        xs = x[i] + sigma * noise[i]
+        out.append(gradient_loss(model, xs, target[i].expand(len(xs))).mean(0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("wrong,hint", [
+    (smoothgrad_sum, "mean over the samples"), (smoothgrad_unscaled, "scale the noise"),
+    (lambda m, x, t, n, s: gradient_ref(m, x, t), "plain gradient"),
+    (smoothgrad_loss, "differs"),
+])  # fmt: skip
+def test_smoothgrad_wrong_answers_fail(wrong, hint):
+    with pytest.raises(ex.ExerciseFailed, match=hint):
+        ex.check_smoothgrad(wrong)
+
+
+def test_references_pass():
+    ex.check_digit_spearman(digit_spearman_ref)
+    ex.check_shuffled_labels(shuffled_ref)
+    ex.check_smoothgrad(smoothgrad_ref)
+
+
+def test_every_check_is_tested():
+    assert set(ex.CHECKS) == {"gradient_map", "spearman_abs", "cascading_randomization",
+                              "independent_randomization", "digit_spearman", "shuffled_labels",
+                              "smoothgrad"}  # fmt: skip

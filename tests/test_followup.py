@@ -1,0 +1,272 @@
+"""The follow-up tests and controls (sanitylib.followup) and the paper's theory (section 5).
+
+Margins were measured on this machine (CPU, torch 2.x) and are noted next to each assertion.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sanitylib as sl
+from sanitylib.followup import (backward_convergence, histogram_entropy, random_targets,
+                                shift_compensated, smoothed_method)
+from sanitylib.randomize import snapshot
+
+
+def _small_cnn(bias: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                         nn.Flatten(), nn.Linear(128, 10)).eval()
+
+
+def _x(n: int = 3, size: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class Linear(nn.Module):
+    """f(x) = W vec(x): the paper's linear model (section 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+# ----------------------------------------------------------------------------- theory
+
+
+def test_linear_model_gradient_is_the_weights_and_input_x_gradient_is_x_times_w():
+    torch.manual_seed(0)
+    model = Linear().eval()
+    x = _x(4, 8)
+    target = torch.tensor([0, 1, 2, 3])
+    g = sl.explain(model, x, "gradient", target)
+    w = model.fc.weight.detach()[target].reshape(x.shape)
+    assert torch.allclose(g, w, atol=1e-7, rtol=0)  # exact up to float rounding
+    assert torch.allclose(sl.explain(model, x, "input_x_gradient", target), x * w, atol=1e-7)
+    # IG with a zero baseline on a linear model is x * w as well (exact Riemann sum)
+    ig = sl.explain(model, x, "integrated_gradients", target)
+    assert torch.allclose(ig, x * w, atol=1e-5)
+    # the gradient does not depend on the input at all
+    assert torch.equal(sl.explain(model, x.flip(0), "gradient", target), g)
+
+
+def test_conv_relu_guided_backprop_is_an_input_dependent_edge_detector():
+    """l(x) = sum ReLU(w * x): GBP (= the gradient here, one ReLU, positive upstream signal) is
+    sum over the 3x3 neighbourhood of a(x)*w, a = 1[w * x > 0]: constant in uniform regions,
+    changing at edges, and a function of the input through the activation pattern."""
+
+    class ConvSum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            s = self.relu(self.conv(x)).sum((1, 2, 3))
+            return torch.stack([s, -s], 1)
+
+    torch.manual_seed(0)
+    model = ConvSum().eval()
+    with torch.no_grad():
+        model.conv.weight.copy_(torch.tensor([[[[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]]]]))
+    x = torch.zeros(1, 1, 16, 16)
+    x[..., :, 8:] = 1.0  # a vertical step edge
+    gbp = sl.explain(model, x, "guided_backprop", 0)
+    a = (F.conv2d(x, model.conv.weight, padding=1) > 0).float()
+    analytic = F.conv_transpose2d(a, model.conv.weight, padding=1)
+    assert torch.allclose(gbp, analytic, atol=1e-6)
+    assert gbp[..., 4:12, 2:5].abs().max() == 0  # uniform region: no signal
+    assert gbp[..., 4:12, 6:10].abs().max() > 0.9  # measured 2.0: the edge lights up
+    shifted = torch.roll(x, 3, dims=-1)
+    assert not torch.allclose(sl.explain(model, shifted, "guided_backprop", 0), gbp)
+
+
+# ----------------------------------------------------------------------------- input invariance
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_invariance_gradient_unchanged_input_x_gradient_changes(bias):
+    model = _small_cnn(bias)
+    before = snapshot(model)
+    x = _x()
+    df = sl.input_invariance(model, x, ["gradient", "input_x_gradient", "integrated_gradients"],
+                             shift=0.7, metrics=["spearman"])
+    rel = df[df.metric == "relative_change"].groupby("method").value.max()
+    assert rel["gradient"] < 1e-5  # measured ~1e-7
+    assert rel["input_x_gradient"] > 0.3  # measured ~1.0
+    assert rel["integrated_gradients"] > 0.3  # measured ~1.4
+    assert df.attrs["output_change"] < 1e-4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # the user's model is untouched
+
+
+def test_shift_compensated_is_exact_with_padding_and_nested_torchvision_convs():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None).eval()  # conv1: nested-free, no bias, pad 3
+    x = _x(2, 64)
+    shifted, xs = shift_compensated(model, x, [0.5, -0.2, 1.0])
+    with torch.no_grad():
+        assert torch.allclose(model(x), shifted(xs), atol=1e-4)
+    vgg = torchvision.models.vgg11(weights=None).eval()  # features.0: nested, with bias
+    shifted, xs = shift_compensated(vgg, _x(1, 32), 1.0)
+    with torch.no_grad():
+        assert torch.allclose(vgg(_x(1, 32)), shifted(xs), atol=1e-4)
+
+
+def test_shift_compensated_bad_arguments():
+    model = _small_cnn()
+    with pytest.raises(ValueError, match="shift"):
+        shift_compensated(model, _x(), [1.0, 2.0])
+    with pytest.raises(ValueError, match="shift"):
+        shift_compensated(model, _x(), float("nan"))
+    with pytest.raises(ValueError, match="convolution"):
+        shift_compensated(Linear(), _x(1, 8), 1.0)
+
+
+# ----------------------------------------------------------------------------- random logit
+
+
+def test_random_targets_differ_and_are_reproducible():
+    t = torch.tensor([0, 5, 9, 3])
+    r = random_targets(10, t, seed=3)
+    assert (r != t).all() and ((r >= 0) & (r < 10)).all()
+    assert torch.equal(r, random_targets(10, t, seed=3))
+    assert torch.equal(r[:2], random_targets(10, t[:2], seed=3))  # independent of the batch
+
+
+def test_random_logit_separates_gradient_from_guided_backprop_on_the_books_model(effnet):
+    batch = sl.load_photos(effnet, names=["chelsea"])
+    df = sl.random_logit(effnet, batch.x, ["gradient", "guided_backprop"], metrics=["spearman"])
+    v = df.set_index("method").value
+    # measured: Gradient -0.04 to 0.04 (the map changes with the class), GBP 0.999
+    assert v["guided_backprop"] > 0.95
+    assert abs(v["gradient"]) < 0.5
+    assert (df.random_target != df.target).all()
+
+
+def test_random_logit_bad_arguments():
+    model, x = _small_cnn(), _x()
+    with pytest.raises(ValueError, match="random_target"):
+        sl.random_logit(model, x, ["gradient"], target=1, random_target=1)
+    with pytest.raises(ValueError, match="seed"):
+        sl.random_logit(model, x, ["gradient"], seed=1.5)
+    with pytest.raises(ValueError, match="method"):
+        sl.random_logit(model, x, ["no_such_method"])
+
+
+# ----------------------------------------------------------------------------- convergence
+
+
+def test_guided_backprop_converges_to_rank_one_gradient_does_not(effnet):
+    batch = sl.load_photos(effnet, names=["chelsea"])
+    df = backward_convergence(effnet, batch.x, n_directions=4)
+    inp = df[df.layer == "input"].set_index("rule").cosine
+    assert inp["guided_backprop"] > 0.99  # measured 0.9994
+    assert abs(inp["gradient"]) < 0.3  # measured -0.02
+    with pytest.raises(ValueError, match="rules"):
+        backward_convergence(effnet, batch.x, rules=["lrp"])
+
+
+def test_convergence_gbp_rule_matches_captum_guided_backprop():
+    """The rule used for the convergence is Guided BackProp: at the input, one output direction
+    (a one-hot class) gives captum's map."""
+    model, x = _small_cnn(), _x(1)
+    gbp = sl.explain(model, x, "guided_backprop", 2)
+    from sanitylib.followup import _PositiveGrad
+
+    hooks = [m.register_forward_hook(lambda _m, _i, out: _PositiveGrad.apply(out))
+             for m in model.modules() if isinstance(m, nn.ReLU)]
+    xi = x.clone().requires_grad_(True)
+    model(xi)[0, 2].backward()
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(xi.grad, gbp, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- order, activations
+
+
+def test_bottom_up_differs_from_top_down_and_is_reversed():
+    model, x = _small_cnn(), _x()
+    kw = dict(metrics=["spearman_abs"], cache=False, progress=False, floor=False)
+    td = sl.cascading_randomization(model, x, ["guided_backprop"], **kw)
+    bu = sl.cascading_randomization(model, x, ["guided_backprop"], order="bottom_up",
+                                    activations=True, **kw)
+    assert td.attrs["stages"] == bu.attrs["stages"][::-1]
+    assert bu.attrs["order"] == "bottom_up"
+    a = td.groupby("stage_index").value.mean().values
+    b = bu.groupby("stage_index").value.mean().values
+    # GBP ignores the top layer (top-down, stage 0) but not the first conv (bottom-up, stage 0)
+    assert a[0] - b[0] > 0.2  # measured: 0.41 (top-down) vs 0.10 (bottom-up)
+    assert abs(a[-1] - b[-1]) < 1e-9  # everything randomized: the same model
+    act = bu.attrs["activations"]
+    first = act[act.stage_index == 0]
+    # bottom-up: the first block is randomized at stage 0, so its scale changes
+    assert abs(first[first.block == "0"].ratio.iloc[0] - 1) > 0.1
+    td_act = sl.activation_scales(model, x, order="top_down")
+    below = td_act[(td_act.stage_index == 0) & (td_act.block == "0")]
+    assert below.ratio.iloc[0] == pytest.approx(1.0, abs=1e-12)  # blocks below are untouched
+    with pytest.raises(ValueError, match="order"):
+        sl.cascading_randomization(model, x, ["gradient"], order="sideways", **kw)
+
+
+# ----------------------------------------------------------------------------- sMPRT, eMPRT
+
+
+def test_smoothed_method_is_seeded_and_averages():
+    model, x = _small_cnn(), _x()
+    s1 = smoothed_method("gradient", n_samples=4, seed=1)
+    t = torch.zeros(len(x), dtype=torch.long)
+    a = s1.fn(model, x, t)
+    assert torch.equal(a, smoothed_method("gradient", n_samples=4, seed=1).fn(model, x, t))
+    assert torch.allclose(a[:1], s1.fn(model, x[:1], t[:1]), atol=1e-7)  # same noise in any batch
+    assert not torch.allclose(a, smoothed_method("gradient", n_samples=4, seed=2).fn(model, x, t))
+    zero = smoothed_method("gradient", n_samples=3, noise_level=0.0).fn(model, x, t)
+    assert torch.allclose(zero, sl.explain(model, x, "gradient", t), atol=1e-6)
+    with pytest.raises(ValueError, match="n_samples"):
+        smoothed_method("gradient", n_samples=0)
+    with pytest.raises(ValueError, match="noise_level"):
+        smoothed_method("gradient", noise_level=-1)
+
+
+def test_smprt_runs_bottom_up_and_smoothing_raises_similarity_of_trained_maps():
+    model, x = _small_cnn(), _x()
+    df = sl.smprt(model, x, ["gradient"], n_samples=4, progress=False)
+    assert (df.test == "smprt").all()
+    assert df.groupby("stage_index").stage.first().tolist() == ["0", "2", "6"]  # bottom-up
+
+
+def test_histogram_entropy_and_emprt_properties():
+    assert float(histogram_entropy(torch.ones(1, 3, 4, 4))[0]) == 0.0
+    u = torch.rand(1, 100000, generator=torch.Generator().manual_seed(0))
+    assert float(histogram_entropy(u, n_bins=100)[0]) == pytest.approx(torch.log(torch.tensor(100.)).item(), abs=0.01)
+    model, x = _small_cnn(), _x()
+    before = snapshot(model)
+    df = sl.emprt(model, x, ["gradient", "edge_detector"])
+    v = df.groupby("method").value.mean()
+    assert v["edge_detector"] == pytest.approx(0.0, abs=1e-12)  # model-independent: no rise
+    assert ((df.value - (df.entropy_random - df.entropy_trained) / df.entropy_trained).abs() < 1e-12).all()
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, before[k])
+    with pytest.raises(ValueError, match="n_bins"):
+        sl.emprt(model, x, ["gradient"], n_bins=1)
+    with pytest.raises(ValueError, match="target"):
+        sl.emprt(model, x, ["gradient"], target="other")
+
+
+# ----------------------------------------------------------------------------- section 5.2
+
+
+def test_input_times_random_is_similar_in_absolute_value():
+    x = _x(3, 32) + 2.0  # an input far from zero dominates the product
+    df = sl.input_times_random(x, metrics=["spearman_abs", "spearman"])
+    v = df.groupby("metric").value.mean()
+    assert v["spearman_abs"] > v["spearman"] + 0.1
+    with pytest.raises(ValueError, match="distribution"):
+        sl.input_times_random(x, distribution="cauchy")

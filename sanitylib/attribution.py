@@ -52,7 +52,7 @@ METHODS = (
     "ig_smoothgrad", "guided_backprop", "gradcam", "guided_gradcam", "edge_detector",
 )  # fmt: skip
 
-#: The authors' hyper-parameters (paper-protocol.md section 3); options of :func:`explain`.
+#: The authors' hyper-parameters (the paper's Appendix and the authors' code); options of :func:`explain`.
 PAPER_SETTINGS: dict[str, dict] = {
     "integrated_gradients": {"n_steps": 50, "baseline": 0.0, "rule": "paper"},
     "smoothgrad": {"n_samples": 50, "noise_level": 0.15},

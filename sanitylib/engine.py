@@ -34,7 +34,7 @@ engine computes exactly what :func:`sanitylib.explain` computes per method, with
   Replay is on by default on CUDA, and on the CPU where freed memory is kept
   (see :data:`REPLAY_ON_CPU`).
 * **Mixed precision** (``amp="bfloat16"`` or ``"float16"``): optional autocast of the forward
-  pass; off by default (see the book's status page for its measured effect on the metrics).
+  pass; off by default (see benchmarks/README.md for its measured effect on the metrics).
 
 The model states (:class:`sanitylib.randomize.ModelStates`) and forward replay
 (:mod:`sanitylib.replay`) live in their own modules, the map features and metrics in

@@ -28,8 +28,10 @@ from torch import Tensor, nn
 from .attribution import METHODS, PAPER_SETTINGS, derive_seed, predict, unit_noise
 from .data import MnistData, load_mnist
 from .experiment import explain_methods
-from .metrics import METRICS, noise_floor, similarity, spearman
+from .metrics import noise_floor, similarity, spearman
 from .models import get_info
+from .randomize import evaluating
+from .registry import resolve_methods, resolve_metrics
 from .postprocess import abs_normalize, diverging_normalize
 
 __all__ = ["MNIST_METHODS", "CONV_ONLY_METHODS", "ARCHITECTURES", "methods_for", "load_data",
@@ -48,24 +50,25 @@ ARCHITECTURES = {"mnist_cnn": "CNN", "mnist_mlp": "MLP"}
 # ----------------------------------------------------------------------------- methods
 
 
-def methods_for(model: nn.Module, methods: Sequence[str], verbose: bool = True) -> list[str]:
+def methods_for(model: nn.Module, methods: Sequence, verbose: bool = True) -> list:
     """``methods`` without GradCAM and Guided GradCAM when ``model`` declares no GradCAM layer
     (the MLP: no convolution, so no spatial feature map to weight); a note says so.
+
+    ``methods`` are registered names, callables, captum classes or specs (as everywhere in
+    sanitylib); they come back as given, in order.
 
     Raises:
         ValueError: unknown method names.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    specs = resolve_methods(methods)
     info = get_info(model)
     if info is None or info.gradcam_layer:
         return list(methods)
-    dropped = [m for m in methods if m in CONV_ONLY_METHODS]
+    dropped = [s.name for s in specs if s.name in CONV_ONLY_METHODS]
     if dropped and verbose:
         print(f"Note: {info.name} has no convolutional layer, so {' and '.join(dropped)} "
               "(which weight a convolutional feature map) are left out for it, as in the paper.")
-    return [m for m in methods if m not in CONV_ONLY_METHODS]
+    return [m for m, s in zip(methods, specs) if s.name not in CONV_ONLY_METHODS]
 
 
 # ----------------------------------------------------------------------------- models
@@ -179,9 +182,7 @@ def data_randomization(model_true: nn.Module, model_random: nn.Module, x: Tensor
         true-label model's maps (:func:`sanitylib.metrics.noise_floor`; ``None`` for one
         image).
     """
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise ValueError(f"unknown metrics {bad}; known: {', '.join(METRICS)}")
+    metric_names = [mt.name for mt in resolve_metrics(metrics)]
     methods = methods_for(model_true, methods, verbose=progress)
     info = get_info(model_true)
     label = label or (info.name if info else type(model_true).__name__)
@@ -192,12 +193,12 @@ def data_randomization(model_true: nn.Module, model_random: nn.Module, x: Tensor
     maps = {}
     targets = {}
     for key, model in (("true", model_true), ("random", model_random)):
-        model.eval()
-        targets[key] = predict(model, x).argmax(1)
+        with evaluating(model):  # the user's model comes back in its own mode
+            targets[key] = predict(model, x).argmax(1)
         maps[key] = explain_methods(model, x, methods, opts, seed=seed, progress=progress)
     rows = []
-    for m in methods:
-        for metric in metrics:
+    for m in (spec.name for spec in resolve_methods(methods)):
+        for metric in metric_names:
             vals = similarity(maps["true"][m], maps["random"][m], metric).tolist()
             rows += [{"model": label, "method": m, "image": i, "image_name": names[i],
                       "metric": metric, "value": float(v),
@@ -206,8 +207,8 @@ def data_randomization(model_true: nn.Module, model_random: nn.Module, x: Tensor
                      for i, v in enumerate(vals)]  # fmt: skip
     df = pd.DataFrame(rows)
     df.attrs["maps"] = maps
-    df.attrs["methods"] = methods
-    df.attrs["floor"] = noise_floor(maps["true"], metrics, seed=seed) if len(x) > 1 else None
+    df.attrs["methods"] = [spec.name for spec in resolve_methods(methods)]
+    df.attrs["floor"] = noise_floor(maps["true"], metric_names, seed=seed) if len(x) > 1 else None
     return df
 
 

@@ -1,6 +1,6 @@
 """Weight-noise sensitivity: how fast do saliency maps change as noise is added to the weights?
 
-The extension of the course report (paper-protocol.md section 8), done with replicates:
+The extension of the course report (Gaussian noise on the weights), done with replicates:
 
 * :func:`noise_sensitivity` adds zero-mean Gaussian noise (or multiplicative noise) to the
   weights and biases, cascading from the logits down, for every ``sigma`` (absolute, or relative

@@ -1,4 +1,4 @@
-"""numpy ports of the paper's normalizations (paper-protocol.md section 4), shared by the tests."""
+"""numpy ports of the paper's normalizations (the paper's Section 3 and the authors' code), shared by the tests."""
 
 import numpy as np
 import torch

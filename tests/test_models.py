@@ -23,7 +23,7 @@ from torch import nn
 from sanitylib import models as M
 from sanitylib.data import load_photos
 
-# The paper's 17 Inception v3 cascade blocks, top to bottom (paper-protocol.md section 2.1).
+# The paper's 17 Inception v3 cascade blocks, top to bottom (the paper's Appendix, Fig. 2 and the authors' code).
 PAPER_INCEPTION_BLOCKS = [
     "Logits", "Mixed_7c", "Mixed_7b", "Mixed_7a", "Mixed_6e", "Mixed_6d", "Mixed_6c",
     "Mixed_6b", "Mixed_6a", "Mixed_5d", "Mixed_5c", "Mixed_5b", "Conv2d_4a_3x3",

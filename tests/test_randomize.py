@@ -1,7 +1,7 @@
 """Tests for sanitylib.randomize: the authors' re-initialization, perturbations, blocks, stages,
 and the bit-exact restoration of the model.
 
-The expected statistics come from the protocol (paper-protocol.md section 2.1): TF-slim's
+The expected statistics come from the protocol (the authors' code): TF-slim's
 ``variance_scaling_initializer`` = normal with std sqrt(1.3 * 2 / fan_in) truncated at +-2 std,
 biases 0, BatchNorm gamma 1 / beta 0 with the running statistics KEPT.
 """

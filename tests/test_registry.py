@@ -271,3 +271,23 @@ def test_builtins_are_specs_with_the_papers_settings():
         sl.get_method("vargrad").settings({"noise_level": float("nan")})
     with pytest.raises(ValueError, match="n_steps must be an int >= 1"):
         sl.get_method("integrated_gradients").settings({"n_steps": 0})
+
+
+def test_data_randomization_takes_user_methods_and_keeps_the_models_mode(tiny, xt, user_methods):
+    """The MNIST data-randomization runner goes through the registry like the others: a
+    registered name and a bare callable give the built-in gradient's values; both models come
+    back in the mode they were given in."""
+    from sanitylib.mnist import data_randomization
+
+    torch.manual_seed(1)
+    other = TinyCNN().train()
+    user_methods("user_gradient_dr", plain_gradient)
+    df = data_randomization(tiny, other, xt, ["gradient", "user_gradient_dr", plain_gradient],
+                            metrics=["spearman_abs"], progress=False)  # fmt: skip
+    assert set(df["method"]) == {"gradient", "user_gradient_dr", "plain_gradient"}
+    ref = df[df["method"] == "gradient"]["value"].to_numpy()
+    for m in ("user_gradient_dr", "plain_gradient"):
+        assert abs(df[df["method"] == m]["value"].to_numpy() - ref).max() < 1e-5
+    assert not tiny.training and other.training
+    with pytest.raises(ValueError, match="no_such_method"):
+        data_randomization(tiny, other, xt, ["no_such_method"], progress=False)

@@ -141,7 +141,7 @@ INDEPENDENT_CLAIMS: tuple[Claim, ...] = (
           paper="qualitative: lower layers change the map (§3.2)"),
 )  # fmt: skip
 
-#: The course report's conclusions (paper-protocol.md section 8), tested on one
+#: The course report's conclusions (its section on Gaussian weight noise), tested on one
 #: :func:`sanitylib.sensitivity.sensitivity_summary` (one model, one noise scale).  Methods
 #: are selected by *name* (the report's plots selected them by position, which shifted the
 #: labels).

@@ -27,5 +27,14 @@ def effnet():
     return load_model("efficientnet_lite0")
 
 
+@pytest.fixture(scope="session")
+def clean_python(tmp_path_factory):
+    """The Python of the package-only environment (``.venv-clean``) with this working tree's
+    sanitylib installed (see ``clean_env.py``); one instance per session, for every module."""
+    from clean_env import clean_python_env
+
+    yield from clean_python_env(tmp_path_factory)
+
+
 if not torch.cuda.is_available():
     collect_ignore = ["test_gpu.py"]

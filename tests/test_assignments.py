@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from sanitylib.book import assignments as asg
-from test_notebooks import clean_python  # noqa: F401  (fixture: the package-only environment)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -111,7 +110,7 @@ def test_otter_export_calls_the_same_checks(tmp_path):
 def test_student_notebooks_stop_at_their_first_stub(clean_python, tmp_path):
     """Run in the package-only environment: every student notebook fails exactly with the
     NotImplementedError of its first exercise, after the set-up cells ran without error."""
-    from test_notebooks import KERNEL, _clean_env
+    from clean_env import KERNEL, _clean_env
 
     for path in COMMITTED:
         out = tmp_path / path.name

@@ -5,7 +5,8 @@
 #               papermill and ipykernel, built on first use and kept while pyproject.toml is unchanged
 #   make assignments  write the student notebooks assignments/*.ipynb from the chapters
 #   make lab    open the chapters in JupyterLab (same .venv, the project's kernel)
-#   make bench  also install the `bench` extra (Quantus 0.6) and run benchmarks/bench_sanity.py
+#   make bench  also install the `bench` extra (Quantus 0.6), run benchmarks/bench_sanity.py and the
+#               agreement test with Quantus (tests/test_quantus_agreement.py)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -57,6 +58,7 @@ BENCH_THREADS ?= 2
 bench: $(BENCH_STAMP)
 	OMP_NUM_THREADS=$(BENCH_THREADS) MKL_NUM_THREADS=$(BENCH_THREADS) OPENBLAS_NUM_THREADS=$(BENCH_THREADS) \
 	  $(BIN)/python benchmarks/bench_sanity.py --threads $(BENCH_THREADS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_quantus_agreement.py
 
 clean:
 	rm -rf _build .venv-clean .venv-clean.lock

@@ -198,7 +198,7 @@ def test_gradcam_methods_are_left_out_for_the_mlp_with_a_note(quick_models, caps
     assert "gradcam" not in kept and "guided_gradcam" not in kept and len(kept) == 6
     out = capsys.readouterr().out
     assert "Note: mnist_mlp has no convolutional layer" in out and "gradcam" in out
-    with pytest.raises(ValueError, match="unknown methods"):
+    with pytest.raises(ValueError, match="unknown method 'saliency'"):
         MN.methods_for(mlp, ["saliency"])
     # asking explain() for GradCAM on the MLP directly is a clear error, not a silent map
     with pytest.raises(ValueError, match="GradCAM needs a layer"):
@@ -224,7 +224,7 @@ def test_data_randomization_table(quick_models, small):
                                  method_options={"smoothgrad": {"n_samples": 3}},
                                  progress=False)  # fmt: skip
     assert same["value"].to_numpy() == pytest.approx(1.0)  # common random numbers: SG too
-    with pytest.raises(ValueError, match="unknown metrics"):
+    with pytest.raises(ValueError, match="unknown metric 'pearson_r'"):
         MN.data_randomization(quick_models[("mnist_cnn", "true")],
                               quick_models[("mnist_cnn", "random")], x, methods,
                               metrics=["pearson_r"], progress=False)  # fmt: skip

@@ -623,6 +623,13 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be an int, got {seed!r}")
 
 
+def check_batch_size(value, name: str = "batch_size") -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is None or an int >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                              or value < 1):
+        raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+
+
 def _check_int(settings: dict, key: str, lo: int = 1) -> None:
     v = settings[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:

@@ -14,10 +14,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .attribution import DEFAULT_BATCH_SIZE, check_input, check_seed
+from .attribution import DEFAULT_BATCH_SIZE, check_batch_size, check_input, check_seed
 from .models import Block, get_submodule
-from .randomize import (ModelStates, Perturbation, cascading_stages, evaluating, get_blocks,
-                        independent_stages)  # fmt: skip
+from .randomize import (ModelStates, Perturbation, check_schedule, evaluating, get_blocks,
+                        schedule_stages)  # fmt: skip
 
 __all__ = ["activation_scales"]
 
@@ -53,18 +53,12 @@ def activation_scales(model: nn.Module, x: Tensor, blocks=None, *, schedule: str
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_input(model, x)
     check_seed(seed)
-    if schedule not in ("cascading", "independent"):
-        raise ValueError(f"schedule must be 'cascading' or 'independent', got {schedule!r}")
-    if order not in ("top_down", "bottom_up"):
-        raise ValueError(f"order must be 'top_down' or 'bottom_up', got {order!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
-        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+    check_schedule(schedule, order)
+    check_batch_size(batch_size)
     dev = next((p.device for p in model.parameters()), x.device)
     x = x.detach().to(dev)
     blocks_ = get_blocks(model, blocks, x)
-    ordered = blocks_[::-1] if order == "bottom_up" else blocks_
-    stages = (cascading_stages if schedule == "cascading" else independent_stages)(ordered)
+    stages = schedule_stages(blocks_, schedule, order)
 
     def measure(m: nn.Module) -> dict[str, float]:
         outs, hooks = _block_outputs(m, blocks_)

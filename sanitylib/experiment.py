@@ -38,15 +38,15 @@ import torch.fx
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .attribution import check_input, check_seed, explain, predict
+from .attribution import check_batch_size, check_input, check_seed, explain, predict
 from .engine import (AMP_DTYPES, GroupMaps, auto_batch_size, compute_maps, image_groups,
                      iter_state_maps, rows_per_image)  # fmt: skip
 from .diagnostics import activation_scales
 from .metrics import MapFeatures, compare, noise_floor
 from .models import Block, get_info
 from .registry import MethodSpec, resolve_methods, resolve_metrics
-from .randomize import (Perturbation, Stage, cascading_stages, evaluating, get_blocks,
-                        independent_stages, randomized, snapshot)  # fmt: skip
+from .randomize import (Perturbation, Stage, check_schedule, evaluating, get_blocks, randomized,
+                        schedule_stages, snapshot)  # fmt: skip
 from .utils import __version__, atomic_save, atomic_write, cache_dir, load_cached, source_hash, tensor_hash
 
 __all__ = ["DEFAULT_METRICS", "MapStore", "run_randomization", "cascading_randomization",
@@ -426,8 +426,7 @@ def _check_arguments(model, x, schedule, blocks, seed, perturbation, target, met
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_input(model, x)
     check_seed(seed)
-    if schedule not in ("cascading", "independent"):
-        raise ValueError(f"unknown schedule {schedule!r}; known: 'cascading', 'independent'")
+    check_schedule(schedule)
     if target not in ("current", "original"):
         raise ValueError(f"target must be 'current' or 'original', got {target!r}")
     if engine not in ("batched", "reference"):
@@ -453,9 +452,8 @@ def _check_arguments(model, x, schedule, blocks, seed, perturbation, target, met
     elif isinstance(store_maps, (str, bytes, bool)) or not hasattr(store_maps, "__iter__") \
             or not all(_is_int(i) for i in store_maps):
         raise ValueError(f"store_maps must be an int >= 0 or a list of image indices, got {store_maps!r}")
-    for name, v in (("batch_size", batch_size), ("group_size", group_size)):
-        if v is not None and (not _is_int(v) or v < 1):
-            raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+    check_batch_size(batch_size)
+    check_batch_size(group_size, "group_size")
     if not isinstance(cache, (bool, str, os.PathLike)):
         raise ValueError(f"cache must be True, False or a folder (str or path), got {cache!r}")
     for name, v in (("progress", progress), ("floor", floor)):
@@ -741,8 +739,7 @@ def run_randomization(
     _check_arguments(model, x, schedule, blocks, seed, perturbation, target, method_options,
                      image_names, store_maps, batch_size, cache, progress, label, engine, amp,
                      group_size, floor)  # fmt: skip
-    if order not in ("top_down", "bottom_up"):
-        raise ValueError(f"order must be 'top_down' or 'bottom_up', got {order!r}")
+    check_schedule(schedule, order)
     if not isinstance(activations, bool):
         raise ValueError(f"activations must be True or False, got {activations!r}")
     if image_ids is not None:
@@ -777,9 +774,9 @@ def _run(model, x, specs, fns, schedule, blocks, seed, perturbation, target, met
          floor, order="top_down", image_ids=None) -> pd.DataFrame:  # fmt: skip
     methods = [sp.name for sp in specs]
     blocks_ = get_blocks(model, blocks, x)
-    if order == "bottom_up":
+    stages = schedule_stages(blocks_, schedule, order)
+    if order == "bottom_up":  # the cache key lists the blocks in the order they are randomized
         blocks_ = blocks_[::-1]
-    stages = (cascading_stages if schedule == "cascading" else independent_stages)(blocks_)
     info = get_info(model)
     label = label or (info.name if info else type(model).__name__)
     ids = image_ids if image_ids is not None else list(range(len(x)))

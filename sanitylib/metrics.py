@@ -66,15 +66,42 @@ def is_constant(x: Tensor) -> Tensor:
     return (x == x[:, :1]).all(1)
 
 
+def _argsort_rows(xn: np.ndarray, order: np.ndarray, values: np.ndarray) -> None:
+    order[...] = np.argsort(xn, axis=1)
+    values[...] = np.take_along_axis(xn, order, axis=1)
+
+
+_SORT_POOL: dict[int, object] = {}
+_PARALLEL_SORT_MIN = 1 << 17  # elements; below this a thread hand-off costs more than it saves
+
+
 def sort_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """``x.sort(dim=1)`` of a finite (N, D) tensor -> (values, indices); the order of equal
     values is unspecified.  On the CPU numpy's ``argsort`` (SIMD-accelerated on x86) is used:
-    2.5x faster than ``torch.sort`` on (8, 50176) float32 rows."""
+    2.5x faster than ``torch.sort`` on (8, 50176) float32 rows; large inputs are split by rows
+    over ``torch.get_num_threads()`` threads (numpy sorts without the GIL), as torch's own
+    operations would use them: 36 -> 19 ms for (16, 50176) float32 on 2 threads."""
     if x.device.type != "cpu" or x.requires_grad:
         return x.sort(dim=1)
     xn = x.detach().contiguous().numpy()
-    order = np.argsort(xn, axis=1)
-    return torch.from_numpy(np.take_along_axis(xn, order, axis=1)), torch.from_numpy(order)
+    order = np.empty(xn.shape, dtype=np.int64)
+    values = np.empty_like(xn)
+    k = min(torch.get_num_threads(), len(xn))
+    if k < 2 or xn.size < _PARALLEL_SORT_MIN:
+        _argsort_rows(xn, order, values)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = _SORT_POOL.get(k)
+        if pool is None:  # one private pool per thread count, reused (no global state changes)
+            pool = _SORT_POOL[k] = ThreadPoolExecutor(k - 1, thread_name_prefix="sanitylib-sort")
+        cuts = np.linspace(0, len(xn), k + 1).astype(int)
+        parts = [(xn[a:b], order[a:b], values[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+        futures = [pool.submit(_argsort_rows, *p) for p in parts[1:]]
+        _argsort_rows(*parts[0])
+        for f in futures:
+            f.result()
+    return torch.from_numpy(values), torch.from_numpy(order)
 
 
 def rankdata(x: Tensor) -> Tensor:

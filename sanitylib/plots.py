@@ -317,18 +317,20 @@ def stage_heatmap(df: pd.DataFrame, metric: str, methods: Sequence[str] | None =
 
 def abs_vs_diverging_grid(store, image: int, methods: Sequence[str],
                           picture: np.ndarray | None = None, title: str | None = None,
-                          size: float = 0.85) -> Figure:  # fmt: skip
-    """:func:`stage_grid` in the absolute (left) and the diverging (right) visualization side
-    by side: rows = methods, columns = the trained model then each randomization stage."""
+                          size: float = 1.1) -> Figure:  # fmt: skip
+    """:func:`stage_grid` in the absolute (top) and the diverging (bottom) visualization, one
+    above the other so that each panel keeps a readable size at the page's width: rows =
+    methods, columns = the input (``picture``), the trained model, then each randomization
+    stage.  ``size``: inches per map."""
     methods = _names(methods)
     if image not in store.images:
         raise ValueError(f"maps of image {image} were not stored; stored: {store.images}")
     k = store.images.index(image)
     stages = list(store.stages)
     cols = len(stages) + (picture is not None)
-    fig = plt.figure(figsize=(2 * size * cols + 1.2, size * len(methods) + 0.9),
+    fig = plt.figure(figsize=(size * cols + 1.6, 2 * (size * len(methods) + 0.5) + 0.4),
                      constrained_layout=True)  # fmt: skip
-    for sub, vis in zip(fig.subfigures(1, 2, wspace=0.04), ("abs", "diverging")):
+    for sub, vis in zip(fig.subfigures(2, 1, hspace=0.03), ("abs", "diverging")):
         axes = sub.subplots(len(methods), cols, squeeze=False)
         for r, m in enumerate(methods):
             off = 0
@@ -340,8 +342,8 @@ def abs_vs_diverging_grid(store, image: int, methods: Sequence[str],
             for c, s in enumerate(stages):
                 _show(axes[r, c + off], to_display(store[s][m][k : k + 1], vis)[0], vis)
                 if r == 0:
-                    axes[0, c + off].set_title(s, rotation=45, fontsize=7)
-            axes[r, 0].set_ylabel(METHOD_LABELS.get(m, m), rotation=0, ha="right", fontsize=7)
+                    axes[0, c + off].set_title(s, rotation=30, fontsize=8)
+            axes[r, 0].set_ylabel(METHOD_LABELS.get(m, m), rotation=0, ha="right", fontsize=8)
         sub.suptitle("absolute" if vis == "abs" else "diverging (red +, blue −)", fontsize=9)
     if title:
         fig.suptitle(title)

@@ -21,7 +21,8 @@ from .models import Block, get_info, get_submodule, init_mnist_cnn_, init_mnist_
 from .utils import derive_seed
 
 __all__ = ["INITS", "Perturbation", "Stage", "get_blocks", "infer_blocks", "cascading_stages",
-           "independent_stages", "randomize_", "randomized", "snapshot", "restore", "ModelStates", "evaluating"]  # fmt: skip
+           "independent_stages", "SCHEDULES", "ORDERS", "check_schedule", "schedule_stages",
+           "randomize_", "randomized", "snapshot", "restore", "ModelStates", "evaluating"]  # fmt: skip
 
 Initializer = Callable[[nn.Module, torch.Generator], None]
 
@@ -220,6 +221,28 @@ def cascading_stages(blocks: Sequence[Block]) -> list[Stage]:
 def independent_stages(blocks: Sequence[Block]) -> list[Stage]:
     """Stage k randomizes blocks[k] alone."""
     return [Stage(b.name, (b,)) for b in blocks]
+
+
+#: The randomization schedules and the orders of their blocks.
+SCHEDULES = ("cascading", "independent")
+ORDERS = ("top_down", "bottom_up")
+
+
+def check_schedule(schedule, order="top_down") -> None:
+    """``ValueError`` naming the argument unless ``schedule`` is one of :data:`SCHEDULES` and
+    ``order`` one of :data:`ORDERS`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: 'cascading', 'independent'")
+    if order not in ORDERS:
+        raise ValueError(f"order must be 'top_down' or 'bottom_up', got {order!r}")
+
+
+def schedule_stages(blocks: Sequence[Block], schedule: str, order: str = "top_down") -> list[Stage]:
+    """The stages of ``schedule`` over ``blocks`` (ordered top to bottom): ``"top_down"``
+    randomizes the output block first (the paper), ``"bottom_up"`` the input block first."""
+    check_schedule(schedule, order)
+    ordered = list(blocks)[::-1] if order == "bottom_up" else list(blocks)
+    return (cascading_stages if schedule == "cascading" else independent_stages)(ordered)
 
 
 # ----------------------------------------------------------------------------- apply / restore

@@ -2,7 +2,9 @@
 
 Every method, every metric and the runners on CUDA against the CPU, with IEEE fp32 (TF32 off:
 the reference numerics); the opt-in fast mode (TF32) validated against it; InceptionV3's
-deterministic backward; the command line on CUDA."""
+deterministic backward; the command line and the two benchmarks' GPU paths on CUDA."""
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -133,3 +135,39 @@ def test_command_line_on_cuda(tmp_path):
     rec = json.loads((out / "config.json").read_text())
     assert rec["config"]["device"] == "cuda" and rec["run"]["precision"]["tf32"] is False
     assert rec["run"]["precision"]["gpu"] and rec["run"]["peak_gpu_memory_gib"] > 0
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _bench(script: str, *args: str, timeout: int = 600):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(root / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
+
+
+def test_bench_sanity_on_cuda():
+    """The benchmark's GPU path end to end (captum workload, one image, one repetition):
+    synchronized timers, device-sized chunks, peak memory, the deterministic methods' values
+    equal to the captum loop's; the noise methods counted (CUDA noise streams differ)."""
+    out = _bench("bench_sanity.py", "--device", "cuda", "--skip-quantus", "--captum-images", "1",
+                 "--repeats", "1")  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert "GPU:" in text and "IEEE fp32 (TF32 off)" in text and "peak GPU memory" in text
+    assert re.search(r"over 180 values \(120 of them: the deterministic methods", text), text[-3000:]
+    assert "ERROR" not in text and re.search(r"^RESULT speedup_vs_captum_loop=", text, re.M)
+
+
+def test_bench_paper_profile_on_cuda():
+    out = _bench("bench_paper_profile.py", "--device", "cuda", "--images", "2", "--blocks", "2",
+                 "--scale-samples", "0.1", "--repeats", "1")  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("PAPER_PROFILE device=cuda images=2 states=3"), line

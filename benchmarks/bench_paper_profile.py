@@ -106,6 +106,7 @@ import torch.nn.functional as F
 
 import sanitylib as sl
 from sanitylib.book.profiles import PROFILES
+from sanitylib.cli import _positive as _positive_int, _seed  # the command line's argument types
 from sanitylib.cli import restore_tf32, set_precision, tf32_state
 from sanitylib.engine import auto_batch_size, rows_per_image
 
@@ -120,26 +121,6 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 # ----------------------------------------------------------------------------- arguments
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
 
 
 def _fraction(text: str) -> float:

@@ -14,6 +14,7 @@ value per image. Reference equivalences (checked in tests/test_metrics.py):
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -87,7 +88,7 @@ def _ranks_rows(s: np.ndarray, order: np.ndarray, out: np.ndarray) -> None:
     np.put_along_axis(out, order, avg[group].reshape(n, d), axis=1)
 
 
-_POOL: dict[int, object] = {}
+_POOL: dict[tuple[int, int], object] = {}
 _PARALLEL_MIN = 1 << 17  # elements; below this a thread hand-off costs more than it saves
 
 
@@ -102,9 +103,10 @@ def _by_rows(fn: Callable, *arrays: np.ndarray) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    pool = _POOL.get(k)
-    if pool is None:  # one private pool per thread count, reused (no global state changes)
-        pool = _POOL[k] = ThreadPoolExecutor(k - 1, thread_name_prefix="sanitylib-rows")
+    key = (os.getpid(), k)  # a forked child gets a pool of its own (its parent's threads are gone)
+    pool = _POOL.get(key)
+    if pool is None:  # one private pool per process and thread count, reused (no global state)
+        pool = _POOL[key] = ThreadPoolExecutor(k - 1, thread_name_prefix="sanitylib-rows")
     cuts = np.linspace(0, n, k + 1).astype(int)
     parts = [[a[lo:hi] for a in arrays] for lo, hi in zip(cuts[:-1], cuts[1:])]
     futures = [pool.submit(fn, *p) for p in parts[1:]]

@@ -1,6 +1,7 @@
 """Tests for sanitylib.metrics against scipy / scikit-image references."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -303,3 +304,34 @@ def test_noise_floor_table():
     assert len(masks) == 2 * 5 and set(masks["method"]) == {"random masks"}
     one = diff[(diff["method"] == "a") & (diff["metric"] == "ssim")]["value"].to_numpy()
     np.testing.assert_allclose(one, M.different_images_floor(maps["a"], "ssim").numpy())
+
+
+def _ranks_in_child(x, queue):
+    queue.put(M.rankdata(x).numpy())  # numpy: pickled, not shared through file descriptors
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_row_parallel_ranks_survive_fork():
+    """The CPU rank sorts run on a private thread pool; a forked child (whose copy of the pool
+    has no threads) must get a pool of its own, not wait forever on its parent's."""
+    import multiprocessing as mp
+
+    x = torch.randn(8, 50176, generator=torch.Generator().manual_seed(0))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = M.rankdata(x)  # creates the parent's pool
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_ranks_in_child, args=(x, queue))
+        child.start()
+        try:
+            got = queue.get(timeout=60)  # a child waiting on its parent's pool never answers
+            child.join(timeout=60)
+        finally:
+            if child.is_alive():
+                child.kill()
+                child.join()
+    finally:
+        torch.set_num_threads(old)
+    assert child.exitcode == 0 and np.array_equal(got, want.numpy())

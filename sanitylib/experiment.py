@@ -419,14 +419,14 @@ def _is_int(v) -> bool:
 
 def _check_arguments(model, x, schedule, blocks, seed, perturbation, target, method_options,
                      image_names, store_maps, batch_size, cache, progress, label, engine, amp,
-                     group_size, floor) -> None:  # fmt: skip
+                     group_size, floor, order="top_down") -> None:  # fmt: skip
     """Every argument of :func:`run_randomization` is checked before any work; each error names
     the argument and what was expected."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_input(model, x)
     check_seed(seed)
-    check_schedule(schedule)
+    check_schedule(schedule, order)
     if target not in ("current", "original"):
         raise ValueError(f"target must be 'current' or 'original', got {target!r}")
     if engine not in ("batched", "reference"):
@@ -738,8 +738,7 @@ def run_randomization(
     fns = resolve_metrics(metrics)
     _check_arguments(model, x, schedule, blocks, seed, perturbation, target, method_options,
                      image_names, store_maps, batch_size, cache, progress, label, engine, amp,
-                     group_size, floor)  # fmt: skip
-    check_schedule(schedule, order)
+                     group_size, floor, order)  # fmt: skip
     if not isinstance(activations, bool):
         raise ValueError(f"activations must be True or False, got {activations!r}")
     if image_ids is not None:

@@ -335,3 +335,23 @@ def test_row_parallel_ranks_survive_fork():
     finally:
         torch.set_num_threads(old)
     assert child.exitcode == 0 and np.array_equal(got, want.numpy())
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_rank_paths_agree(ties):
+    """ranks_of_sorted has a numpy path (CPU, split over threads, no-tie shortcut) and a torch
+    path (CUDA, or tensors that require grad): both give scipy's average ranks."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40000, generator=g, dtype=torch.float64)
+    if ties:
+        x = (x * 4).round()
+    s, order = M.sort_rows(x)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # the split path (6 x 40,000 values is above its threshold)
+    try:
+        cpu = M.ranks_of_sorted(s, order)
+    finally:
+        torch.set_num_threads(old)
+    via_torch = M.ranks_of_sorted(s.clone().requires_grad_(True), order).detach()
+    want = torch.from_numpy(stats.rankdata(x.numpy(), axis=1))
+    assert torch.equal(cpu, want) and torch.equal(via_torch, want)

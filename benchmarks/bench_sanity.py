@@ -19,7 +19,8 @@ One process, identical work on every side, printed side by side (see ``benchmark
    cascading randomization with the paper's initializer.
 3. **Efficiency**: the time of the bare forward+backward passes the work needs (plain
    ``torch.autograd.grad`` to the input, no hooks, same chunking) when the forward pass of the
-   blocks a state leaves unchanged is reused (as sanitylib does), measured in the same run,
+   modules a state leaves unchanged is reused (module granularity, as sanitylib's replay),
+   measured in the same run,
    divided by sanitylib's total time; the naive bare passes (every state's full forward pass)
    over sanitylib's time is ``speedup_vs_naive_passes``.
 
@@ -421,38 +422,65 @@ def bare_passes(model, rows: list[tuple[torch.Tensor, torch.Tensor, int]], state
     return t
 
 
-def efficientnet_pieces(model) -> list[tuple[tuple[str, ...], object]]:
-    """EfficientNet-Lite0's forward pass as a chain of pieces ``(module paths, fn)``: stem, the
-    16 blocks, head, pooling and logits (``sanitylib.models.EfficientNetLite0``)."""
+def efficientnet_ops(model) -> list[tuple[tuple[str, ...], object]]:
+    """EfficientNet-Lite0's forward pass (``sanitylib.models.EfficientNetLite0``) as a chain of
+    module-level operations ``(module paths, fn)``: ``fn(outs)`` computes the next output from
+    the outputs so far (``outs[0]`` is the input; a block's skip connection reads its input).
+    Module granularity, as sanitylib's replay: a state that changes one module of a block
+    recomputes from that module on, not the whole block."""
     m = model
-    pieces = [(("_conv_stem", "_bn0"), lambda h: m._stem_act(m._bn0(m._conv_stem(h))))]
+    ops: list = []
+
+    def op(paths: tuple[str, ...], fn) -> None:
+        ops.append((paths, fn))
+
+    op(("_conv_stem",), lambda o: m._conv_stem(o[-1]))
+    op(("_bn0",), lambda o: m._bn0(o[-1]))
+    op((), lambda o: m._stem_act(o[-1]))
     for i, b in enumerate(m._blocks):
-        pieces.append(((f"_blocks.{i}",), lambda h, b=b: b(h, drop_connect_rate=None)))
-    pieces.append((("_conv_head", "_bn1"), lambda h: m._head_act(m._bn1(m._conv_head(h)))))
-    pieces.append((("_fc",), lambda h: m._fc(m._dropout(m._avg_pooling(h).flatten(1)))))
-    return pieces
+        p, start = f"_blocks.{i}.", len(ops)  # outs[start] is the block's input
+        if b._block_args.expand_ratio != 1:
+            op((p + "_expand_conv",), lambda o, b=b: b._expand_conv(o[-1]))
+            op((p + "_bn0",), lambda o, b=b: b._bn0(o[-1]))
+            op((), lambda o, b=b: b._swish(o[-1]))
+        op((p + "_depthwise_conv",), lambda o, b=b: b._depthwise_conv(o[-1]))
+        op((p + "_bn1",), lambda o, b=b: b._bn1(o[-1]))
+        op((), lambda o, b=b: b._swish(o[-1]))
+        if b.has_se:
+            raise ValueError("efficientnet_ops: squeeze-and-excitation blocks are not written out")
+        op((p + "_project_conv",), lambda o, b=b: b._project_conv(o[-1]))
+        op((p + "_bn2",), lambda o, b=b: b._bn2(o[-1]))
+        a = b._block_args
+        if b.id_skip and a.stride == 1 and a.input_filters == a.output_filters:
+            op((), lambda o, start=start: o[-1] + o[start])
+    op(("_conv_head",), lambda o: m._conv_head(o[-1]))
+    op(("_bn1",), lambda o: m._bn1(o[-1]))
+    op((), lambda o: m._head_act(o[-1]))
+    op(("_fc",), lambda o: m._fc(m._dropout(m._avg_pooling(o[-1]).flatten(1))))
+    return ops
 
 
-def first_changed(pieces: list, blocks) -> int:
-    """Index of the first piece holding a module of ``blocks`` (a state's randomized blocks)."""
+def first_changed(ops: list, blocks) -> int:
+    """Index of the first operation using a module of ``blocks`` (a state's randomized blocks;
+    a block path covers the modules under it)."""
     paths = [p for b in blocks for p in b.modules]
-    for i, (mods, _) in enumerate(pieces):
-        if any(p == q or p.startswith(q + ".") for p in paths for q in mods):
+    for i, (mods, _) in enumerate(ops):
+        if any(p == q or q.startswith(p + ".") or p.startswith(q + ".") for p in paths for q in mods):
             return i
-    return len(pieces)
+    return len(ops)
 
 
 def bare_replay_passes(model, chunks: list, states: list, pert, seed: int,
                        picked: list[int]) -> tuple[float, float]:  # fmt: skip
-    """The passes the work needs when the forward pass of the unchanged pieces is reused:
+    """The passes the work needs when the forward pass of the unchanged operations is reused:
     per chunk, one full forward pass in the trained model (its graph kept) and, in each model
-    state ``picked``, the forward pass from the first changed piece (block granularity: at least
-    what sanitylib's op-level replay recomputes) and the backward passes to the input.  Plain
-    autograd, no hooks.  Returns the seconds of the trained-model passes and of the picked
+    state ``picked``, the forward pass from the first operation using a changed module (module
+    granularity, :func:`efficientnet_ops`, as sanitylib's replay) and the backward passes to the
+    input.  Plain autograd, no hooks.  Returns the seconds of the trained-model passes and of the picked
     states' passes (switching states is not timed; the model is restored afterwards)."""
     from sanitylib.randomize import ModelStates
 
-    pieces = efficientnet_pieces(model)
+    ops = efficientnet_ops(model)
     switch = ModelStates(model, states, pert, seed)  # copies only the blocks that change
     t0 = ts = 0.0
 
@@ -463,26 +491,32 @@ def bare_replay_passes(model, chunks: list, states: list, pert, seed: int,
             sync()
             start = time.perf_counter()
             hs, h = [inp], None
-            for _, f in pieces:
-                hs.append(f(hs[-1]))
+            for _, f in ops:
+                hs.append(f(hs))
             backward(hs[-1].gather(1, tgt[:, None]).sum(), inp, extra)
             sync()
             t0 += (time.perf_counter() - start) * (n > 0)
+            if n == 0:
+                with torch.no_grad():
+                    if not torch.allclose(hs[-1], model(inp), atol=1e-4, rtol=1e-4):
+                        raise RuntimeError("efficientnet_ops() do not compute the trained model")
             for k in picked:
                 switch.set(k)
-                c = first_changed(pieces, states[k])
+                c = first_changed(ops, states[k])
                 sync()
                 start = time.perf_counter()
-                h = hs[c]
-                for _, f in pieces[c:]:
-                    h = f(h)
+                outs = hs[:c + 1]  # the unchanged operations' outputs (and the input)
+                for _, f in ops[c:]:
+                    outs.append(f(outs))
+                h = outs[-1]
+                del outs
                 backward(h.gather(1, tgt[:, None]).sum(), inp, extra)
                 sync()
                 ts += (time.perf_counter() - start) * (n > 0)
-                if n == 0:  # the pieces must be the model's forward pass in this state
+                if n == 0:  # the operations must be the model's forward pass in this state
                     with torch.no_grad():
                         if not torch.allclose(h, model(inp), atol=1e-4, rtol=1e-4):
-                            raise RuntimeError("efficientnet_pieces() do not compute the model")
+                            raise RuntimeError("efficientnet_ops() do not compute the model")
             del hs, h
     finally:
         switch.restore()
@@ -711,7 +745,7 @@ def _main(args, sl) -> int:
     T: dict[str, list[Timing]] = {}
     res: dict[str, float] = {}
     bare: dict[str, float] = {}  # naive: every state's full forward and backward passes
-    strict: dict[str, float] = {}  # reusing the forward pass of unchanged blocks
+    strict: dict[str, float] = {}  # reusing the forward pass of unchanged modules
     ok = True
     snap = snapshot(model)
 
@@ -740,7 +774,7 @@ def _main(args, sl) -> int:
              ("sanitylib_q", lambda: run_sanitylib_quantus_task(model, x))], replay,
             args.repeats)  # fmt: skip
         print(f"  [bare passes: {bare['q'] * measured / n_states:.1f} s for {measured} of "
-              f"{n_states} states -> {bare['q']:.1f} s; reusing unchanged blocks: "
+              f"{n_states} states -> {bare['q']:.1f} s; reusing unchanged modules: "
               f"{strict['q']:.1f} s (from {replay['k']} states)]")  # fmt: skip
         ours_all, theirs_all = [], []
         for name in blocks:
@@ -792,7 +826,7 @@ def _main(args, sl) -> int:
             args.repeats)  # fmt: skip
         print(f"  [bare passes: {bare['c'] * measured / n_states:.1f} s for {measured} of "
               f"{n_states} states -> {bare['c']:.1f} s; {per['total']} passes per image and state; "
-              f"reusing unchanged blocks: {strict['c']:.1f} s (from {len(picked)} of "
+              f"reusing unchanged modules: {strict['c']:.1f} s (from {len(picked)} of "
               f"{len(path_rows)} path chunks)]")  # fmt: skip
         expected = len(stages) * len(METHODS) * len(x) * len(METRICS)
         keys = [(r.stage, r.method, r.image, r.metric) for r in df.itertuples()]
@@ -839,8 +873,8 @@ def _main(args, sl) -> int:
     print("\nside by side (wall-clock seconds, medians over the repetitions; process CPU seconds "
           "in the [..] lines above)")  # fmt: skip
     print("  bare passes: 'naive' = every state's full forward and backward passes; 'reuse' = the "
-          "forward pass of the blocks a state leaves unchanged computed once, at block "
-          "granularity (what sanitylib needs)")  # fmt: skip
+          "forward pass of the modules a state leaves unchanged computed once, at module "
+          "granularity (as sanitylib's replay)")  # fmt: skip
     print(f"  {'workload':<38} {'baseline':>9} {'sanitylib':>9} {'naive':>7} {'reuse':>7} "
           f"{'speedup [range]':>20} {'efficiency [range]':>20} {'vs naive':>8}")  # fmt: skip
     rows_out = [("1 Quantus MPRT (Gradient, 99 steps)", "quantus", "sanitylib_q", "q"),

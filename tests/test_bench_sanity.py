@@ -65,3 +65,46 @@ def test_bad_arguments_exit_2_naming_the_argument(tmp_path, args, name):
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert name in out.stderr, out.stderr
     assert "RESULT" not in out.stdout
+
+
+def test_replay_reference_recomputes_from_the_changed_module(monkeypatch):
+    """The replay-aware bare passes (the efficiency's reference) write EfficientNet-Lite0's
+    forward pass out module by module: from the first operation using a changed module on,
+    with the trained outputs before it, they compute the model in that state; a block path
+    covers the modules under it."""
+    import importlib.util
+
+    import torch
+
+    import sanitylib as sl
+    from sanitylib.models import Block
+    from sanitylib.randomize import randomized
+
+    spec = importlib.util.spec_from_file_location("bench_sanity_mod", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    model = sl.load_model("efficientnet_lite0").eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ops = bench.efficientnet_ops(model)
+    with torch.no_grad():
+        outs = [x]
+        for _, f in ops:
+            outs.append(f(outs))
+        assert torch.allclose(outs[-1], model(x), atol=1e-5, rtol=1e-5)
+        names = [p for paths, _ in ops for p in paths]
+        assert len(names) == len(set(names))  # every module once
+        for path in ("_fc", "_bn1", "_blocks.15._bn2", "_blocks.7._depthwise_conv",
+                     "_blocks.1._expand_conv", "_blocks.0._bn1", "_conv_stem", "_blocks.3"):
+            state = (Block(path, (path,)),)
+            c = bench.first_changed(ops, state)
+            first = next(i for i, (paths, _) in enumerate(ops)
+                         if any(p == path or p.startswith(path + ".") for p in paths))
+            assert c == first
+            with randomized(model, state, sl.Perturbation(), seed=1):
+                cur = outs[:c + 1]
+                for _, f in ops[c:]:
+                    cur.append(f(cur))
+                want = model(x)
+            assert torch.allclose(cur[-1], want, atol=1e-4, rtol=1e-4), path
+            assert not torch.allclose(want, outs[-1], atol=1e-3), path  # the state differs

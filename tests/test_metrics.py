@@ -355,3 +355,51 @@ def test_rank_paths_agree(ties):
     via_torch = M.ranks_of_sorted(s.clone().requires_grad_(True), order).detach()
     want = torch.from_numpy(stats.rankdata(x.numpy(), axis=1))
     assert torch.equal(cpu, want) and torch.equal(via_torch, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [300, 5000])
+def test_sort_rows_paths(dtype, d):
+    """sort_rows: short rows all at once by argsort, long rows one at a time (float32 by a
+    radix sort of their keys): the values of np.sort, a permutation that gives them, and
+    scipy's average ranks, with negative values, ties, -0.0 next to 0.0, subnormals and
+    extreme magnitudes."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, d, generator=g).to(dtype)
+    x[0] = (x[0] * 3).round()  # many ties
+    x[1, : d // 3] = 0.0
+    x[1, d // 3: d // 2] = -0.0
+    x[2, :4] = torch.tensor([1e-40, -1e-40, 3e38, -3e38]).to(dtype)  # subnormals (float32), extremes
+    x[3] = x[3].abs()
+    x[4] = 7.0  # constant
+    s, order = M.sort_rows(x)
+    assert s.dtype == dtype and order.dtype == torch.int64
+    assert torch.equal(s, torch.from_numpy(np.sort(x.numpy(), axis=1)))
+    assert torch.equal(torch.sort(order, dim=1).values, torch.arange(d).expand(5, d))
+    assert torch.equal(x.gather(1, order), s)
+    want = torch.from_numpy(stats.rankdata(x.numpy(), axis=1))
+    assert torch.equal(M.rankdata(x), want)
+
+
+@pytest.mark.parametrize("d", [300, 5000])
+def test_pearson_paths_agree(d):
+    """pearson's numpy path (CPU, long rows) and torch path (CUDA, tensors that require grad,
+    short rows) agree with scipy, constant rows follow the policy on both."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, d, generator=g, dtype=torch.float64)
+    y = 0.3 * x + torch.randn(5, d, generator=g, dtype=torch.float64)
+    y[1] = -x[1] * 2 + 5  # exactly -1
+    x[2] = 0.1  # constant in x
+    y[3] = -4.25  # constant in y
+    x[4] = x[4] * 1e6 + 1e9  # a large offset: centering must keep the precision
+    want = [stats.pearsonr(a, b)[0] if k not in (2, 3) else math.nan
+            for k, (a, b) in enumerate(zip(x.numpy(), y.numpy()))]
+    want = torch.tensor(want, dtype=torch.float64)
+    for on_constant in ("nan", "zero"):
+        cpu = M.pearson(x, y, on_constant=on_constant)
+        via_torch = M.pearson(x.clone().requires_grad_(True), y, on_constant=on_constant).detach()
+        exp = want if on_constant == "nan" else want.nan_to_num(0.0)
+        assert torch.allclose(cpu, exp, atol=1e-12, rtol=0, equal_nan=True)
+        assert torch.allclose(via_torch, exp, atol=1e-12, rtol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="constant"):
+        M.pearson(x, y, on_constant="raise")

@@ -229,7 +229,8 @@ def pearson(x: Tensor, y: Tensor, *, on_constant: str = "zero") -> Tensor:
     if x.shape != y.shape or x.ndim != 2:
         raise ValueError(f"pearson expects two (N, D) tensors of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     x, y = x.double(), y.double()
-    if x.device.type == "cpu" and not (x.requires_grad or y.requires_grad) and x.shape[1] >= _ROW_MIN:
+    on_cpu = x.device.type == "cpu" and y.device.type == "cpu"
+    if on_cpu and not (x.requires_grad or y.requires_grad) and x.shape[1] >= _ROW_MIN:
         r, const = np.empty(len(x)), np.empty(len(x), dtype=bool)
         _by_rows(_pearson_rows, x.contiguous().numpy(), y.contiguous().numpy(), r, const)
         return _apply_policy(torch.from_numpy(r).clamp(-1.0, 1.0), torch.from_numpy(const), on_constant)

@@ -98,32 +98,28 @@ def _argsort_rows(xn: np.ndarray, order: np.ndarray, values: np.ndarray) -> None
         np.take(x, o, out=v)
 
 
+def _sorted_ranks(new: np.ndarray, d: int) -> np.ndarray:
+    """Average rank of each sorted element, from ``new`` (flat bool over rows of length ``d``,
+    True at the first element of each tie group; groups never span rows)."""
+    start = np.flatnonzero(new)  # flat position of each group's first element
+    count = np.diff(start, append=new.size)
+    return ((start % d) + (count + 1) / 2.0)[np.cumsum(new) - 1]  # mean of ranks start+1..start+count
+
+
 def _ranks_rows(s: np.ndarray, order: np.ndarray, out: np.ndarray) -> None:
     """:func:`ranks_of_sorted` of a block of rows in numpy, written into ``out`` (float64)."""
     n, d = s.shape
+    steps = np.arange(1.0, d + 1.0)  # no ties: the rank of the k-th smallest value is k
     if d >= _ROW_MIN:
-        steps = np.arange(1.0, d + 1.0)
         new = np.ones(d, dtype=bool)
         for si, oi, ri in zip(s, order, out):
             np.not_equal(si[1:], si[:-1], out=new[1:])  # first element of each tie group
-            if new.all():  # no ties: the rank of the k-th smallest value is k
-                ri[oi] = steps
-                continue
-            start = np.flatnonzero(new)
-            count = np.diff(start, append=d)
-            ri[oi] = (start + (count + 1) / 2.0)[np.cumsum(new) - 1]
+            ri[oi] = steps if new.all() else _sorted_ranks(new, d)
         return
     new = np.ones((n, d), dtype=bool)
-    np.not_equal(s[:, 1:], s[:, :-1], out=new[:, 1:])  # first element of each tie group
-    if new.all():  # no ties: the rank of the k-th smallest value is k
-        np.put_along_axis(out, order, np.broadcast_to(np.arange(1.0, d + 1.0), (n, d)), axis=1)
-        return
-    flat = new.ravel()
-    group = np.cumsum(flat) - 1  # tie-group id of each sorted element (groups never span rows)
-    start = np.flatnonzero(flat)  # flat position of each group's first element
-    count = np.diff(start, append=n * d)
-    avg = (start % d).astype(np.float64) + (count + 1).astype(np.float64) / 2
-    np.put_along_axis(out, order, avg[group].reshape(n, d), axis=1)
+    np.not_equal(s[:, 1:], s[:, :-1], out=new[:, 1:])
+    ranks = np.broadcast_to(steps, (n, d)) if new.all() else _sorted_ranks(new.ravel(), d).reshape(n, d)
+    np.put_along_axis(out, order, ranks, axis=1)
 
 
 def _pearson_rows(x: np.ndarray, y: np.ndarray, r: np.ndarray, const: np.ndarray) -> None:

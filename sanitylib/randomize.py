@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, Union
 
@@ -21,7 +22,7 @@ from .models import Block, get_info, get_submodule, init_mnist_cnn_, init_mnist_
 from .utils import derive_seed
 
 __all__ = ["INITS", "Perturbation", "Stage", "get_blocks", "infer_blocks", "cascading_stages",
-           "independent_stages", "SCHEDULES", "ORDERS", "check_schedule", "schedule_stages",
+           "independent_stages", "inactive_blocks", "NO_PARAMETERS", "NEVER_RUNS", "SCHEDULES", "ORDERS", "check_schedule", "schedule_stages",
            "randomize_", "randomized", "snapshot", "restore", "ModelStates", "evaluating"]  # fmt: skip
 
 Initializer = Callable[[nn.Module, torch.Generator], None]
@@ -141,14 +142,61 @@ def _param_children(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module
             if any(True for _ in m.parameters())]  # fmt: skip
 
 
-def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple[Block, ...]:
-    """Blocks of an arbitrary model: its top-level children that own parameters, ordered from
-    the output to the input.  A model that wraps its network in a single child (``model.net``,
-    an ``nn.Sequential`` inside a wrapper, ...) is descended into, as long as there is a single
-    parameterized child with parameterized children of its own, and its blocks are named by
-    their dotted paths (``"net.fc"``).  With ``example``, the order is the execution order of a
-    traced forward pass (in eval mode; modes and buffers restored), otherwise the registration
-    order."""
+def _holds_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _executed(model: nn.Module, groups: dict[str, list[nn.Module]], example: torch.Tensor) -> list[str]:
+    """The names of ``groups`` (name -> modules) of which some submodule runs in a forward pass
+    of ``model`` on ``example[:1]`` (in eval mode, no gradients; modes and buffers restored), in
+    the order they first start running.  A container that is never called itself (a
+    ``ModuleList``) runs when its layers do."""
+    seen: list[str] = []
+    hooks = [sub.register_forward_pre_hook(
+                 lambda *_, n=n: seen.append(n) if n not in seen else None)
+             for n, mods in groups.items() for m in mods for sub in m.modules()]  # fmt: skip
+    try:
+        with evaluating(model), torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+#: Why a block is left out or refused (values of :func:`inactive_blocks`).
+NO_PARAMETERS = "holds no parameters (randomizing it changes nothing)"
+NEVER_RUNS = ("never runs in the forward pass on the given input (e.g. an auxiliary head in eval "
+              "mode): randomizing it changes nothing")  # fmt: skip
+
+
+def inactive_blocks(model: nn.Module, blocks: Sequence[Block],
+                    example: torch.Tensor | None = None) -> dict[str, str]:  # fmt: skip
+    """The blocks of ``blocks`` whose randomization cannot change the model's output, with the
+    reason: ``{name: NO_PARAMETERS}`` for a block none of whose modules holds a parameter (a
+    ReLU, a pooling layer) and, with ``example`` (a batch ``(N, ...)``; one image is traced),
+    ``{name: NEVER_RUNS}`` for a block none of whose parameterized modules runs in the forward
+    pass (torchvision's ``inception_v3``/``googlenet`` auxiliary heads in eval mode).  A stage
+    randomizing only such blocks leaves every map unchanged and would score a similarity of 1.
+    Empty when every block is active."""
+    out: dict[str, str] = {}
+    groups: dict[str, list[nn.Module]] = {}
+    for b in blocks:
+        mods = [get_submodule(model, path) for path in b.modules]
+        with_params = [m for m in mods if _holds_parameters(m)]
+        if not with_params:
+            out[b.name] = NO_PARAMETERS
+        else:
+            groups[b.name] = with_params
+    if example is not None and groups:
+        ran = set(_executed(model, groups, example))
+        for name in groups:
+            if name not in ran:
+                out[name] = NEVER_RUNS
+    return {b.name: out[b.name] for b in blocks if b.name in out}
+
+
+def _infer(model: nn.Module, example: torch.Tensor | None) -> tuple[tuple[Block, ...], dict[str, str]]:
     children = _param_children(model, "")
     while len(children) == 1:
         name, only = children[0]
@@ -160,31 +208,66 @@ def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple
         raise ValueError("cannot infer blocks: the model has no child module with parameters; "
                          "pass blocks=[...] explicitly")  # fmt: skip
     order = [n for n, _ in children]
+    skipped: dict[str, str] = {}
     if example is not None:
         # a child is placed where any of its submodules first starts running (a ModuleList's
-        # own forward never runs; its layers do)
-        seen: list[str] = []
-        hooks = [sub.register_forward_pre_hook(
-                     lambda *_, n=n: seen.append(n) if n not in seen else None)
-                 for n, m in children for sub in m.modules()]  # fmt: skip
-        try:
-            with evaluating(model), torch.no_grad():
-                model(example[:1])
-        finally:
-            for h in hooks:
-                h.remove()
-        order = seen + [n for n in order if n not in seen]  # unused children go last
-    return tuple(Block(n, (n,)) for n in reversed(order))
+        # own forward never runs; its layers do); children that never run are left out
+        seen = _executed(model, {n: [m] for n, m in children}, example)
+        skipped = {n: NEVER_RUNS for n in order if n not in seen}
+        if not seen:
+            raise ValueError("cannot infer blocks: no child module with parameters runs in the "
+                             "forward pass; pass blocks=[...] explicitly")  # fmt: skip
+        order = seen
+    return tuple(Block(n, (n,)) for n in reversed(order)), skipped
 
 
-def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = None) -> tuple[Block, ...]:
+def _warn_skipped(skipped: dict[str, str]) -> None:
+    if skipped:
+        warnings.warn(f"blocks left out of the inferred blocks because they never run in the "
+                      f"forward pass on the given input (randomizing them would change nothing "
+                      f"and score a similarity of 1): {', '.join(skipped)}", UserWarning,
+                      stacklevel=3)  # fmt: skip
+
+
+def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple[Block, ...]:
+    """Blocks of an arbitrary model: its top-level children that own parameters, ordered from
+    the output to the input.  A model that wraps its network in a single child (``model.net``,
+    an ``nn.Sequential`` inside a wrapper, ...) is descended into, as long as there is a single
+    parameterized child with parameterized children of its own, and its blocks are named by
+    their dotted paths (``"net.fc"``).  With ``example``, the order is the execution order of a
+    traced forward pass (in eval mode; modes and buffers restored), and children that never run
+    in it (torchvision's ``inception_v3``/``googlenet`` auxiliary heads in eval mode) are left
+    out with a warning naming them; without it, the registration order."""
+    blocks, skipped = _infer(model, example)
+    _warn_skipped(skipped)
+    return blocks
+
+
+def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = None,
+               return_skipped: bool = False):  # fmt: skip
     """Resolve ``blocks``: ``None`` (the model's declared blocks, or :func:`infer_blocks`),
     a non-empty list of :class:`Block`, of block names of the model, or of dotted module
-    paths."""
+    paths.
+
+    A block given explicitly must be able to change the output: one that holds no parameters
+    (``"relu"``, a pooling layer) or, with ``example``, never runs in the forward pass (an
+    auxiliary head in eval mode) is refused (``ValueError`` naming it and why; see
+    :func:`inactive_blocks`).  Inferred blocks that never run are left out with a warning.
+
+    Returns:
+        The blocks ``(Block, ...)`` ordered as given (top to bottom), or with
+        ``return_skipped=True`` a pair ``(blocks, skipped)`` where ``skipped`` maps each
+        inferred block left out to the reason (empty for declared or explicit blocks).
+    """
     info = get_info(model)
     declared = info.blocks if info is not None else None
     if blocks is None:
-        return declared if declared is not None else infer_blocks(model, example)
+        if declared is not None:
+            out, skipped = tuple(declared), {}
+        else:
+            out, skipped = _infer(model, example)
+            _warn_skipped(skipped)
+        return (out, skipped) if return_skipped else out
     if isinstance(blocks, (str, Block)) or not hasattr(blocks, "__iter__"):
         raise ValueError(f"blocks must be a list of blocks (Block objects, block names or module "
                          f"paths) or None, got {blocks!r}; e.g. blocks=[{blocks!r}]")  # fmt: skip
@@ -210,7 +293,12 @@ def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = Non
     for b in out:
         for path in b.modules:
             get_submodule(model, path)
-    return tuple(out)
+    bad = inactive_blocks(model, out, example)
+    if bad:
+        raise ValueError("blocks: " + "; ".join(f"block {n!r} {why}" for n, why in bad.items())
+                         + "; pass only blocks whose randomization can change the output")
+    out = tuple(out)
+    return (out, {}) if return_skipped else out
 
 
 def cascading_stages(blocks: Sequence[Block]) -> list[Stage]:

@@ -323,10 +323,12 @@ def test_get_blocks_names_paths_objects_and_errors():
     got = R.get_blocks(cnn, ["fc1", "hidden1"])
     assert got == (declared[1], declared[3])
     custom = Block("convs", ("hidden1", "hidden2"))
-    got = R.get_blocks(cnn, [custom, "pool2", "softmax_linear"])
+    got = R.get_blocks(cnn, [custom, "fc1", "softmax_linear"])
     assert got[0] is custom
-    assert got[1] == Block("pool2", ("pool2",))  # a module path, not a declared block name
+    assert got[1] == declared[1]
     assert got[2] == declared[0]
+    seq = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    assert R.get_blocks(seq, ["1.0"]) == (Block("1.0", ("1.0",)),)  # a module path
     eff = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
     assert R.get_blocks(eff, ["0.1"]) == (Block("0.1", ("0.1",)),)
     with pytest.raises(ValueError) as err:
@@ -362,14 +364,13 @@ class ShuffledNet(nn.Module):
 def test_infer_blocks_uses_execution_order_with_example():
     net = ShuffledNet()
     example = torch.randn(2, 1, 5, 5)
-    names = [b.name for b in R.infer_blocks(net, example)]
-    assert set(names) == {"head", "unused", "stem", "mid"}  # parameterized children only
-    executed = [n for n in names if n != "unused"]
-    assert executed == ["head", "mid", "stem"]  # reverse execution order
+    with pytest.warns(UserWarning, match="never run.*: unused"):
+        names = [b.name for b in R.infer_blocks(net, example)]
+    assert names == ["head", "mid", "stem"]  # reverse execution order, the unused child left out
     # without an example: reverse registration order
     assert [b.name for b in R.infer_blocks(net)] == ["mid", "stem", "unused", "head"]
-    assert R.get_blocks(net, None, example) == R.infer_blocks(net, example)
-    assert all(b.modules == (b.name,) for b in R.infer_blocks(net, example))
+    with pytest.warns(UserWarning, match="unused"):
+        assert R.get_blocks(net, None, example) == R.infer_blocks(net, example)
 
 
 class ModuleListNet(nn.Module):
@@ -414,3 +415,66 @@ def test_stages():
     indep = R.independent_stages(blocks)
     assert [s.name for s in indep] == ["c", "b", "a"]
     assert [s.blocks for s in indep] == [(b,) for b in blocks]
+
+
+# ---------------------------------------------------------------- blocks that change nothing
+def _aux_models():
+    """torchvision's InceptionV3 (the paper's architecture) and GoogLeNet with their auxiliary
+    heads, untrained: in eval mode the heads never run."""
+    from torchvision.models import googlenet, inception_v3
+
+    torch.manual_seed(0)  # torchvision draws the untrained weights from the global RNG
+    return [(inception_v3(weights=None, aux_logits=True, init_weights=False), 299, {"AuxLogits"}),
+            (googlenet(weights=None, aux_logits=True, init_weights=False), 96, {"aux1", "aux2"})]
+
+
+def test_inferred_blocks_leave_out_heads_that_never_run():
+    """Old: the auxiliary heads (they never run in eval mode) were the first stages of the
+    cascade: the maps were unchanged and every method scored 1.0, as if it had failed."""
+    for model, size, aux in _aux_models():
+        x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with pytest.warns(UserWarning, match="never run") as rec:
+            blocks, skipped = R.get_blocks(model, None, x, return_skipped=True)
+        names = [b.name for b in blocks]
+        assert set(skipped) == aux and not aux & set(names), names
+        assert all(n in str(rec[0].message) for n in aux)
+        assert names[0] == "fc" and names[-1] in ("Conv2d_1a_3x3", "conv1")
+        assert skipped == R.inactive_blocks(model, [Block(n, (n,)) for n in aux], x)
+        assert R.inactive_blocks(model, blocks, x) == {}
+        # every kept block changes the logits when randomized
+        with torch.no_grad():
+            y = model.eval()(x[:1])
+            for b in blocks[:2] + blocks[-1:]:
+                with R.randomized(model, [b], seed=0):
+                    assert not torch.equal(model(x[:1]), y), b.name
+        # named explicitly: refused, naming the block and why
+        for name in aux:
+            with pytest.raises(ValueError, match=f"{name}.*never runs"):
+                R.get_blocks(model, ["fc", name], x)
+
+
+def test_explicit_blocks_without_parameters_are_refused():
+    """Old: ``["relu"]`` or a pooling layer were accepted and scored a similarity of 1."""
+    cnn = load_model("mnist_cnn", pretrained=False)
+    for name in ("pool2", "relu1"):
+        with pytest.raises(ValueError, match=f"block '{name}' holds no parameters"):
+            R.get_blocks(cnn, ["fc1", name])
+    with pytest.raises(ValueError, match="'acts' holds no parameters"):
+        R.get_blocks(cnn, [Block("acts", ("relu1", "relu2"))])
+    # a block mixing a parameterized module with a parameter-free one is fine
+    assert R.get_blocks(cnn, [Block("b", ("hidden1", "relu1"))])[0].modules == ("hidden1", "relu1")
+    # a parameterized child that never runs on the input: refused with an example only
+    net = ShuffledNet()
+    assert R.get_blocks(net, ["unused"]) == (Block("unused", ("unused",)),)
+    with pytest.raises(ValueError, match="'unused' never runs"):
+        R.get_blocks(net, ["head", "unused"], torch.randn(1, 1, 5, 5))
+
+
+def test_declared_blocks_are_unchanged():
+    """The built-in models' blocks (the book's numbers) do not move, with or without an
+    example, and nothing is skipped."""
+    for name, x in (("mnist_cnn", torch.rand(1, 1, 28, 28)), ("efficientnet_lite0", torch.rand(1, 3, 224, 224))):
+        model = load_model(name, pretrained=False)
+        got, skipped = R.get_blocks(model, None, x, return_skipped=True)
+        assert got == model.sanity_info.blocks and skipped == {}
+        assert R.inactive_blocks(model, got, x) == {}

@@ -29,6 +29,7 @@ import hashlib
 import inspect
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -253,8 +254,9 @@ def _trained(name: str, data: MnistData, progress: bool, **config) -> tuple[dict
     if saved is not None:
         if saved.get("config") == cfg:
             if progress:
+                # a note for whoever runs it, on stderr: not part of a chapter's results
                 print(f"Loaded cached checkpoint {path.name} (trained {saved['stats']['epochs_run']} "
-                      f"epochs, {saved['stats']['seconds']:.0f} s)")  # fmt: skip
+                      f"epochs, {saved['stats']['seconds']:.0f} s)", file=sys.stderr)  # fmt: skip
             return saved["state_dict"], saved["stats"], path
     model, stats = train_mnist_model(name, data, progress=progress, **config)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -21,7 +21,7 @@ from ..models import GuidedReLU6
 from .notebook import glue
 from .profiles import Profile, chapter_profile
 
-__all__ = ["ImageNetChapter", "setup_imagenet_chapter", "model_sentence", "markdown",
+__all__ = ["ImageNetChapter", "setup_imagenet_chapter", "model_sentence", "options_sentence", "markdown",
            "RELU6_VARIANTS", "relu6_backward_variants", "relu6_saturation"]  # fmt: skip
 
 
@@ -41,6 +41,35 @@ def model_sentence(info, n_images: int) -> str:
     return (f"This run used **{info.name}** ({info.source}) on {n_images} images"
             + (", because InceptionV3's ImageNet weights could not be obtained" if
                info.extra.get("fallback_from") else "") + ".")  # fmt: skip
+
+
+#: How :func:`options_sentence` names a method option.
+_OPTION_WORDS = {"n_samples": "noise samples", "n_steps": "steps", "noise_level": "noise level",
+                 "baseline": "baseline", "layer": "layer", "rule": "rule"}  # fmt: skip
+
+
+def options_sentence(options: dict[str, dict] | None) -> str:
+    """One plain sentence saying which method settings differ from the paper's, with the
+    paper's value next to each (``options``: ``{method: {option: value}}``, as a profile's
+    ``method_options``), e.g. "Settings that differ from the paper's: Integrated Gradients 25
+    steps (paper: 50); SmoothGrad 25 noise samples (paper: 50)."."""
+    from ..attribution import PAPER_SETTINGS
+    from ..registry import METHOD_LABELS
+
+    parts = []
+    for method, opts in (options or {}).items():
+        paper = PAPER_SETTINGS.get(method, {})
+        items = []
+        for key, value in opts.items():
+            word = _OPTION_WORDS.get(key, key)
+            was = f" (paper: {paper[key]})" if key in paper and paper[key] != value else ""
+            items.append(f"{value} {word}{was}" if key in ("n_samples", "n_steps")
+                         else f"{word} {value}{was}")  # fmt: skip
+        if items:
+            parts.append(f"{METHOD_LABELS.get(method, method)} " + ", ".join(items))
+    if not parts:
+        return "Every method runs with the paper's settings."
+    return "Settings that differ from the paper's: " + "; ".join(parts) + "."
 
 
 @dataclass

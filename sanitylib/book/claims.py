@@ -44,7 +44,9 @@ from ..mnist import ARCHITECTURES
 
 __all__ = ["Claim", "CASCADING_CLAIMS", "INDEPENDENT_CLAIMS", "NOISE_CLAIMS", "NOISE_CLAIMS_SHIFTED",
            "stage_window", "window_mean", "evaluate_claims", "PAPER_DATA_RANDOMIZATION", "PAPER_CASCADE_ABS",
-           "PAPER_CASCADE_NOABS", "paper_vs_book_data", "paper_vs_book_cascade"]  # fmt: skip
+           "PAPER_CASCADE_NOABS", "paper_vs_book_data", "paper_vs_book_cascade", "relation",
+           "floor_relation", "sign_relation", "randomization_verdict", "trend", "largest",
+           "FLOOR_MARGIN", "CHANGE_THRESHOLD"]  # fmt: skip
 
 WINDOWS = ("top", "bottom")
 #: How a claim is tested: on a randomization table (``"threshold"``) or on a weight-noise
@@ -416,3 +418,69 @@ def paper_vs_book_cascade(df: pd.DataFrame, name: str) -> pd.DataFrame:
     out = pd.DataFrame(rows).set_index(["metric", "method"])
     out.columns = pd.MultiIndex.from_tuples(out.columns)
     return out
+
+
+# ----------------------------------------------------------------------------- words from numbers
+# The chapters' sentences that state a direction or a verdict take their word from these helpers
+# (glued), so that a change of numbers changes the sentence instead of contradicting it.
+def relation(value: float, reference: float, margin: float,
+             words: Sequence[str] = ("above", "at", "below")) -> str:  # fmt: skip
+    """``words[0]`` if ``value > reference + margin``, ``words[2]`` if ``value < reference -
+    margin``, else ``words[1]`` (within ``margin`` of the reference: "at").
+
+    Raises:
+        ValueError: a negative or non-finite ``margin``, a non-finite value, or not three words.
+    """
+    if len(words) != 3:
+        raise ValueError(f"words: expected three words (above, at, below), got {list(words)!r}")
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    if not (math.isfinite(value) and math.isfinite(reference)):
+        raise ValueError(f"value and reference must be finite, got {value!r} and {reference!r}")
+    if value > reference + margin:
+        return words[0]
+    if value < reference - margin:
+        return words[2]
+    return words[1]
+
+
+#: How far above a method's "different images" floor a similarity must be to count as above it
+#: (the floors' spread over pairs of photos in the book's run: 0.01-0.05).
+FLOOR_MARGIN = 0.05
+#: A map "changed" (the method passes a randomization test) when its absolute Spearman
+#: correlation with the trained model's map is at most this (the threshold of the chapters'
+#: claims that a map "changes", :data:`CASCADING_CLAIMS`).
+CHANGE_THRESHOLD = 0.5
+
+
+def floor_relation(value: float, floor: float, margin: float = FLOOR_MARGIN) -> str:
+    """``"above"``, ``"at"`` or ``"below"`` a method's noise floor (within ``margin``: at)."""
+    return relation(value, floor, margin)
+
+
+def sign_relation(value: float, margin: float = 0.1) -> str:
+    """``"positively correlated"``, ``"unrelated"`` or ``"anti-correlated"``: a correlation's
+    sign, with ``|value| <= margin`` read as unrelated."""
+    return relation(value, 0.0, margin, ("positively correlated", "unrelated", "anti-correlated"))
+
+
+def randomization_verdict(similarity: float, threshold: float = CHANGE_THRESHOLD) -> str:
+    """``"passes"`` if the map changed (similarity to the trained model's map ``<=
+    threshold``), else ``"fails"``: the randomization test's own definition."""
+    if not math.isfinite(similarity):
+        raise ValueError(f"similarity must be finite, got {similarity!r}")
+    return "passes" if similarity <= threshold else "fails"
+
+
+def trend(before: float, after: float, margin: float,
+          words: Sequence[str] = ("rises", "stays about the same", "falls")) -> str:  # fmt: skip
+    """``words[0]`` if ``after`` exceeds ``before`` by more than ``margin``, ``words[2]`` if it is
+    lower by more than ``margin``, else ``words[1]``."""
+    return relation(after, before, margin, words)
+
+
+def largest(values: dict[str, float]) -> str:
+    """The key of the largest value (ties: the first)."""
+    if not values:
+        raise ValueError("values: empty")
+    return max(values, key=lambda k: values[k])

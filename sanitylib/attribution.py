@@ -12,9 +12,12 @@ Modified-backprop methods (Guided BackProp, Guided GradCAM) are guarded: captum 
 ``nn.ReLU`` modules, and on a model with functional ReLUs (torchvision's Inception v3) or
 ``nn.ReLU6`` (EfficientNet-Lite) it silently returns the plain gradient.  Before using them,
 :func:`check_guided_backprop` traces a forward pass and raises :class:`GuidedBackpropError` if any
-ReLU-type operation runs outside an ``nn.ReLU`` module, and warns
-(:class:`GuidedBackpropWarning`) where other nonlinearities (Hardswish, SiLU, GELU, sigmoid,
-``clamp(min=0)``, ...) run beside the ReLUs: the guided rule applies to the ReLUs only.
+ReLU-type operation runs outside an ``nn.ReLU`` module (one rule for every form it can see:
+``F.relu``, ``torch.relu``, ``F.relu6``/``hardtanh``, ``F.leaky_relu``, ``F.threshold``,
+``clamp(min=0)``/``clamp_min(0)``, ``torch.maximum(h, 0)``, ``torch.where(h > 0, h, 0)``,
+``h * (h > 0)``), and warns (:class:`GuidedBackpropWarning`) where other nonlinearities
+(Hardswish, SiLU, GELU, sigmoid, the elementwise maximum of two tensors, ...) run beside the
+ReLUs: the guided rule applies to the ReLUs only.
 
 Every entry point checks its input against the model up front (:func:`check_input`,
 :func:`probe_model`: one cached forward pass of one image) and runs the model in eval mode,
@@ -44,7 +47,7 @@ from .utils import derive_seed
 __all__ = ["METHODS", "PAPER_SETTINGS", "GuidedBackpropError", "GuidedBackpropWarning",
            "ProbabilityOutputWarning", "ModelProbe", "explain", "predict", "check_guided_backprop",
            "check_input", "check_targets", "probe_model", "resolve_targets", "run_method",
-           "unit_noise", "Context", "check_seed"]  # fmt: skip
+           "unit_noise", "Context", "check_seed", "check_model", "check_baseline", "image_seed"]  # fmt: skip
 
 #: The built-in methods (registered below; :func:`sanitylib.method_names` lists users' too).
 METHODS = (
@@ -83,11 +86,38 @@ class ProbabilityOutputWarning(UserWarning):
 # ----------------------------------------------------------------------------- checks
 
 
+def check_model(model) -> None:
+    """``ValueError`` naming ``model`` unless it is a ``torch.nn.Module`` (a plain function is
+    refused: sanitylib needs its parameters, modules and modes)."""
+    if not isinstance(model, nn.Module):
+        hint = (" (wrap a function in an nn.Module whose forward calls it)"
+                if callable(model) else "")  # fmt: skip
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+
+
+def check_baseline(baseline, x: Tensor, name: str = "baseline") -> None:
+    """``ValueError`` naming ``name`` unless the Integrated Gradients ``baseline`` (a number or
+    a tensor) broadcasts to ``x``'s shape ``(N, C, H, W)`` (e.g. ``(C, H, W)``, ``(1, C, 1, 1)``
+    or ``(N, C, H, W)``) and is finite."""
+    if isinstance(baseline, Tensor):
+        try:
+            shape = torch.broadcast_shapes(tuple(baseline.shape), tuple(x.shape))
+        except RuntimeError:
+            shape = None
+        if shape != tuple(x.shape):
+            raise ValueError(f"{name} of shape {tuple(baseline.shape)} does not broadcast to the "
+                             f"input's shape {tuple(x.shape)}; pass a number or a tensor of shape "
+                             "(C, H, W), (1, C, 1, 1) or (N, C, H, W)")  # fmt: skip
+        if not torch.isfinite(baseline).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+
 def check_input(model: nn.Module, x: Tensor) -> None:
     """Raise ``ValueError`` unless ``x`` is a finite, non-empty float ``(N, C, H, W)`` batch
     suited to ``model``: shape and value range are checked for built-in models, the dtype
     against the model's parameters, and one forward pass of ``x[:1]`` (:func:`probe_model`,
     cached) must succeed and return logits ``(1, classes)``."""
+    check_model(model)
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4:
@@ -276,15 +306,74 @@ def _is_zero(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == 0
 
 
-def _other_nonlinearity(func, args: tuple, kwargs: dict) -> str | None:
-    """The name of a non-ReLU nonlinearity call (``clamp(min=0)`` and the elementwise max of
-    two tensors included), or ``None``."""
-    name = _OTHER_FUNCS.get(func)
-    if name is not None:
-        return name
+def _all_zero(v) -> bool:
+    """A zero number or a tensor of zeros (of any shape)."""
+    if isinstance(v, Tensor):
+        return v.numel() > 0 and not bool(v.any())
+    return _is_zero(v)
+
+
+_ELEMENTWISE_MAX = {torch.maximum: "torch.maximum", Tensor.maximum: "Tensor.maximum",
+                    torch.fmax: "torch.fmax", Tensor.fmax: "Tensor.fmax", **_MAXES}  # fmt: skip
+#: Comparisons with zero: ``True`` where the mask keeps the positive part (``h > 0``).
+_COMPARISONS = {torch.gt: True, Tensor.gt: True, Tensor.__gt__: True, torch.ge: True,
+                Tensor.ge: True, Tensor.__ge__: True, torch.greater: True, torch.lt: False,
+                Tensor.lt: False, Tensor.__lt__: False, torch.le: False, Tensor.le: False,
+                Tensor.__le__: False}  # fmt: skip
+_WHERES = {torch.where: "torch.where", Tensor.where: "Tensor.where"}
+_MULS = {torch.mul: "torch.mul", Tensor.mul: "Tensor.mul", Tensor.__mul__: "*",
+         Tensor.__rmul__: "*"}  # fmt: skip
+
+
+def _relu_form(func, args: tuple, kwargs: dict, masks: dict) -> str | None:
+    """The name of a ReLU written without ``F.relu`` (``clamp(min=0)``, ``clamp_min(0)``,
+    ``torch.maximum(h, 0)``, ``torch.where(h > 0, h, 0)``, ``h * (h > 0)``), or ``None``.
+    ``masks`` maps ``id(mask)`` to ``(mask, h, positive)`` for the comparisons of a tensor
+    ``h`` with zero seen so far."""
     if func in _CLAMPS:
         lo = kwargs.get("min", args[1] if len(args) > 1 else None)
         return f"{_CLAMPS[func]}(min=0)" if _is_zero(lo) else None
+    if func in _ELEMENTWISE_MAX:
+        a = args[0] if args else kwargs.get("input")
+        b = kwargs.get("other", args[1] if len(args) > 1 else None)
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and (_all_zero(a) or _all_zero(b)):
+            return f"{_ELEMENTWISE_MAX[func]}(h, 0)"
+        return None
+
+    def mask_of(m):
+        rec = masks.get(id(m)) if isinstance(m, Tensor) else None
+        return rec if rec is not None and rec[0] is m else None
+
+    if func in _WHERES:
+        if func is torch.where:
+            if len(args) + len(kwargs) < 3:
+                return None
+            cond = args[0] if args else kwargs.get("condition")
+            a = args[1] if len(args) > 1 else kwargs.get("input")
+            b = args[2] if len(args) > 2 else kwargs.get("other")
+        else:
+            a = args[0] if args else None
+            cond = args[1] if len(args) > 1 else kwargs.get("condition")
+            b = args[2] if len(args) > 2 else kwargs.get("other")
+        rec = mask_of(cond)
+        if rec is not None and ((rec[2] and a is rec[1] and _all_zero(b))
+                                or (not rec[2] and _all_zero(a) and b is rec[1])):
+            return f"{_WHERES[func]}(h > 0, h, 0)"
+        return None
+    if func in _MULS and len(args) >= 2:
+        for h, m in ((args[0], args[1]), (args[1], args[0])):
+            rec = mask_of(m)
+            if rec is not None and rec[2] and h is rec[1]:
+                return "h * (h > 0)"
+    return None
+
+
+def _other_nonlinearity(func, args: tuple, kwargs: dict) -> str | None:
+    """The name of a non-ReLU nonlinearity call (the elementwise max of two tensors
+    included), or ``None``."""
+    name = _OTHER_FUNCS.get(func)
+    if name is not None:
+        return name
     if func in _MAXES:
         other = kwargs.get("other", args[1] if len(args) > 1 else None)
         return f"{_MAXES[func]}(a, b)" if isinstance(other, Tensor) else None
@@ -303,6 +392,7 @@ class _ReluTracer(TorchFunctionMode):
         self.n_relu_modules = 0
         self.outside: dict[str, int] = {}
         self.others: dict[str, list] = {}  # kind -> [calls, places]
+        self.masks: dict[int, tuple] = {}  # id(h > 0) -> (mask, h, positive): ReLU by masking
         self.handles = []
         for name, module in model.named_modules():
             self.handles.append(module.register_forward_pre_hook(self._pre(name, module)))
@@ -343,14 +433,19 @@ class _ReluTracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.inside_relu:
-            if func in _RELU_FUNCS:
-                where = f"{_RELU_FUNCS[func]} in {self._where()}"
+            relu = _RELU_FUNCS.get(func) or _relu_form(func, args, kwargs, self.masks)
+            if relu is not None:
+                where = f"{relu} in {self._where()}"
                 self.outside[where] = self.outside.get(where, 0) + 1
             elif not self.inside_other:
                 kind = _other_nonlinearity(func, args, kwargs)
                 if kind is not None:
                     self._other(kind, self._where())
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in _COMPARISONS and len(args) == 2 and isinstance(args[0], Tensor) \
+                and _is_zero(args[1]) and isinstance(out, Tensor):
+            self.masks[id(out)] = (out, args[0], _COMPARISONS[func])
+        return out
 
     def remove(self) -> None:
         for h in self.handles:
@@ -369,14 +464,18 @@ def check_guided_backprop(model: nn.Module, x: Tensor) -> int:
     model instance, forward code, submodules and input shape).
 
     Raises:
-        GuidedBackpropError: a ReLU-type function ran outside an ``nn.ReLU`` module (functional
-            ``F.relu``, ``nn.ReLU6``, ...), or the model executed no ReLU at all; in both cases
-            captum's Guided BackProp would silently degrade towards the plain gradient.
+        GuidedBackpropError: a ReLU-type operation ran outside an ``nn.ReLU`` module, whatever
+            its form: ``F.relu``/``torch.relu``/``Tensor.relu``, ``F.relu6``/``F.hardtanh``
+            (``nn.ReLU6``), ``F.leaky_relu``, ``F.threshold``, ``clamp(min=0)``/``clamp_min(0)``
+            (with or without a ``max``), ``torch.maximum(h, 0)``, ``torch.where(h > 0, h, 0)``
+            and ``h * (h > 0)``; or the model executed no ReLU at all.  In both cases captum's
+            Guided BackProp would silently degrade towards the plain gradient.
 
     Warns:
         GuidedBackpropWarning: (once per model) other nonlinearities (Hardswish, Hardsigmoid,
-            SiLU, GELU, sigmoid, tanh, ``clamp(min=0)``, ``torch.maximum``, ...) run beside the
-            ReLUs: the guided rule applies only to the ReLUs, the others pass the plain gradient.
+            SiLU, GELU, sigmoid, tanh, the elementwise maximum of two tensors, ...) run beside
+            the ReLUs: the guided rule applies only to the ReLUs, the others pass the plain
+            gradient.
     """
     key = _fingerprint(model, x)
     if _GBP_CHECKED.get(model) == key:
@@ -609,12 +708,21 @@ def edge_detector(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Context:
-    """What a built-in method needs besides its options: the noise seed, the rows per pass and
-    optional explicit noise ``(N, S, C, H, W)``."""
+    """What a method needs besides its options: the noise seed, the rows per pass, optional
+    explicit noise ``(N, S, C, H, W)`` and the index of each image (``image_ids``, default
+    ``0..N-1``: the images' positions) that seeds its noise."""
 
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
     noise: Tensor | None = None
+    image_ids: tuple[int, ...] | None = None
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed a user method with a ``seed`` argument receives for image ``index`` of a run
+    seeded with ``seed``: ``derive_seed(seed, "noise", index)``, the seed of the built-in
+    methods' noise of that image (:func:`unit_noise`)."""
+    return derive_seed(seed, "noise", index)
 
 
 def check_seed(seed) -> None:
@@ -755,10 +863,20 @@ def run_method(spec: MethodSpec, model: nn.Module, x: Tensor, target: Tensor, se
     if spec.builtin:
         return spec.fn(model, x, target, ctx, **settings)
     kwargs = dict(settings)
-    if spec.takes_seed:
-        kwargs["seed"] = ctx.seed
-    step = spec.batch_size or ctx.batch_size
     out = []
+    if spec.takes_seed:
+        # one image per call with its own seed: the result does not depend on how the images
+        # are batched (nor on the batch size), as for the built-in methods
+        ids = ctx.image_ids if ctx.image_ids is not None else range(len(x))
+        if len(ids) != len(x):
+            raise ValueError(f"image_ids has {len(ids)} entries for {len(x)} images")
+        for i, k in enumerate(ids):
+            xc, tc = x[i: i + 1], target[i: i + 1]
+            with torch.enable_grad():
+                out.append(_check_map(spec, spec.fn(model, xc.detach(), tc, **kwargs,
+                                                    seed=image_seed(ctx.seed, int(k))), xc))  # fmt: skip
+        return torch.cat(out)
+    step = spec.batch_size or ctx.batch_size
     for xc, tc in zip(x.split(step), target.split(step)):
         with torch.enable_grad():
             out.append(_check_map(spec, spec.fn(model, xc.detach(), tc, **kwargs), xc))
@@ -804,12 +922,15 @@ def explain(
     Returns:
         ``(N, C, H, W)`` float tensor on ``x``'s device (GradCAM is tiled over channels).
     """
+    check_model(model)
     spec = resolve_method(method)
     settings = spec.settings(options)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     check_seed(seed)
     check_input(model, x)
+    if "baseline" in settings and spec.builtin:
+        check_baseline(settings["baseline"], x)
     dev = next((p.device for p in model.parameters()), x.device)
     if x.device != dev:
         raise ValueError(f"x is on {x.device} but the model's parameters are on {dev}; move it "

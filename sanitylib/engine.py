@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from . import allocator
 from .attribution import (DEFAULT_BATCH_SIZE, Context, cam_to_map, check_guided_backprop,
-                          check_input, check_seed, check_targets, gradcam_layer, ig_weights,
+                          check_baseline, check_input, check_seed, check_targets, gradcam_layer, ig_weights,
                           predict, probe_model, resolve_targets, run_method,
                           unit_noise)  # fmt: skip
 from .models import Block
@@ -508,7 +508,8 @@ class _Engine:
 
         # 3) methods without shared passes (users' callables, captum classes), state by state
         if p.custom:
-            ctx = Context(self.seed, bs)
+            ids = self.image_ids
+            ctx = Context(self.seed, bs, None, tuple(i if ids is None else ids[i] for i in idx))
             for k in range(n_states):
                 states.set(k)
                 for m in p.custom:
@@ -643,6 +644,8 @@ def iter_state_maps(
         engine.image_ids = [int(i) for i in image_ids]
         if len(engine.image_ids) != len(x):
             raise ValueError(f"image_ids has {len(engine.image_ids)} entries for {len(x)} images")
+    for m in engine.plan.of_kind("ig") + engine.plan.of_kind("ig_noise"):
+        check_baseline(engine.plan.settings[m]["baseline"], x, f"method_options[{m!r}]['baseline']")
     if engine.plan.guided:
         engine.n_relu = check_guided_backprop(model, x)
     else:

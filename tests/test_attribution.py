@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -602,3 +603,81 @@ def test_maps_have_input_shape_for_every_method(tiny, xt):
         m = A.explain(tiny, xt, method, **opts.get(method, {}))
         assert m.shape == xt.shape and m.dtype == xt.dtype and torch.isfinite(m).all(), method
         assert not m.requires_grad, method
+
+
+# ---------------------------------------------------------------- one rule for every ReLU form
+class ReluFormCNN(TinyCNN):
+    """TinyCNN whose first ReLU is written as ``form(h)`` instead of the nn.ReLU module."""
+
+    def __init__(self, form) -> None:
+        super().__init__()
+        self.form = form
+
+    def forward(self, x):
+        x = self.relu2(self.conv2(self.form(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+RELU_FORMS = {
+    "F.relu": lambda h: F.relu(h),
+    "clamp(min=0)": lambda h: h.clamp(min=0),
+    "torch.clamp(min=0)": lambda h: torch.clamp(h, min=0),
+    "clamp_min(0)": lambda h: h.clamp_min(0),
+    "clamp(0, 6)": lambda h: h.clamp(0, 6),
+    "torch.maximum(h, 0)": lambda h: torch.maximum(h, torch.zeros_like(h)),
+    "torch.where(h > 0, h, 0)": lambda h: torch.where(h > 0, h, 0.0),
+    "torch.where(h > 0, h, zeros)": lambda h: torch.where(h > 0, h, torch.zeros_like(h)),
+    "torch.where(h < 0, 0, h)": lambda h: torch.where(h < 0, 0.0, h),
+    "h * (h > 0)": lambda h: h * (h > 0),
+}
+
+
+@pytest.mark.parametrize("form", list(RELU_FORMS))
+def test_guard_refuses_every_relu_form_outside_nn_relu(form, xt):
+    """Old: ``F.relu`` was refused, ``clamp(min=0)`` only warned and ``torch.where(h > 0, h,
+    0)`` passed without a word, although captum's Guided BackProp skips all three alike."""
+    model = _seeded(lambda: ReluFormCNN(RELU_FORMS[form]))
+    y = model(xt)
+    assert torch.allclose(y, _seeded(TinyCNN)(xt), atol=1e-6) or form == "clamp(0, 6)"  # a ReLU
+    with pytest.raises(A.GuidedBackpropError, match="outside nn.ReLU"):
+        A.explain(model, xt, "guided_backprop")
+    # and captum would indeed silently return the plain gradient's rule on that layer
+    gbp = GuidedBackprop(model).attribute(xt, target=[0, 1])
+    assert not torch.allclose(gbp, GuidedBackprop(_seeded(TinyCNN)).attribute(xt, target=[0, 1]))
+
+
+def test_guard_keeps_non_relu_masks_and_maxima_as_warnings(xt):
+    """Forms that are not a ReLU are not refused: a clamp at another value, a maximum of two
+    tensors, a mask of another tensor."""
+    forms = [lambda h: h.clamp(min=0.1), lambda h: torch.maximum(h, h.flip(1)),
+             lambda h: torch.where(h.flip(1) > 0, h, 0.0), lambda h: h * (h.flip(1) > 0)]
+    for form in forms:
+        model = _seeded(lambda: ReluFormCNN(lambda h: F.relu(form(h))))
+        model.form = lambda h, form=form: model.relu1(form(h))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", A.GuidedBackpropWarning)
+            assert A.check_guided_backprop(model, xt) == 2
+
+
+# ---------------------------------------------------------------- clear errors
+def test_a_function_instead_of_a_model_is_refused_by_name(xt):
+    """Old: ``explain(lambda z: z, ...)`` failed with an AttributeError deep inside."""
+    for method in ("gradient", "edge_detector", "guided_backprop"):
+        with pytest.raises(ValueError, match="model must be a torch.nn.Module, got function"):
+            A.explain(lambda z: z, xt, method)
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
+        A.check_input("effnet", xt)
+
+
+def test_integrated_gradients_baseline_of_the_wrong_shape_is_refused_by_name(tiny, xt):
+    """Old: a torch expand error from inside the integration."""
+    for m in ("integrated_gradients", "ig_smoothgrad"):
+        with pytest.raises(ValueError, match=r"baseline of shape \(3, 5, 5\) does not broadcast"):
+            A.explain(tiny, xt, m, baseline=torch.zeros(3, 5, 5))
+    with pytest.raises(ValueError, match="baseline contains NaN"):
+        A.explain(tiny, xt, "integrated_gradients", baseline=torch.full((3, 1, 1), float("nan")))
+    # shapes that broadcast are accepted and equal the number
+    b = A.explain(tiny, xt, "integrated_gradients", n_steps=3, baseline=0.2)
+    for shape in ((3, 8, 8), (1, 3, 1, 1), (2, 3, 8, 8)):
+        got = A.explain(tiny, xt, "integrated_gradients", n_steps=3, baseline=torch.full(shape, 0.2))
+        torch.testing.assert_close(got, b)

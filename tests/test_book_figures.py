@@ -37,6 +37,8 @@ def test_relu6_variants_reproduce_guided_backprop_and_leave_the_model_alone(effn
     # each switch changes the map (none is silently the same rule)
     for v in ("no_clip", "rectified_blocks", "no_skip"):
         assert not torch.allclose(maps[v], maps["guided_backprop"]), v
+    # the plain gradient with the clip ignored is another rule than the gradient
+    assert not torch.allclose(maps["gradient_no_clip"], maps["gradient"])
     # the model is untouched: weights, no hooks, no instance-level forward left behind
     assert all(torch.equal(v, effnet.state_dict()[k]) for k, v in state.items())
     assert all(not m._forward_hooks for m in effnet.modules())
@@ -109,3 +111,52 @@ def test_independent_randomization_is_drawn_as_points(schedule, joined):
         assert lines  # one per method: the trained model and three stages
         assert all((ln.get_linestyle() != "None") == joined for ln in lines)
         plt.close(fig)
+
+
+def test_diverging_colormap_has_a_light_centre_and_bright_distinct_ends():
+    """Signed thumbnails: white at 0, ends that are neither near black (RdBu_r's dark red and
+    dark blue, relative luminance 0.03, were hard to tell apart at thumbnail size) nor alike."""
+    cmap, lum = sl.plots.DIVERGING_CMAP, sl.plots._luminance
+    assert lum(cmap(0.5)) > 0.95
+    lo, hi = np.asarray(cmap(0.0)[:3]), np.asarray(cmap(1.0)[:3])
+    assert lum(lo) > 0.08 and lum(hi) > 0.08  # not near black
+    assert lo[2] - lo[0] > 0.5 and hi[0] - hi[2] > 0.5  # clearly blue, clearly red
+    # luminance falls monotonically from the centre towards both ends
+    side = np.linspace(0.5, 1.0, 11)
+    assert all(np.diff([lum(cmap(v)) for v in side]) < 0)
+    assert all(np.diff([lum(cmap(1 - v)) for v in side]) < 0)
+
+
+def test_signed_figures_use_the_diverging_colormap():
+    store = _store(["b1", "b0"])
+    fig = sl.plots.stage_grid(store, 0, ["gradient"], visualization="diverging")
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert images and all(im.get_cmap() is sl.plots.DIVERGING_CMAP for im in images)
+    plt.close(fig)
+    fig = sl.plots.stage_heatmap(_table("independent"), "spearman")
+    assert fig.axes[0].get_images()[0].get_cmap() is sl.plots.DIVERGING_CMAP
+    plt.close(fig)
+
+
+def _activations(schedule="cascading", n_stages=7, blocks=("conv_stem", "block0", "logits")):
+    rows = [{"schedule": schedule, "order": "top_down", "stage_index": k, "stage": f"s{k}",
+             "block": b, "rms": 1.0, "trained_rms": 1.0, "ratio": 2.0 ** (k - j)}
+            for k in range(n_stages) for j, b in enumerate(blocks)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_activation_heatmap_has_one_whole_number_tick_per_stage():
+    fig = sl.plots.activation_heatmap({"top-down": _activations(), "bottom-up": _activations()})
+    for ax in fig.axes[:2]:
+        ticks = ax.get_xticks()
+        assert list(ticks) == list(range(7))  # one per stage, no fractional positions
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(k) for k in range(1, 8)]
+        assert ax.get_images()[0].get_cmap() is sl.plots.DIVERGING_CMAP
+    # the blocks on the shared y axis, labelled on the first panel
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["conv_stem", "block0", "logits"]
+    plt.close(fig)
+    fig = sl.plots.activation_heatmap({"independent": _activations("independent", 3)})
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["s0", "s1", "s2"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="columns"):
+        sl.plots.activation_heatmap({"x": pd.DataFrame({"ratio": [1.0]})})

@@ -126,3 +126,60 @@ def test_floor_mean_is_the_different_images_floor():
     assert math.isnan(sl.metrics.floor_mean(None, "gradient", "spearman"))
     with pytest.raises(ValueError, match="kind"):
         sl.metrics.floor_mean(fl, "gradient", "spearman", kind="pairs")
+
+
+def test_every_paper_number_names_its_source_and_meets_its_own_criterion():
+    """Each claim's paper numbers name where they come from; a replication criterion must hold
+    for the paper's own numbers (the GradCAM claim's old criterion, <= 0.5, failed the paper's
+    0.60-0.85)."""
+    for c in book.CASCADING_CLAIMS + book.INDEPENDENT_CLAIMS:
+        assert c.source and ("paper" in c.source or "notebook" in c.source), c.text
+        if c.paper_value is None:
+            continue
+        limit = c.threshold  # floor-relative claims: the paper's floor is about 0
+        assert (c.paper_value >= limit) if c.op == ">=" else (c.paper_value <= limit), c.text
+    assert sum(c.paper_value is not None for c in book.CASCADING_CLAIMS) == len(book.CASCADING_CLAIMS)
+
+
+def test_paper_vs_book_tables_name_the_source_of_the_papers_numbers():
+    rows = [{"model": "mnist_cnn", "method": "gradient", "metric": m, "image": i, "value": 0.1 * i,
+             "stage": "fc1", "stage_index": 0, "schedule": "cascading"}
+            for m in ("spearman_abs", "spearman") for i in range(3)]  # fmt: skip
+    df = pd.DataFrame(rows)
+    data = book.paper_vs_book_data(df)
+    assert data["paper's source"].iloc[0] == book.claims.SRC_DATA_RANDOMIZATION
+    assert "Fig. 6" in data["paper's source"].iloc[0]
+    df.attrs["stages"] = ["fc1"]
+    cascade = book.paper_vs_book_cascade(df, "mnist_cnn")
+    assert "cnn_mnist_cascading_randomization" in cascade[("paper's source", "")].iloc[0]
+    claims = evaluate_claims(table({("gradcam", "spearman_abs"): [0.2] * 8}))
+    assert "inceptionv3_cascading_randomization" in claims["paper's source"].iloc[0]
+
+
+def test_words_from_numbers():
+    assert book.relation(0.3, 0.0, 0.1) == "above" and book.relation(-0.3, 0.0, 0.1) == "below"
+    assert book.relation(0.05, 0.0, 0.1) == "at" and book.relation(0.1, 0.0, 0.1) == "at"
+    assert book.floor_relation(0.90, 0.88) == "at" and book.floor_relation(0.2, 0.69) == "below"
+    assert book.sign_relation(-0.26) == "anti-correlated"
+    assert book.sign_relation(0.31) == "positively correlated" and book.sign_relation(0.05) == "unrelated"
+    # the test's own definition: a map that changed (low similarity) passes
+    assert book.randomization_verdict(0.31) == "passes" and book.randomization_verdict(0.98) == "fails"
+    assert book.trend(0.04, 0.03, 0.05) == "stays about the same" and book.trend(0.1, 0.3, 0.05) == "rises"
+    assert book.largest({"no_clip": 0.33, "no_skip": 0.02, "rectified_blocks": 0.05}) == "no_clip"
+    assert book.correlation_strength(0.12) == "weakly" and book.correlation_strength(-0.7) == "strongly"
+    with pytest.raises(ValueError, match="margin"):
+        book.relation(0.0, 0.0, -1.0)
+    with pytest.raises(ValueError, match="three words"):
+        book.relation(0.0, 0.0, 0.1, ("up", "down"))
+    with pytest.raises(ValueError, match="finite"):
+        book.randomization_verdict(float("nan"))
+    with pytest.raises(ValueError, match="empty"):
+        book.largest({})
+
+
+def test_options_sentence_names_each_setting_and_the_papers_value():
+    s = book.options_sentence({"integrated_gradients": {"n_steps": 25}, "smoothgrad": {"n_samples": 25}})
+    assert s == ("Settings that differ from the paper's: Integrated Gradients 25 steps (paper: 50); "
+                 "SmoothGrad 25 noise samples (paper: 50).")
+    assert book.options_sentence({}) == "Every method runs with the paper's settings."
+    assert "{" not in book.options_sentence(book.get_profile("book").mnist_method_options)

@@ -22,7 +22,8 @@ from .chapters import (ImageNetChapter, markdown, model_sentence, options_senten
                        setup_imagenet_chapter)
 from .claims import (CASCADING_CLAIMS, INDEPENDENT_CLAIMS, NOISE_CLAIMS, PAPER_CASCADE_ABS,
                      PAPER_CASCADE_NOABS, PAPER_DATA_RANDOMIZATION, Claim, evaluate_claims,
-                     floor_relation, largest, paper_vs_book_cascade, paper_vs_book_data,
+                     correlation_strength, floor_relation, largest, paper_vs_book_cascade,
+                     paper_vs_book_data,
                      randomization_verdict, relation, sign_relation, stage_window, trend,
                      window_mean)
 from .notebook import glue, have_myst_nb
@@ -38,4 +39,5 @@ __all__ = [
     "model_sentence", "paper_vs_book_cascade", "paper_vs_book_data", "setup_imagenet_chapter",
     "stage_window", "training_table", "window_mean", "relation", "floor_relation",
     "sign_relation", "randomization_verdict", "trend", "largest", "options_sentence",
+    "correlation_strength",
 ]

@@ -136,6 +136,7 @@ RELU6_VARIANTS: dict[str, str] = {
     "rectified_blocks": "guided rule also at every block output (linear bottleneck + residual sum)",
     "no_skip": "no gradient through the residual skip paths",
     "gradient": "plain gradient",
+    "gradient_no_clip": "plain gradient, ReLU6's upper clip ignored in the backward pass",
 }
 
 
@@ -178,7 +179,8 @@ def _has_skip(block: nn.Module) -> bool:
 @contextlib.contextmanager
 def _backward_variant(model: nn.Module, variant: str) -> Iterator[None]:
     acts = [m for m in model.modules() if isinstance(m, GuidedReLU6)]
-    clip, guided = variant != "no_clip", variant != "gradient"
+    clip = variant not in ("no_clip", "gradient_no_clip")
+    guided = variant not in ("gradient", "gradient_no_clip")
     hooks = []
     for m in acts:  # an instance attribute shadows the class's forward; removed below
         m.forward = types.MethodType(lambda self, x: _GuidedReLU6Fn.apply(x, clip, guided), m)

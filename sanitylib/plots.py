@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -21,7 +22,7 @@ from .postprocess import abs_normalize, diverging_normalize
 __all__ = ["METHOD_LABELS", "METRIC_LABELS", "use_book_style", "to_display", "method_grid",
            "stage_grid", "pick_stages", "similarity_curves", "similarity_panels", "stage_heatmap",
            "abs_vs_diverging_grid", "paired_method_grid", "similarity_bars",
-           "training_curves"]  # fmt: skip
+           "training_curves", "activation_heatmap", "DIVERGING_CMAP"]  # fmt: skip
 
 #: ``{method: label}`` and ``{metric: label}`` views of the registries (users' methods and
 #: metrics included); a name that is not registered is its own label.
@@ -29,12 +30,27 @@ METHOD_LABELS = registry.METHOD_LABELS
 METRIC_LABELS = registry.METRIC_LABELS
 _COLORS = dict(zip(registry.method_names(builtin=True), plt.get_cmap("tab10").colors))
 
+#: The diverging colormap of signed maps and signed tables (negative blue, 0 white, positive
+#: red).  Matplotlib's ``RdBu_r`` ends in near-black dark red and dark blue, which are hard to
+#: tell apart in small thumbnails; here both ends stay bright (relative luminance about 0.1 and
+#: 0.15) and of clearly different hue, with white in the middle.  Not registered with matplotlib
+#: (no process-global change): pass it as ``cmap=DIVERGING_CMAP``.
+DIVERGING_CMAP = LinearSegmentedColormap.from_list(
+    "sanitylib_diverging", ["#1f4fd1", "#8fa9e8", "#ffffff", "#f0988f", "#d7301f"])
+
 
 def _names(methods) -> list[str]:
     """Method names of a list of names, callables, captum classes or specs."""
     if methods is None:
         return None
     return [m if isinstance(m, str) else registry.resolve_method(m).name for m in methods]
+
+
+def _luminance(rgba) -> float:
+    """WCAG relative luminance of an sRGB colour (0 black, 1 white)."""
+    c = np.asarray(rgba[:3], dtype=float)
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(lin @ [0.2126, 0.7152, 0.0722])
 
 
 def use_book_style() -> None:
@@ -61,7 +77,7 @@ def _show(ax, img: np.ndarray, visualization: str) -> None:
     if visualization == "abs":
         ax.imshow(img, cmap="gray", vmin=0, vmax=1)
     else:
-        ax.imshow(img, cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.imshow(img, cmap=DIVERGING_CMAP, vmin=-1, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -296,12 +312,13 @@ def stage_heatmap(df: pd.DataFrame, metric: str, methods: Sequence[str] | None =
                                                                              columns=stages)
     fig, ax = plt.subplots(figsize=(0.42 * len(stages) + 2.2, 0.36 * len(methods) + 1.4),
                            constrained_layout=True)  # fmt: skip
-    im = ax.imshow(mean.to_numpy(dtype=float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    im = ax.imshow(mean.to_numpy(dtype=float), cmap=DIVERGING_CMAP, vmin=-1, vmax=1, aspect="auto")
     if annotate:
         for (i, j), v in np.ndenumerate(mean.to_numpy(dtype=float)):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
-                        color="white" if abs(v) > 0.6 else "black")  # fmt: skip
+                        color="white" if _luminance(DIVERGING_CMAP((v + 1) / 2)) < 0.25
+                        else "black")  # fmt: skip
     ax.set_xticks(range(len(stages)))
     ax.set_xticklabels(stages, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(methods)))
@@ -542,6 +559,50 @@ def sensitivity_forest(summaries: Mapping[str, pd.DataFrame], value: str = "auc"
         # below the panel (outside the axes), so that it never covers a point or an interval
         ax.legend(title="sigma", fontsize=6, title_fontsize=6, loc="upper center",
                   bbox_to_anchor=(0.5, -0.2), ncol=len(sigmas), frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def activation_heatmap(tables: Mapping[str, pd.DataFrame], span: float = 2.0,
+                       title: str | None = None) -> Figure:  # fmt: skip
+    """One panel per table of :func:`sanitylib.diagnostics.activation_scales` (e.g.
+    ``{"top-down": ..., "bottom-up": ...}``): blocks (rows, in the table's order) x stages
+    (columns), coloured by ``log10(ratio)`` of each block's output RMS to the trained model's,
+    from ``-span`` (blue, smaller) through 0 (white, the trained scale) to ``span`` (red).
+
+    The stage axis has one tick per stage, labelled with whole numbers: in a cascading schedule
+    the number of blocks randomized so far (``stage_index + 1``), otherwise the stage's name.
+    """
+    if not tables:
+        raise ValueError("tables must hold at least one activation_scales table")
+    if not span > 0:
+        raise ValueError(f"span must be positive, got {span!r}")
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.2), squeeze=False,
+                             sharey=True, constrained_layout=True)  # fmt: skip
+    im = None
+    for ax, (label, act) in zip(axes[0], tables.items()):
+        missing = {"stage_index", "stage", "block", "ratio"} - set(act.columns)
+        if missing:
+            raise ValueError(f"tables[{label!r}] lacks the columns {sorted(missing)} (expected "
+                             "a sanitylib.diagnostics.activation_scales table)")
+        mat = act.pivot_table(index="block", columns="stage_index", values="ratio", sort=False)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            im = ax.imshow(np.log10(mat.to_numpy(dtype=float)), cmap=DIVERGING_CMAP,
+                           vmin=-span, vmax=span, aspect="auto")  # fmt: skip
+        ax.set_yticks(range(len(mat.index)), list(mat.index), fontsize=7)
+        cascading = "schedule" not in act.columns or (act["schedule"] == "cascading").all()
+        if cascading:
+            ticks = [str(int(k) + 1) for k in mat.columns]
+            ax.set_xlabel("blocks randomized so far")
+            ax.set_xticks(range(len(mat.columns)), ticks, fontsize=7)
+        else:
+            names = act.drop_duplicates("stage_index").set_index("stage_index")["stage"]
+            ax.set_xlabel("randomized block")
+            ax.set_xticks(range(len(mat.columns)), [str(names[k]) for k in mat.columns],
+                          rotation=60, ha="right", fontsize=7)  # fmt: skip
+        ax.set_title(label)
+    fig.colorbar(im, ax=axes[0].tolist(), label="log10 (RMS / trained RMS)")
     if title:
         fig.suptitle(title)
     return fig

@@ -352,7 +352,10 @@ def abs_vs_diverging_grid(store, image: int, methods: Sequence[str],
         for r, m in enumerate(methods):
             off = 0
             if picture is not None:
-                axes[r, 0].imshow(picture)
+                if r == 0:  # the input once, at the top of its column
+                    axes[r, 0].imshow(picture)
+                else:  # an empty frame that still carries the method's label
+                    axes[r, 0].set_frame_on(False)
                 axes[r, 0].set_xticks([])
                 axes[r, 0].set_yticks([])
                 off = 1

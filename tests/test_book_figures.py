@@ -160,3 +160,25 @@ def test_activation_heatmap_has_one_whole_number_tick_per_stage():
     plt.close(fig)
     with pytest.raises(ValueError, match="columns"):
         sl.plots.activation_heatmap({"x": pd.DataFrame({"ratio": [1.0]})})
+
+
+def test_abs_vs_diverging_grid_shows_the_input_once_per_visualization():
+    """The input picture stands at the top of its column, not repeated in every method's row
+    (the rows below keep the method's label)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    class Store:  # the interface of a runner's map store: images, stages, store[stage][method]
+        images, stages = [0], ["trained", "fc1"]
+
+        def __getitem__(self, stage):
+            g = torch.Generator().manual_seed(len(stage))
+            return {m: torch.randn(1, 1, 12, 12, generator=g) for m in ("gradient", "guided_backprop")}
+
+    fig = sl.plots.abs_vs_diverging_grid(Store(), 0, ["gradient", "guided_backprop"],
+                                         picture=np.zeros((12, 12, 3)))
+    for sub in fig.subfigs:
+        first_column = sub.axes[::3]  # rows of (picture, trained, fc1)
+        assert [len(ax.get_images()) for ax in first_column] == [1, 0]
+        assert first_column[1].get_ylabel()  # the method's label is still there
+    plt.close(fig)

@@ -38,6 +38,17 @@ class UsageError(ValueError):
     """A bad command-line argument (its message names the argument)."""
 
 
+def _flag_error(flag: str, err: Exception) -> UsageError:
+    """``UsageError`` ``"FLAG: message"`` for an error raised while checking ``FLAG``'s value;
+    a message that already starts with the flag or the argument's name (``"--methods: ..."``,
+    ``"blocks: ..."``) does not repeat it."""
+    msg = str(err)
+    for prefix in (f"{flag}: ", f"{flag.lstrip('-').replace('-', '_')}: "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return UsageError(f"{flag}: {msg}")
+
+
 def _csv(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",")]
     if not text.strip() or any(not t for t in items):
@@ -211,7 +222,7 @@ def _resolve(args) -> dict:
     try:
         specs = resolve_methods(list(methods), "--methods")
     except (ValueError, TypeError) as err:
-        raise UsageError(f"--methods: {err}") from None
+        raise _flag_error("--methods", err) from None
     names = [s.name for s in specs]
     options = {m: dict(o) for m, o in options.items() if m in names}
     for sp in specs:
@@ -223,7 +234,7 @@ def _resolve(args) -> dict:
     try:
         metrics = tuple(m.name for m in resolve_metrics(list(metrics)))
     except (ValueError, TypeError) as err:
-        raise UsageError(f"--metrics: {err}") from None
+        raise _flag_error("--metrics", err) from None
     model = args.model or prof.model
     if model not in (*MODELS, "auto"):
         raise UsageError(f"--model: unknown model {model!r}; known: {', '.join(MODELS)}, auto")
@@ -235,8 +246,8 @@ def _resolve(args) -> dict:
         if not files:
             raise UsageError(f"--images: no image files ({', '.join(sorted(_IMAGE_SUFFIXES))}) "
                              f"in {folder}")  # fmt: skip
-        images = {"folder": str(folder.resolve()), "files": files,
-                  "sizes": [(folder / f).stat().st_size for f in files]}  # fmt: skip
+        # the files by name; their content is checked shard by shard (_image_digests)
+        images = {"folder": str(folder.resolve()), "files": files}
     elif prof.image_folder:
         raise UsageError(f"--images: the {prof.name!r} profile reads its images from a folder "
                          f"({prof.image_folder}); pass --images DIR")  # fmt: skip
@@ -249,7 +260,7 @@ def _resolve(args) -> dict:
     n = args.n_images or prof.n_images or n_total
     if n > n_total:
         raise UsageError(f"--n-images: {n} requested, only {n_total} images available")
-    for k in ("files", "sizes", "photos"):
+    for k in ("files", "photos"):
         if k in images:
             images[k] = images[k][:n]
     blocks = None
@@ -263,7 +274,7 @@ def _resolve(args) -> dict:
             try:
                 blocks = _csv(text)
             except argparse.ArgumentTypeError as err:
-                raise UsageError(f"--blocks: {err}") from None
+                raise _flag_error("--blocks", err) from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} exists and is not a folder")
@@ -296,6 +307,28 @@ def _load_images(settings: dict, model, idx: list[int]):
     return b.x, list(b.names)
 
 
+def _image_digests(settings: dict, idx: list[int]) -> list[str]:
+    """What identifies images ``idx`` of the run, by content: the sha256 of each file's bytes
+    (a photo replaced by another of the same name and byte size differs), or of a shipped
+    photo's pixels."""
+    import hashlib
+
+    import numpy as np
+
+    from .data import PHOTOS
+
+    im = settings["images"]
+    out = []
+    for i in idx:
+        if "files" in im:
+            data = (Path(im["folder"]) / im["files"][i]).read_bytes()
+        else:
+            a = np.ascontiguousarray(PHOTOS[im["photos"][i]]())
+            data = repr((a.shape, str(a.dtype))).encode() + a.tobytes()
+        out.append(hashlib.sha256(data).hexdigest()[:32])
+    return out
+
+
 def _run(args) -> int:
     import torch
 
@@ -326,7 +359,7 @@ def _run(args) -> int:
             else:
                 blocks = [b.name for b in all_blocks]
         except (ValueError, AttributeError, KeyError) as err:
-            raise UsageError(f"--blocks: {err}") from None
+            raise _flag_error("--blocks", err) from None
         config = {k: v for k, v in s.items() if k not in ("batch_size", "device", "fast")}
         config.update(model=info.name if info else s["model"], blocks=blocks,
                       device=device.type, precision={k: v for k, v in precision.items()
@@ -363,12 +396,14 @@ def _run(args) -> int:
                 image_names=names, store_maps=0, batch_size=s["batch_size"], cache=False,
                 progress=not args.quiet and dist.rank == 0, label=config["model"],
                 floor=False, image_ids=idx)  # fmt: skip
-            df.attrs = {}  # maps and floors are not part of the table
-            return df
+            import pandas as pd
+
+            return pd.DataFrame(df)  # the rows only: maps and floors are not part of the table
 
         meta = {"versions": _versions()}
         merged = run_shards(compute, plan_shards(s["n_images"], s["shard_size"]), out / "shards",
-                            key, dist, max_shards=args.max_shards, meta=meta, log=print)  # fmt: skip
+                            key, dist, max_shards=args.max_shards, meta=meta, log=print,
+                            identify=lambda idx: _image_digests(s, idx))  # fmt: skip
         if merged is None:
             return 0
         order = {m: j for j, m in enumerate(s["methods"])}

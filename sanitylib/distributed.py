@@ -13,7 +13,9 @@ process, for any number of ``torchrun`` ranks and in any shard order.
   repeating images) and writes ``part-SSSSS.parquet`` through a temporary file and an atomic
   rename (:func:`sanitylib.utils.atomic_write`): a reader never sees half a shard.
 * Finished shards are skipped when the run starts again (a requeued job, a restarted Colab
-  session); leftover temporary files are removed.  Shards written under another configuration
+  session); leftover temporary files are removed.  With ``identify`` (the command line passes
+  a hash of each image's content), a finished shard whose images changed since it was written
+  is recomputed, whatever the files' names and sizes.  Shards written under another configuration
   (their ``sanitylib.key`` metadata) are refused, not mixed.
 * After a barrier, rank 0 merges the shards into one table.
 """
@@ -35,7 +37,7 @@ import torch
 from .utils import atomic_write
 
 __all__ = ["DistInfo", "distributed_context", "plan_shards", "shard_path", "write_shard",
-           "finished_shards", "merge_shards", "run_shards", "ShardsIncomplete"]  # fmt: skip
+           "finished_shards", "merge_shards", "run_shards", "shard_meta", "ShardsIncomplete"]  # fmt: skip
 
 #: Parquet key-value metadata entry holding the run's configuration key.
 KEY_FIELD = b"sanitylib.key"
@@ -133,6 +135,17 @@ def _file_key(path: Path) -> str | None:
     return v.decode() if v is not None else None
 
 
+def shard_meta(path: str | os.PathLike) -> dict:
+    """The JSON metadata :func:`write_shard` stored in a shard file (``{}`` if none)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(Path(path)).metadata or {}
+    try:
+        return json.loads(meta.get(b"sanitylib.meta", b"{}").decode())
+    except ValueError:
+        return {}
+
+
 def finished_shards(folder: str | os.PathLike, n_shards: int, key: str) -> set[int]:
     """Shards of ``folder`` already written for the run ``key``.
 
@@ -206,7 +219,8 @@ class ShardsIncomplete(RuntimeError):
 def run_shards(compute: Callable[[list[int]], pd.DataFrame], shards: Sequence[Sequence[int]],
                folder: str | os.PathLike, key: str, dist: DistInfo | None = None, *,
                max_shards: int | None = None, meta: dict | None = None,
-               log: Callable[[str], None] = print) -> pd.DataFrame | None:  # fmt: skip
+               log: Callable[[str], None] = print,
+               identify: Callable[[list[int]], list[str]] | None = None) -> pd.DataFrame | None:  # fmt: skip
     """Compute the unfinished ``shards`` across the ranks and merge them on rank 0.
 
     Args:
@@ -219,6 +233,11 @@ def run_shards(compute: Callable[[list[int]], pd.DataFrame], shards: Sequence[Se
             time-limited session); the run is then resumed by calling again.
         meta: JSON-friendly metadata stored in each shard file.
         log: where progress lines go (rank 0 only prints the summary lines).
+        identify: ``identify(image_indices) -> [content id per image]`` (e.g. a hash of each
+            image's pixels): stored in each shard file (metadata ``"content"``); a finished
+            shard whose stored ids differ from the images' ids now (a photo replaced by
+            another, whatever its name and size) is recomputed, not merged.  ``None``: shards
+            are trusted by their index.
 
     Returns:
         The merged table on rank 0 when every shard is finished; ``None`` on the other ranks or
@@ -233,6 +252,14 @@ def run_shards(compute: Callable[[list[int]], pd.DataFrame], shards: Sequence[Se
             log(f"removed {n_tmp} unfinished temporary shard file(s)")
     dist.barrier()  # the folder exists and holds no temporary files
     done = finished_shards(folder, len(shards), key)
+    if identify is not None:
+        changed = [k for k in sorted(done) if shard_meta(shard_path(folder, k)).get("content")
+                   != list(identify(list(shards[k])))]  # fmt: skip
+        if changed and dist.rank == 0:
+            log(f"{len(changed)} finished shard(s) hold images that changed since they were "
+                f"written (other content): {changed[:10]}{' ...' if len(changed) > 10 else ''}; "
+                "recomputed")  # fmt: skip
+        done -= set(changed)
     dist.barrier()  # every rank listed the same finished shards before anyone writes
     remaining = sorted(set(range(len(shards))) - done)
     mine = remaining[dist.rank::dist.world]
@@ -243,9 +270,10 @@ def run_shards(compute: Callable[[list[int]], pd.DataFrame], shards: Sequence[Se
     for k in mine:
         if max_shards is not None and n >= max_shards:
             break
+        content = {} if identify is None else {"content": list(identify(list(shards[k])))}
         df = compute(list(shards[k]))
         write_shard(df, shard_path(folder, k), key, {**(meta or {}), "shard": k,
-                                                     "images": list(shards[k])})  # fmt: skip
+                                                     "images": list(shards[k]), **content})  # fmt: skip
         n += 1
         log(f"rank {dist.rank}: shard {k} written ({len(df)} rows)")
     dist.barrier()

@@ -152,6 +152,7 @@ def random_logit(model: nn.Module, x: Tensor, methods: Sequence,
         Columns ``test, method, image, image_name, metric, value, target, random_target``.
     """
     _check_model(model)
+    batch_size = _check_int("batch_size", batch_size)
     check_input(model, x)
     check_seed(seed)
     specs, method_options, names = _methods(methods, method_options, image_names, len(x))
@@ -302,6 +303,19 @@ def _first_conv(model: nn.Module, x: Tensor) -> tuple[str, Tensor]:
     return seen[0]
 
 
+def _check_shift(shift) -> None:
+    """``ValueError`` naming ``shift`` unless it is a real number, a sequence of real numbers
+    or a floating-point tensor (strings, bools and complex numbers are refused, not converted)."""
+    what = "shift must be a finite number or one number per channel (a sequence or a tensor)"
+    if isinstance(shift, Tensor):
+        if shift.is_complex() or shift.dtype == torch.bool:
+            raise ValueError(f"{what}, got a {shift.dtype} tensor")
+        return
+    items = list(shift) if isinstance(shift, (list, tuple)) else [shift]
+    if not items or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in items):
+        raise ValueError(f"{what}, got {shift!r}")
+
+
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(get_submodule(model, parent) if parent else model, name, new)
@@ -321,6 +335,7 @@ def shift_compensated(model: nn.Module, x: Tensor, shift) -> tuple[nn.Module, Te
         ``(copy, x + shift)``.
     """
     _check_model(model)
+    _check_shift(shift)
     check_input(model, x)
     x = _device_x(model, x)
     c = torch.as_tensor(shift, dtype=x.dtype, device=x.device) if not isinstance(shift, Tensor) \
@@ -370,6 +385,8 @@ def input_invariance(model: nn.Module, x: Tensor, methods: Sequence, shift=1.0,
     """
     _check_model(model)
     check_seed(seed)
+    batch_size = _check_int("batch_size", batch_size)
+    _check_shift(shift)
     specs, method_options, names = _methods(methods, method_options, image_names, len(x))
     fns = resolve_metrics(metrics)
     tolerance = _check_float("tolerance", tolerance, 0.0)
@@ -511,6 +528,7 @@ def emprt(model: nn.Module, x: Tensor, methods: Sequence, blocks=None, *, n_bins
         entropy_random`` with ``metric = "emprt"``.
     """
     _check_model(model)
+    batch_size = _check_int("batch_size", batch_size)
     check_input(model, x)
     check_seed(seed)
     if target not in ("original", "current"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -36,12 +36,27 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def _new_file(folder: Path, prefix: str, suffix: str) -> str:
+    """Create a new empty file ``folder/prefix<random>suffix`` exclusively and return its path.
+    Its mode is ``0o666`` less the process's umask, as for any file the user creates
+    (``tempfile.mkstemp`` would make it ``0o600``, private whatever the umask)."""
+    for _ in range(100):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return name
+    raise FileExistsError(f"no free temporary file name for {prefix!r} in {folder}")
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it onto
-    ``path``: an interrupted run never leaves a half-written file."""
+    ``path``: an interrupted run never leaves a half-written file.  The file gets the usual
+    permissions of a new file (``0o666`` less the umask)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    tmp = _new_file(path.parent, path.name, ".tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -211,3 +211,81 @@ def test_precision_settings_leave_the_cpu_alone():
     before = cli.tf32_state()
     assert cli.set_precision("cpu", fast=True) == {"device": "cpu", "tf32": False}
     assert cli.tf32_state() == before
+
+
+# ----------------------------------------------------------------------------- resume by content
+
+
+def test_run_shards_recompute_a_shard_whose_images_changed(tmp_path):
+    """Old: finished shards were trusted by their index: an image replaced after its shard was
+    written kept its stale rows."""
+    from sanitylib.distributed import run_shards, shard_meta
+
+    content = {i: f"v0-{i}" for i in range(5)}
+    calls = []
+
+    def compute(idx):
+        calls.append(list(idx))
+        return pd.DataFrame({"image": idx, "value": [content[i] for i in idx]})
+
+    identify = lambda idx: [content[i] for i in idx]  # noqa: E731
+    shards = plan_shards(5, 2)
+    first = run_shards(compute, shards, tmp_path, "k", identify=identify, log=lambda m: None)
+    assert calls == shards and list(first.value) == [content[i] for i in range(5)]
+    assert shard_meta(shard_path(tmp_path, 1))["content"] == ["v0-2", "v0-3"]
+    calls.clear()
+    content[3] = "v1-3"  # image 3 replaced (same name, same size: only its content differs)
+    lines = []
+    again = run_shards(compute, shards, tmp_path, "k", identify=identify, log=lines.append)
+    assert calls == [[2, 3]]  # only its shard is recomputed
+    assert list(again.value) == ["v0-0", "v0-1", "v0-2", "v1-3", "v0-4"]
+    assert any("changed since they were written" in m and "[1]" in m for m in lines), lines
+    calls.clear()
+    run_shards(compute, shards, tmp_path, "k", identify=identify, log=lambda m: None)
+    assert calls == []  # nothing changed: nothing recomputed
+
+
+def test_cli_resume_recomputes_a_photo_replaced_by_one_of_the_same_size(tmp_path, capsys):
+    """The command line identifies images by content: a photo replaced by another of the same
+    name and byte size (uncompressed BMP of the same shape) is recomputed, and the table equals
+    a fresh run on the new images."""
+    from PIL import Image
+
+    from sanitylib.data import PHOTOS
+
+    def crop(name):
+        return Image.fromarray(np.ascontiguousarray(PHOTOS[name]()[:96, :96, :3]))
+
+    images = tmp_path / "images"
+    images.mkdir()
+    crop("chelsea").save(images / "a.bmp")
+    crop("coffee").save(images / "b.bmp")
+    args = ["run", "--profile", "smoke", "--methods", "gradient", "--metrics", "spearman_abs",
+            "--blocks", "1", "--shard-size", "1", "--quiet", "--device", "cpu",
+            "--images", str(images), "--n-images", "2"]  # fmt: skip
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 0
+    before = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    size = (images / "a.bmp").stat().st_size
+    crop("astronaut").save(images / "a.bmp")
+    assert (images / "a.bmp").stat().st_size == size
+    capsys.readouterr()
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert "1 finished shard(s) hold images that changed" in capsys.readouterr().out
+    after = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert cli.main([*args, "--out", str(tmp_path / "fresh")]) == 0
+    fresh = pd.read_parquet(tmp_path / "fresh" / "results.parquet")
+    pd.testing.assert_frame_equal(after, fresh)
+    assert not np.allclose(after[after.image == 0].value, before[before.image == 0].value)
+    pd.testing.assert_frame_equal(after[after.image == 1], before[before.image == 1])
+
+
+def test_cli_error_names_the_flag_once(tmp_path, capsys):
+    """Old: "--methods: --methods: duplicate method names"."""
+    out = tmp_path / "out"
+    for args, flag in ((["--methods", "gradient,gradient"], "--methods"),
+                       (["--metrics", "ssim,ssim"], "--metrics")):
+        assert cli.main(["run", "--profile", "smoke", "--out", str(out), *args]) == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"{flag}: " in err and err.count(flag) == 1, err
+    assert cli._flag_error("--blocks", ValueError("blocks: block 'relu' holds no parameters")).args \
+        == ("--blocks: block 'relu' holds no parameters",)

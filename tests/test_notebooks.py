@@ -13,10 +13,6 @@ main environment, which has jupyter-book).
 """
 import json
 import math
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -52,20 +48,9 @@ def read_glue(nb) -> dict:
     return out
 
 
-@pytest.fixture(scope="session")
-def executed(clean_python, tmp_path_factory) -> dict[str, Path]:
-    """Every chapter executed under papermill in the clean environment (smoke profile)."""
-    out_dir = tmp_path_factory.mktemp("executed")
-    done = {}
-    for nb in NOTEBOOKS:
-        target = out_dir / nb.name
-        t0 = time.perf_counter()
-        _run([clean_python, "-m", "papermill", nb, target, "-p", "profile", "smoke",
-              "-k", KERNEL, "--cwd", out_dir, "--no-progress-bar", "--execution-timeout", "900"],
-             env=_clean_env(), cwd=out_dir)  # fmt: skip
-        print(f"{nb.stem}: {time.perf_counter() - t0:.0f} s in the clean environment")
-        done[nb.stem] = target
-    return done
+# The fixtures ``executed`` (every chapter run under papermill in the clean environment, smoke
+# profile) and ``built_book`` (the strict book build from those runs) are in conftest.py: the
+# browser test of the built site (tests/test_site.py) uses the same build.
 
 
 def test_every_chapter_is_in_the_toc():
@@ -97,6 +82,24 @@ def test_first_cell_installs_the_package_from_the_books_repository(path):
     assert "torch" not in first.source.split("\n", 2)[-1]  # no torch pin or reinstall
     assert "--upgrade" not in first.source and "-U" not in first.source.split()
     assert "remove-cell" in first.metadata.get("tags", [])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + sorted((ROOT / "book").glob("*.md")), ids=lambda p: p.stem)
+def test_glue_roles_are_well_formed(path):
+    """A glue role inside inline code (`{glue:text}`key``) renders literally: every role is
+    ``{glue:...}`` followed by one backtick-quoted key, and none sits inside backticks."""
+    import re
+
+    if path.suffix == ".ipynb":
+        text = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells
+                         if c.cell_type == "markdown")  # fmt: skip
+    else:
+        text = path.read_text()
+    assert not re.findall(r"(?<!`)`\{glue:[a-z]+\}", text), "a glue role inside inline code"
+    for m in re.finditer(r"\{glue:([a-z]+)\}", text):
+        assert m.group(1) in ("text", "md", "figure", "any", "math"), m.group(0)
+        if m.group(1) != "figure":
+            assert re.match(r"`[^`\s]+`", text[m.end():]), text[m.start():m.end() + 40]
 
 
 @slow
@@ -225,22 +228,10 @@ def test_noise_sensitivity_chapter_smoke_values(executed):
 
 
 @slow
-def test_book_builds_strictly(executed, tmp_path):
-    """Strict (-W -n) Sphinx build of the whole book from the smoke-executed chapters."""
-    book = tmp_path / "book_src"
-    shutil.copytree(ROOT / "book", book / "book")
-    (book / "notebooks").mkdir()
-    for stem, path in executed.items():
-        shutil.copy(path, book / "notebooks" / f"{stem}.ipynb")
-    shutil.copy(ROOT / "_toc.yml", book / "_toc.yml")
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    config["execute"]["execute_notebooks"] = "off"  # already executed by papermill
-    (book / "_config.yml").write_text(yaml.safe_dump(config))
-    jb = Path(sys.executable).with_name("jupyter-book")
-    res = subprocess.run([str(jb), "build", str(book), "-W", "-n", "--keep-going"],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    html = book / "_build" / "html"
+def test_book_builds_strictly(built_book):
+    """Strict (-W -n) Sphinx build of the whole book from the smoke-executed chapters (the build
+    and its exit status are in the ``built_book`` fixture, conftest.py)."""
+    html = built_book
     assert (html / "index.html").exists()
     chapter = (html / "notebooks" / "01_saliency_methods.html").read_text()
     assert chapter.count("<img") >= 3  # the three glued figures

@@ -457,10 +457,11 @@ def similarity_bars(df: pd.DataFrame, metrics: Sequence[str] = ("spearman_abs", 
 def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
                     target: float | None = None, chance: float | None = None,
                     title: str | None = None) -> Figure:  # fmt: skip
-    """Running training accuracy (solid) and test accuracy (dashed) per epoch, one colour per
-    model; ``histories`` maps a label to the ``history`` of
-    :func:`sanitylib.training.train_mnist_model`.  Optional horizontal lines mark a target
-    training accuracy and the chance level."""
+    """Running training accuracy (solid: the mean over the epoch's batches, which lags the
+    model's accuracy at the end of the epoch), the exact end-of-epoch training accuracy where the
+    history has it (crosses), and test accuracy (dashed) per epoch, one colour per model;
+    ``histories`` maps a label to the ``history`` of :func:`sanitylib.training.train_mnist_model`.
+    Optional horizontal lines mark a target training accuracy and the chance level."""
     fig, ax = plt.subplots(figsize=(5.6, 3.2), constrained_layout=True)
     for k, (label, hist) in enumerate(histories.items()):
         color = plt.get_cmap("tab10").colors[k % 10]
@@ -469,6 +470,12 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
                 label=f"{label}: train")  # fmt: skip
         ax.plot(ep, [h["test_accuracy"] for h in hist], color=color, lw=1.2, ls="--",
                 label=f"{label}: test")  # fmt: skip
+        # the exact training accuracy at the end of an epoch, where it was measured (what a
+        # stopping rule uses; the running mean lags it)
+        exact = [(h["epoch"], h["train_accuracy"]) for h in hist if h.get("train_accuracy") is not None]
+        if exact:
+            ax.plot(*zip(*exact), color=color, ls="none", marker="x", ms=6,
+                    label=f"{label}: train, end of epoch")  # fmt: skip
     if target is not None:
         ax.axhline(target, color="0.4", lw=0.8, ls=":")
     if chance is not None:

@@ -182,3 +182,19 @@ def test_abs_vs_diverging_grid_shows_the_input_once_per_visualization():
         assert [len(ax.get_images()) for ax in first_column] == [1, 0]
         assert first_column[1].get_ylabel()  # the method's label is still there
     plt.close(fig)
+
+
+def test_training_curves_mark_the_exact_training_accuracy_the_stopping_rule_used():
+    """The solid line is a running mean that lags; the end-of-epoch accuracy that reached the
+    target is drawn as a marker, so the figure shows what the text says was reached."""
+    import matplotlib.pyplot as plt
+
+    hist = [{"epoch": 1, "running_train_accuracy": 0.5, "test_accuracy": 0.1},
+            {"epoch": 2, "running_train_accuracy": 0.93, "test_accuracy": 0.1,
+             "train_accuracy": 0.97}]  # fmt: skip
+    fig = sl.plots.training_curves({"CNN, random labels": hist}, target=0.95)
+    ax = fig.axes[0]
+    marked = [line for line in ax.lines if line.get_marker() == "x"]
+    assert len(marked) == 1 and list(marked[0].get_ydata()) == [0.97]
+    assert max(float(v) for line in marked for v in line.get_ydata()) >= 0.95
+    plt.close(fig)

@@ -102,7 +102,8 @@ def _check(name: str, labels: str, epochs: int, lr: float, batch_size: int,
 
 def training_labels(y: torch.Tensor, labels: str, seed: int) -> torch.Tensor:
     """The labels a model is trained on: ``y`` itself (``"true"``) or a seeded permutation of
-    ``y`` (``"random"``: every image gets another image's label, class frequencies kept)."""
+    ``y`` (``"random"``: the labels shuffled among the images, class frequencies kept; about
+    one image in ten, the sum of the squared class frequencies, keeps a label of its class)."""
     if labels == "true":
         return y
     gen = torch.Generator().manual_seed(derive_seed(seed, "labels"))

@@ -207,6 +207,41 @@ def test_beyond_the_paper_chapters_smoke_values(executed):
     assert abs(num(g8, "ch08_em_edge_detector")) < 1e-9  # a model-independent map cannot change
 
 
+def _printed(nb, marker: str) -> str:
+    """The printed output of the (first) code cell whose source contains ``marker``."""
+    cell = next(c for c in nb.cells if c.cell_type == "code" and marker in c.source)
+    return "".join(o.get("text", "") for o in cell.get("outputs", []))
+
+
+@slow
+def test_exercise_solutions_say_what_their_outputs_show(executed):
+    """The exercises of chapters 1, 6 and 8 do not depend on the profile, so the smoke run
+    prints the book's numbers: the solutions' sentences are checked on them (measured on the
+    book's photos: SmoothGrad vs gradient 0.45 / 0.21 / 0.08 / 0.05 at noise 0.01 / 0.05 /
+    0.15 / 0.5; two seeds 0.26 / 0.30 / 0.35 at 2 / 4 / 8 samples; blurred gradient 0.49 /
+    0.45 / 0.42 at k = 1 / 5 / 9, different photos 0.02-0.05)."""
+    import re
+
+    nb1 = nbformat.read(executed["01_saliency_methods"], as_version=4)
+    out = _printed(nb1, "for level in (0.01, 0.05, 0.15, 0.5)")
+    v = {float(a): float(b) for a, b in re.findall(r"noise_level=([\d.]+): .* ([-\d.]+)\n", out)}
+    assert list(v) == [0.01, 0.05, 0.15, 0.5], out
+    assert v[0.01] > 0.35 and 0.1 < v[0.05] < 0.3 and v[0.15] < 0.1 and v[0.5] < 0.1, v  # prose
+    assert v[0.01] > v[0.05] > v[0.15], v  # "the more noise, the less it resembles the gradient"
+    nb6 = nbformat.read(executed["06_noise_sensitivity"], as_version=4)
+    out = _printed(nb6, "for n in (2, 4, 8):")
+    v = [float(b) for _, b in re.findall(r"n_samples=(\d+): .* ([-\d.]+)\n", out)]
+    assert len(v) == 3 and v[0] < v[1] < v[2] < 0.5, v  # grows, slowly; far from stable
+    assert all(0.01 < b - a < 0.08 for a, b in zip(v, v[1:])), v  # "about 0.04 per doubling"
+    nb8 = nbformat.read(executed["08_repairing_the_test"], as_version=4)
+    out = _printed(nb8, "for k in (1, 5, 9):")
+    rows = re.findall(r"k=(\d+): Spearman \(abs\) ([-\d.]+); two different photos: ([-\d.]+)", out)
+    sim = {int(k): float(a) for k, a, _ in rows}
+    assert sorted(sim) == [1, 5, 9], out
+    assert sim[1] > sim[9] + 0.03, sim  # blurring does not raise it: it falls
+    assert all(abs(float(f)) < 0.1 for _, _, f in rows), rows  # different photos: near 0
+
+
 @slow
 def test_noise_sensitivity_chapter_smoke_values(executed):
     nb = nbformat.read(executed["06_noise_sensitivity"], as_version=4)

@@ -26,7 +26,7 @@ from .claims import (CASCADING_CLAIMS, INDEPENDENT_CLAIMS, NOISE_CLAIMS, PAPER_C
                      paper_vs_book_data,
                      randomization_verdict, relation, sign_relation, stage_window, trend,
                      window_mean)
-from .notebook import glue, have_myst_nb
+from .notebook import glue, have_myst_nb, styled
 from .profiles import PROFILES, Profile, chapter_profile, get_profile
 from .tables import (accuracy_summary, cascade_summary, data_randomization_summary, data_sentence,
                      training_table)
@@ -39,5 +39,5 @@ __all__ = [
     "model_sentence", "paper_vs_book_cascade", "paper_vs_book_data", "setup_imagenet_chapter",
     "stage_window", "training_table", "window_mean", "relation", "floor_relation",
     "sign_relation", "randomization_verdict", "trend", "largest", "options_sentence",
-    "correlation_strength",
+    "correlation_strength", "styled",
 ]

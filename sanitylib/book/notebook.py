@@ -15,6 +15,9 @@ That output carries the same ``scrapbook`` metadata as ``myst_nb.glue(name, valu
 display=True)``, so the executed notebook can still be read by papermill/scrapbook tools and
 built into the book by myst-nb.  Outside IPython (a plain ``python`` script) the line
 ``name = value`` is printed.
+
+:func:`styled` is how a chapter shows a table: formatted numbers, and no column of row numbers
+(a pandas ``RangeIndex``) in the rendered page.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-__all__ = ["glue", "have_myst_nb"]
+__all__ = ["glue", "have_myst_nb", "styled"]
 
 #: The MIME prefix myst-nb gives values glued with ``display=False``.
 GLUE_PREFIX = "application/papermill.record/"
@@ -90,3 +93,21 @@ def glue(name: str, value: Any, display: bool = False) -> None:
 def _text_of(value: Any) -> str:
     data = getattr(value, "data", None)  # IPython.display.Markdown and friends
     return data if isinstance(data, str) else repr(value)
+
+
+def styled(df, precision: int = 2, na_rep: str = ""):
+    """``df`` as a chapter shows it: a :class:`pandas.io.formats.style.Styler` with numbers at
+    ``precision`` decimals and missing values as ``na_rep``; the index is hidden when it only
+    numbers the rows (a default ``RangeIndex``, which would render as a column 0, 1, 2, ...
+    without meaning), and kept when it names them (methods, stages, ...)."""
+    import pandas as pd
+
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+    if isinstance(precision, bool) or not isinstance(precision, int) or precision < 0:
+        raise ValueError(f"precision must be a non-negative int, got {precision!r}")
+    style = df.style.format(precision=precision, na_rep=na_rep)
+    index = df.index
+    if isinstance(index, pd.RangeIndex) and index.name is None:
+        style = style.hide(axis="index")
+    return style

@@ -253,6 +253,17 @@ def get_method(name: str) -> MethodSpec:
                          "or sanitylib.register_method it)") from None
 
 
+def _not_builtin(name: str, registry: dict, what: str) -> str:
+    """``name`` of a user's callable, refused (``ValueError``) when it is a built-in's name: its
+    rows would appear in the tables under the built-in's name."""
+    spec = registry.get(name)
+    if spec is not None and spec.builtin:
+        raise ValueError(f"a callable named {name!r} would appear in the tables as the built-in "
+                         f"{what} {name!r}; rename the function or register it under another "
+                         f"name (sanitylib.register_{what}('my_{name}', fn))")  # fmt: skip
+    return name
+
+
 def resolve_method(method: str | Callable | type | MethodSpec) -> MethodSpec:
     """The :class:`MethodSpec` of a name, callable, captum class or spec."""
     if isinstance(method, MethodSpec):
@@ -260,10 +271,12 @@ def resolve_method(method: str | Callable | type | MethodSpec) -> MethodSpec:
     if isinstance(method, str):
         return get_method(method)
     if _is_captum_class(method):
-        return _user_spec(method.__name__, method, None, None, None, None, None)
+        return _user_spec(_not_builtin(method.__name__, _METHODS, "method"), method, None, None,
+                          None, None, None)  # fmt: skip
     if callable(method) and not isinstance(method, type):
         name = getattr(method, "__name__", None) or type(method).__name__
-        return _user_spec(name, method, None, None, None, None, False)
+        return _user_spec(_not_builtin(name, _METHODS, "method"), method, None, None, None, None,
+                          False)  # fmt: skip
     raise TypeError(f"a method must be a registered name, a callable fn(model, x, target), a "
                     f"captum Attribution class or a MethodSpec, got {method!r}")  # fmt: skip
 
@@ -379,7 +392,8 @@ def resolve_metric(metric: str | Callable | Metric) -> Metric:
     if isinstance(metric, str):
         return get_metric(metric)
     if callable(metric) and not isinstance(metric, type):
-        name = getattr(metric, "__name__", None) or type(metric).__name__
+        name = _not_builtin(getattr(metric, "__name__", None) or type(metric).__name__, _METRICS,
+                            "metric")  # fmt: skip
         return Metric(name, None, metric, name, False, metric)
     raise TypeError(f"a metric must be a registered name, a callable metric(a, b) -> (N,) or a "
                     f"sanitylib.Metric, got {metric!r}")  # fmt: skip

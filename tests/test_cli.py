@@ -289,3 +289,16 @@ def test_cli_error_names_the_flag_once(tmp_path, capsys):
         assert f"{flag}: " in err and err.count(flag) == 1, err
     assert cli._flag_error("--blocks", ValueError("blocks: block 'relu' holds no parameters")).args \
         == ("--blocks: block 'relu' holds no parameters",)
+
+
+def test_merge_shards_concatenates_in_shard_order(tmp_path):
+    """The documented order (shard 0 first), whatever order the files were written in."""
+    from sanitylib.distributed import merge_shards
+
+    for k in (2, 0, 1):
+        write_shard(pd.DataFrame({"image": [2 * k, 2 * k + 1], "value": [k, k]}),
+                    shard_path(tmp_path, k), "k")  # fmt: skip
+    merged = merge_shards(tmp_path, 3, "k")
+    assert merged.image.tolist() == [0, 1, 2, 3, 4, 5]
+    assert merged.value.tolist() == [0, 0, 1, 1, 2, 2]
+    assert merged.index.tolist() == list(range(6))

@@ -133,9 +133,19 @@ def test_shift_compensated_bad_arguments():
 
 
 def test_random_targets_differ_and_are_reproducible():
+    """The random class is uniform over the *other* classes.  Old: four images of ten classes
+    caught a draw that could hit the target only when one of them did (about 37 % of seeds);
+    here every target of a 4-class model over 400 images: each other class appears (about 133
+    times each, missing one has probability below 1e-60) and the target never does."""
+    n = 4
+    for t0 in range(n):
+        t = torch.full((400,), t0)
+        r = random_targets(n, t, seed=3)
+        assert (r != t).all() and ((r >= 0) & (r < n)).all()
+        counts = torch.bincount(r, minlength=n)
+        assert counts[t0] == 0 and (counts[torch.arange(n) != t0] > 90).all(), counts
     t = torch.tensor([0, 5, 9, 3])
     r = random_targets(10, t, seed=3)
-    assert (r != t).all() and ((r >= 0) & (r < 10)).all()
     assert torch.equal(r, random_targets(10, t, seed=3))
     assert torch.equal(r[:2], random_targets(10, t[:2], seed=3))  # independent of the batch
 
@@ -198,14 +208,14 @@ def test_bottom_up_differs_from_top_down_and_is_reversed():
     td = sl.cascading_randomization(model, x, ["guided_backprop"], **kw)
     bu = sl.cascading_randomization(model, x, ["guided_backprop"], order="bottom_up",
                                     activations=True, **kw)
-    assert td.attrs["stages"] == bu.attrs["stages"][::-1]
-    assert bu.attrs["order"] == "bottom_up"
+    assert td.stages == bu.stages[::-1]
+    assert bu.order == "bottom_up"
     a = td.groupby("stage_index").value.mean().values
     b = bu.groupby("stage_index").value.mean().values
     # GBP ignores the top layer (top-down, stage 0) but not the first conv (bottom-up, stage 0)
     assert a[0] - b[0] > 0.2  # measured: 0.41 (top-down) vs 0.10 (bottom-up)
     assert abs(a[-1] - b[-1]) < 1e-9  # everything randomized: the same model
-    act = bu.attrs["activations"]
+    act = bu.activations
     first = act[act.stage_index == 0]
     # bottom-up: the first block is randomized at stage 0, so its scale changes
     assert abs(first[first.block == "0"].ratio.iloc[0] - 1) > 0.1
@@ -270,3 +280,63 @@ def test_input_times_random_is_similar_in_absolute_value():
     assert v["spearman_abs"] > v["spearman"] + 0.1
     with pytest.raises(ValueError, match="distribution"):
         sl.input_times_random(x, distribution="cauchy")
+
+
+# ----------------------------------------------------------------------------- what the tests promise
+
+
+def _returns_input(model, x, target):
+    return x.clone()
+
+
+def _mean_difference(a, b):
+    return (b - a).flatten(1).mean(1)
+
+
+def test_input_invariance_shifts_by_plus_shift():
+    """The shifted input is ``x + shift`` (old tests compared the function with its own shifted
+    input, so a shift by ``-shift`` went unseen)."""
+    model, x = _small_cnn(), _x()
+    shifted, xs = shift_compensated(model, x, 0.5)
+    torch.testing.assert_close(xs, x + 0.5, rtol=0, atol=0)
+    per_channel = torch.tensor([0.5, -1.0, 2.0])
+    _, xs = shift_compensated(model, x, per_channel)
+    torch.testing.assert_close(xs, x + per_channel.view(1, 3, 1, 1), rtol=0, atol=0)
+    # the test itself: a method that returns its input sees b - a = shift
+    df = sl.input_invariance(model, x, [_returns_input], 0.25, metrics=[_mean_difference])
+    v = df[df.metric == "_mean_difference"].value
+    assert len(v) == len(x) and ((v - 0.25).abs() < 1e-6).all(), v
+    with torch.no_grad():
+        torch.testing.assert_close(shifted(x + 0.5), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_followup_bad_shift_and_batch_size_are_refused_by_name():
+    """Old: ``shift="1"`` failed in torch (``new(): invalid data type 'str'``) and
+    ``batch_size=0`` with a split_size RuntimeError."""
+    model, x = _small_cnn(), _x()
+    for shift in ("1", [1.0, "a", 2.0], True, None):
+        with pytest.raises(ValueError, match="shift must be"):
+            sl.input_invariance(model, x, ["gradient"], shift)
+        with pytest.raises(ValueError, match="shift must be"):
+            shift_compensated(model, x, shift)
+    for fn in (sl.random_logit, sl.input_invariance, sl.emprt):
+        for bs in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+                fn(model, x, ["gradient"], batch_size=bs)
+
+
+def test_smprt_noise_is_level_times_each_images_range():
+    """sMPRT's noise has standard deviation ``noise_level * (max - min)`` per image (Hedström et
+    al.), not ``noise_level * max``: on inputs in [1, 3] (range 2, max 3) the two differ by 1.5x.
+    A method that returns its input makes the smoothed map ``x + sigma * mean_k(e_k)``."""
+    model = _small_cnn()
+    x = 1 + 2 * torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = 1.0, 3.0  # range exactly 2, max exactly 3
+    e = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    spec = smoothed_method(_returns_input, n_samples=3, noise_level=0.1, noise=e)
+    got = spec.fn(model, x, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(got, x + 0.1 * 2.0 * e.mean(0), rtol=1e-5, atol=1e-6)
+    # the seeded noise (no explicit e) has that scale too: std of (map - x) * sqrt(S)
+    spec = smoothed_method(_returns_input, n_samples=4, noise_level=0.1, seed=0)
+    dev = (spec.fn(model, x, torch.zeros(2, dtype=torch.long)) - x) * 2  # sqrt(4) = 2
+    assert float(dev.std()) == pytest.approx(0.2, rel=0.1)

@@ -93,7 +93,7 @@ def test_runner_user_method_equals_builtin(tiny, xt, schedule, user_methods):
     assert list(dict.fromkeys(df["method"])) == ["gradient", "plain_gradient", "my_gradient",
                                                   "signed_saliency"]  # fmt: skip
     ref = _values(df, "gradient")
-    assert len(ref) == len(df.attrs["stages"]) * len(METRICS) * len(xt)
+    assert len(ref) == len(df.stages) * len(METRICS) * len(xt)
     for m in ("plain_gradient", "my_gradient", "signed_saliency"):
         assert abs(_values(df, m) - ref).max() < 1e-6, m
         for col in ("target", "constant"):
@@ -101,11 +101,11 @@ def test_runner_user_method_equals_builtin(tiny, xt, schedule, user_methods):
             b = df[df["method"] == "gradient"].sort_values(["stage_index", "metric", "image"])[col]
             assert (a.to_numpy() == b.to_numpy()).all()
     # maps stored per stage and the noise floors, for the user methods too
-    store = df.attrs["maps"]
+    store = df.maps
     for stage in store.stages:
         assert torch.allclose(store[stage]["my_gradient"].float(), store[stage]["gradient"].float(),
                               atol=1e-3)  # float16 storage
-    floor = df.attrs["floor"]
+    floor = df.floor
     for m in ("my_gradient", "signed_saliency"):
         a = floor[floor["method"] == m].sort_values(["metric", "pair"])["value"].to_numpy()
         b = floor[floor["method"] == "gradient"].sort_values(["metric", "pair"])["value"].to_numpy()
@@ -124,7 +124,7 @@ def test_user_method_changes_with_the_model(tiny, xt, user_methods):
     user_methods("input_only", constant_map)
     df = sl.cascading_randomization(tiny, xt, ["input_only", plain_gradient], metrics=["spearman"],
                                     cache=False, progress=False, batch_size=2)  # fmt: skip
-    n_states = len(df.attrs["stages"]) + 1
+    n_states = len(df.stages) + 1
     assert calls == [2, 1] * n_states  # batched over images, in chunks of batch_size
     assert (df[df["method"] == "input_only"]["value"] == 1.0).all()
     assert (df[df["method"] == "plain_gradient"]["value"] < 0.99).all()
@@ -158,12 +158,12 @@ def test_user_metric_callable_and_registered(tiny, xt):
                                    cache=False, progress=False)  # fmt: skip
     df = sl.cascading_randomization(tiny, xt, ["gradient"], metrics=["spearman", "neg_l1"],
                                     cache=False, progress=False, store_maps=[0])  # fmt: skip
-    maps = df.attrs["maps"]
-    first = df.attrs["stages"][0]
+    maps = df.maps
+    first = df.stages[0]
     got = df.query("metric == 'neg_l1' and stage == @first and image == 0")["value"].item()
     want = neg_l1(maps["original"]["gradient"].float(), maps[first]["gradient"].float()).item()
     assert got == pytest.approx(want, rel=1e-3)  # stored maps are float16
-    floor = df.attrs["floor"]
+    floor = df.floor
     assert set(floor["metric"]) == {"spearman", "neg_l1"}
     assert sl.plots.METRIC_LABELS["neg_l1"] == "-L1"
     sl.unregister_metric("neg_l1")
@@ -184,7 +184,7 @@ def test_figures_accept_user_methods(tiny, xt, user_methods):
     labels |= {line.get_label() for ax in fig.axes for line in ax.get_lines()}
     assert "My method" in labels
     plt.close(fig)
-    fig = sl.plots.stage_grid(df.attrs["maps"], 0, ["mine", "gradient"])
+    fig = sl.plots.stage_grid(df.maps, 0, ["mine", "gradient"])
     assert "My method" in {ax.get_ylabel() for ax in fig.axes}
     plt.close(fig)
 
@@ -200,7 +200,7 @@ def test_resnet18_user_method_and_captum_class():
         df = sl.run_randomization(model, x, [plain_gradient, InputXGradient, "input_x_gradient"],
                                   schedule, blocks=["fc", "layer4", "layer3"],
                                   metrics=["spearman_abs", "ssim"], cache=False, progress=False)  # fmt: skip
-        assert list(df.attrs["stages"]) == ["fc", "layer4", "layer3"]
+        assert list(df.stages) == ["fc", "layer4", "layer3"]
         a, b = _values(df, "InputXGradient"), _values(df, "input_x_gradient")
         assert len(a) == 3 * 2 * 2 and abs(a - b).max() < 1e-5
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -291,3 +291,76 @@ def test_data_randomization_takes_user_methods_and_keeps_the_models_mode(tiny, x
     assert not tiny.training and other.training
     with pytest.raises(ValueError, match="no_such_method"):
         data_randomization(tiny, other, xt, ["no_such_method"], progress=False)
+
+
+# ---------------------------------------------------------------- built-in names are not replaced
+def test_a_user_metric_cannot_take_a_built_in_metrics_name(tiny, xt):
+    """A user metric never appears under a built-in's name: registering one is refused (as for
+    methods), and so is a callable whose ``__name__`` is a built-in's."""
+    def ssim(a, b):  # noqa: ARG001 - a user's metric named like the built-in
+        return torch.zeros(len(a))
+
+    before = sl.registry.get_metric("ssim")
+    for name in sl.metric_names(builtin=True):
+        with pytest.raises(ValueError, match="built-in metric"):
+            sl.register_metric(name, ssim)
+        assert sl.registry.get_metric(name).builtin
+    assert sl.registry.get_metric("ssim") is before
+    with pytest.raises(ValueError, match="callable named 'ssim'.*built-in metric"):
+        sl.cascading_randomization(tiny, xt, ["gradient"], metrics=[ssim], cache=False, progress=False)
+    df = sl.cascading_randomization(tiny, xt, ["gradient"], metrics=["ssim"], cache=False,
+                                    progress=False, floor=False)  # fmt: skip
+    assert (df.value != 0).any()  # the built-in ran
+
+
+def test_a_callable_method_cannot_take_a_built_in_methods_name(tiny, xt):
+    def gradient(model, x, target):  # noqa: ARG001
+        return torch.zeros_like(x)
+
+    with pytest.raises(ValueError, match="built-in method"):
+        sl.register_method("gradient", gradient)
+    with pytest.raises(ValueError, match="callable named 'gradient'.*built-in method"):
+        sl.explain(tiny, xt, gradient)
+    assert sl.registry.get_method("gradient").builtin
+
+
+# ---------------------------------------------------------------- batch independence of seeds
+def noisy_input(model, x, target, seed):  # noqa: ARG001
+    """A seeded user method: the input plus noise from its own generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return x + torch.randn(x.shape, generator=gen)
+
+
+def test_seeded_user_method_does_not_depend_on_the_batching(tiny, xt):
+    """A user method with a ``seed`` argument is called one image at a time with that image's
+    seed (``image_seed(seed, image index)``), so its maps do not depend on how the images are
+    batched (old: one call per batch with the run's seed: the noise of image 1 depended on
+    whether it shared a batch with image 0), as the built-in stochastic methods."""
+    from sanitylib.attribution import image_seed
+
+    x = torch.cat([xt, xt.flip(-1)])[:4]  # 4 images
+    seeds = []
+
+    def recording(model, x, target, seed):
+        seeds.append(seed)
+        return noisy_input(model, x, target, seed)
+
+    full = sl.explain(tiny, x, recording, seed=3, batch_size=4)
+    assert seeds == [image_seed(3, i) for i in range(4)]
+    for bs in (1, 3):
+        torch.testing.assert_close(sl.explain(tiny, x, noisy_input, seed=3, batch_size=bs), full,
+                                   rtol=0, atol=0)  # fmt: skip
+    assert not torch.equal(full[0] - x[0], full[1] - x[1])  # every image its own noise
+    # the runners: batch size and image subsets (the command line's shards) do not matter
+    kw = dict(metrics=["spearman"], cache=False, progress=False, floor=False, seed=3, store_maps=0)
+    a = sl.cascading_randomization(tiny, x, [noisy_input], batch_size=1, **kw)
+    b = sl.cascading_randomization(tiny, x, [noisy_input], batch_size=4, **kw)
+    assert a.value.tolist() == b.value.tolist()
+    sub = sl.cascading_randomization(tiny, x[2:], [noisy_input], image_ids=[2, 3], **kw)
+    assert sub.value.tolist() == a[a.image >= 2].value.tolist()
+    # built-in stochastic methods are batch-independent too
+    for m in ("smoothgrad", "vargrad", "ig_smoothgrad"):
+        opts = {"n_samples": 3, **({"n_steps": 2} if m == "ig_smoothgrad" else {})}
+        one = sl.explain(tiny, x, m, seed=3, batch_size=1, **opts)
+        torch.testing.assert_close(sl.explain(tiny, x, m, seed=3, batch_size=32, **opts), one,
+                                   rtol=1e-5, atol=1e-7)  # fmt: skip

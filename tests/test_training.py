@@ -338,7 +338,7 @@ def test_mnist_plots(quick_models, small):
     ]
     casc = sl.cascading_randomization(quick_models[("mnist_cnn", "true")], x, ["gradient"],
                                       metrics=["spearman_abs"], cache=False, progress=False)
-    figs.append(sl.plots.abs_vs_diverging_grid(casc.attrs["maps"], 0, ["gradient"],
+    figs.append(sl.plots.abs_vs_diverging_grid(casc.maps, 0, ["gradient"],
                                                picture=MN.digits_rgb(x)[0], title="t"))
     for fig in figs:
         assert fig.axes
@@ -346,7 +346,7 @@ def test_mnist_plots(quick_models, small):
     with pytest.raises(ValueError, match="lacks"):
         sl.plots.paired_method_grid(MN.digits_rgb(x), maps["true"], {}, ("a", "b"))
     with pytest.raises(ValueError, match="not stored"):
-        sl.plots.abs_vs_diverging_grid(casc.attrs["maps"], 2, ["gradient"])
+        sl.plots.abs_vs_diverging_grid(casc.maps, 2, ["gradient"])
 
 
 def test_profiles_define_the_mnist_settings():
@@ -467,3 +467,37 @@ def test_noise_method_control_shows_the_shared_input_factor(full):
         assert abs(m[(comp, "spearman")]) < 0.15
     with pytest.raises(ValueError, match="noise-averaged"):
         MN.noise_method_control(a, b, x, method="gradient")
+
+
+def test_data_order_follows_the_seed_with_the_same_initial_weights(small, monkeypatch):
+    """The data order is drawn from the seed: two seeds with the same initial weights (the
+    initializer patched to ignore its generator) see the batches in different orders, the
+    same seed in the same order.  (Old test: only seeds whose initial weights already
+    differed were compared, so an order that ignored the seed went unseen.)"""
+    seen: list[list[torch.Tensor]] = []
+    load = T.load_model
+
+    def recording(name, pretrained=True):
+        model = load(name, pretrained=pretrained)
+        batches: list[torch.Tensor] = []
+        seen.append(batches)
+        model.register_forward_pre_hook(
+            lambda m, args: batches.append(args[0].clone()) if m.training else None)
+        return model
+
+    fixed = T.init_mnist_mlp_
+    monkeypatch.setattr(T, "load_model", recording)
+    monkeypatch.setattr(T, "init_mnist_mlp_", lambda m, gen: fixed(m, torch.Generator().manual_seed(0)))
+    states = []
+    for seed in (1, 2, 1):
+        model, _ = T.train_mnist_model("mnist_mlp", small, epochs=1, seed=seed, batch_size=100,
+                                       progress=False)  # fmt: skip
+        states.append(model.state_dict())
+    a, b, a2 = seen
+    assert len(a) == len(b) == 3  # 300 digits, batches of 100
+    assert all(torch.equal(u, v) for u, v in zip(a, a2))  # same seed: same order
+    assert not torch.equal(a[0], b[0])  # other seed: another order ...
+    per_image = [torch.cat(v).flatten(1).sum(1).sort().values for v in (a, b)]
+    assert torch.equal(*per_image)  # ... of the same digits
+    assert not torch.equal(states[0]["logits.weight"], states[1]["logits.weight"])
+    assert torch.equal(states[0]["logits.weight"], states[2]["logits.weight"])

@@ -2,7 +2,9 @@
 #   make book   set up .venv, execute every chapter (offline defaults) and build the HTML book strictly
 #   make test   set up .venv and run the whole test suite (unit tests, notebooks, strict book build);
 #               the chapters run in .venv-clean, a venv with only the package (no extras),
-#               papermill and ipykernel, built on first use and kept while pyproject.toml is unchanged
+#               papermill and ipykernel, built on first use and kept while pyproject.toml is unchanged;
+#               tests/test_site.py opens the built book in headless Chromium (Debian's `chromium`,
+#               installed by .ci/run) and is skipped, with the reason, where there is none
 #   make assignments  write the student notebooks assignments/*.ipynb from the chapters
 #   make lab    open the chapters in JupyterLab (same .venv, the project's kernel)
 #   make bench  also install the `bench` extra (Quantus 0.6), run benchmarks/bench_sanity.py and the

@@ -62,6 +62,12 @@ HOME_PATH = re.compile(r"(?<![\w.])(/root/|/home/[\w.-]+/|/Users/[\w.-]+/|[A-Z]:
 UNRENDERED = ("{glue", "{doc}", "{ref}", "{cite", "{numref}", "{eq}")
 
 
+def slow(test):
+    """A test that needs the built book: the first one builds it (every chapter executed, then
+    the strict build: longer than the suite's per-test timeout on a busy machine)."""
+    return pytest.mark.slow(pytest.mark.timeout(2700)(test))
+
+
 def _chromium() -> str | None:
     path = os.environ.get("SANITYLIB_CHROMIUM") or shutil.which("chromium")
     return path if path and Path(path).exists() else None
@@ -127,7 +133,7 @@ def _external(url: str) -> bool:
     return bool(parts.netloc) or parts.scheme not in ("", "file")
 
 
-@pytest.mark.slow
+@slow
 def test_no_page_loads_anything_from_another_host(site):
     """The site is complete on disk: no script, stylesheet, font, icon or image from a CDN or
     any other host, in any page or in the stylesheets of _static (@import, url())."""
@@ -147,7 +153,7 @@ def test_no_page_loads_anything_from_another_host(site):
                 assert target.is_file() and target.is_relative_to(site), (p, url)
 
 
-@pytest.mark.slow
+@slow
 def test_internal_links_resolve(site):
     """Every link from one page of the site to another (or within a page) names a file of the
     site and, with a #fragment, an id on that page."""
@@ -169,7 +175,7 @@ def test_internal_links_resolve(site):
     assert not broken, "broken internal links:\n" + "\n".join(sorted(set(broken)))
 
 
-@pytest.mark.slow
+@slow
 def test_landing_page_lists_the_chapters_without_status_words(site):
     """The chapter list of the landing page names the chapters, not a status after each one
     ("(available)" after every chapter said nothing)."""
@@ -366,7 +372,7 @@ def _report(problems: dict[str, list]) -> str:
     return "\n".join(f"{page}: {p}" for page, ps in problems.items() for p in ps)
 
 
-@pytest.mark.slow
+@slow
 def test_every_page_opens_without_errors_or_network(opened):
     """No console error, no uncaught exception, no failed request, and no attempt to reach
     another host, on any page."""
@@ -377,7 +383,7 @@ def test_every_page_opens_without_errors_or_network(opened):
     assert not problems, _report(problems)
 
 
-@pytest.mark.slow
+@slow
 def test_every_image_loads(opened):
     problems = {page: [f"image not loaded: {i['src']}" for i in info["images"] if not i["ok"]]
                 for page, info in opened.items()}  # fmt: skip
@@ -389,7 +395,7 @@ def test_every_image_loads(opened):
         assert Path(info["screenshot"]).stat().st_size > 0
 
 
-@pytest.mark.slow
+@slow
 def test_equations_are_typeset_offline(opened):
     """MathJax (served by the site itself, every other host refused) typesets every equation:
     its output elements are there and no raw TeX delimiter is left in the visible text."""
@@ -412,7 +418,7 @@ def test_equations_are_typeset_offline(opened):
     assert not problems, _report(problems)
 
 
-@pytest.mark.slow
+@slow
 def test_no_unrendered_roles_in_the_text(opened):
     problems = {}
     for page, info in opened.items():
@@ -423,7 +429,7 @@ def test_no_unrendered_roles_in_the_text(opened):
     assert not problems, _report(problems)
 
 
-@pytest.mark.slow
+@slow
 def test_chapter_outputs_show_no_download_chatter_or_home_paths(opened):
     problems = {}
     for page, info in opened.items():
@@ -457,7 +463,7 @@ def test_row_number_index_detection():
     assert not _row_number_index(t([]))
 
 
-@pytest.mark.slow
+@slow
 def test_tables_show_no_pandas_index_column(opened):
     problems = {}
     for page, info in opened.items():
@@ -469,7 +475,7 @@ def test_tables_show_no_pandas_index_column(opened):
     assert not problems, _report(problems)
 
 
-@pytest.mark.slow
+@slow
 def test_every_exercise_has_a_collapsed_solution_dropdown(opened):
     """Each exercise box is followed, before the next exercise, by its solution: a dropdown
     with its toggle button, closed when the page opens."""
@@ -496,7 +502,7 @@ def test_every_exercise_has_a_collapsed_solution_dropdown(opened):
     assert not problems, _report(problems)
 
 
-@pytest.mark.slow
+@slow
 def test_every_chapter_has_a_colab_button_for_its_own_notebook(opened):
     problems = {}
     for stem in _chapters(opened):

@@ -243,6 +243,48 @@ def test_exercise_solutions_say_what_their_outputs_show(executed):
 
 
 @slow
+def test_verdict_words_follow_the_numbers(executed):
+    """Claims as data: the words the chapters glue into sentences that state a direction or a
+    verdict are those the chapter layer derives from the glued numbers of the same run."""
+    from sanitylib import book
+
+    def glued(stem):
+        g = read_glue(nbformat.read(executed[stem], as_version=4))
+        return g, (lambda k: float(g[k].strip("'"))), (lambda k: g[k].strip("'"))
+
+    g8, num8, word8 = glued("08_repairing_the_test")
+    for order in ("top_down", "bottom_up"):
+        assert word8(f"ch08_first_{order}_gbp_verdict") == book.randomization_verdict(num8(f"ch08_first_{order}_gbp"))
+    for m in ("gradient", "model_keyed_noise", "edge_detector"):
+        assert word8(f"ch08_un_verdict_{m}") == book.randomization_verdict(num8(f"ch08_un_{m}"))
+    for m in ("gradient", "guided_backprop"):
+        assert word8(f"ch08_sm_trend_{m}") == book.trend(num8(f"ch08_mprt_{m}"), num8(f"ch08_sm_{m}"), 0.05)
+    assert word8("ch08_un_verdict_edge_detector") == "fails"  # a model-independent map never changes
+    g7, num7, word7 = glued("07_why_methods_pass")
+    assert word7("ch07_conv_edge_words") == book.correlation_strength(num7("ch07_conv_edge_sim"))
+    assert word7("ch07_gbp_edge_words") == book.correlation_strength(num7("ch07_gbp_edge"))
+    g1, num1, word1 = glued("01_saliency_methods")
+    assert word1("ch01_edge_other_vs_own") == book.relation(
+        num1("ch01_edge_other_gradient"), num1("ch01_edge_gradient"), 0.02,
+        ("higher than", "about the same as", "lower than"))
+    assert word1("ch01_grad_clip_trend") == book.trend(num1("ch01_abl_edge_gradient"),
+                                                       num1("ch01_abl_edge_gradient_no_clip"), 0.05)
+    effect = {v: abs(num1(f"ch01_abl_edge_{v}") - num1("ch01_abl_edge_guided_backprop"))
+              for v in ("no_clip", "rectified_blocks", "no_skip")}
+    names = {"no_clip": "ReLU6's upper clip", "rectified_blocks": "the linear bottlenecks",
+             "no_skip": "the residual connections"}
+    assert word1("ch01_largest_factor") == names[book.largest(effect)]
+    g2, num2, word2 = glued("02_cascading_randomization")
+    for tag in ("grad", "ig", "ixg"):
+        assert word2(f"ch02_{tag}_signed_words") == book.sign_relation(num2(f"ch02_{tag}_signed"))
+    for tag in ("ig", "ixg"):
+        assert word2(f"ch02_{tag}_ssim_vs_floor") == book.floor_relation(num2(f"ch02_{tag}_ssim"),
+                                                                          num2(f"ch02_{tag}_ssim_floor"))
+    g5, num5, _ = glued("05_data_randomization")
+    assert 3 < num5("ch05_kept_pct") < 20  # about the sum of squared class frequencies (10 %)
+
+
+@slow
 def test_noise_sensitivity_chapter_smoke_values(executed):
     nb = nbformat.read(executed["06_noise_sensitivity"], as_version=4)
     glued = read_glue(nb)

@@ -450,15 +450,23 @@ def smoothed_method(method, n_samples: int = 50, noise_level: float = 0.1, seed:
                                      device=xc.device, dtype=xc.dtype)  # fmt: skip
         return cache[key]
 
-    def smoothed(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    def smooth(model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
         sigma = noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
         sigma = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         e = unit(x)
         total = torch.zeros_like(x)
-        ctx = Context(seed, DEFAULT_BATCH_SIZE)
         for k in range(n_samples):  # the noisy inputs may leave the model's usual input range
             total += run_method(spec, model, x + sigma * e[k], target, opts, ctx)
         return total / n_samples
+
+    if spec.takes_seed and not spec.builtin:
+        # a seeded user method: the runners call the smoothed method one image at a time with
+        # that image's seed (batch-independent, see run_method), passed on to the method
+        def smoothed(model: nn.Module, x: Tensor, target: Tensor, seed: int) -> Tensor:
+            return smooth(model, x, target, Context(seed, DEFAULT_BATCH_SIZE))
+    else:
+        def smoothed(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+            return smooth(model, x, target, Context(seed, DEFAULT_BATCH_SIZE))
 
     return MethodSpec(spec.name, smoothed, spec.label, {}, None, None, spec.guided,
                       None, spec.batch_size, False, smoothed)  # fmt: skip
@@ -483,9 +491,11 @@ def smprt(model: nn.Module, x: Tensor, methods: Sequence, blocks=None,
     _check_model(model)
     if not isinstance(methods, (list, tuple)):
         methods = [methods]
-    method_options = dict(method_options or {})
+    from .spec import check_method_options  # the run specification's check (a typo is refused)
+
+    method_options = check_method_options(method_options, resolve_methods(list(methods)))
     specs = [smoothed_method(m, n_samples, noise_level, seed, noise,
-                             method_options.get(m if isinstance(m, str) else "", None))
+                             dict(method_options.get(resolve_methods([m])[0].name, {})) or None)
              for m in methods]  # fmt: skip
     kwargs.setdefault("target", "original")
     kwargs.setdefault("cache", False)

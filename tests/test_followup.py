@@ -340,3 +340,23 @@ def test_smprt_noise_is_level_times_each_images_range():
     spec = smoothed_method(_returns_input, n_samples=4, noise_level=0.1, seed=0)
     dev = (spec.fn(model, x, torch.zeros(2, dtype=torch.long)) - x) * 2  # sqrt(4) = 2
     assert float(dev.std()) == pytest.approx(0.2, rel=0.1)
+
+
+def _seeded_noise(model, x, target, seed):  # noqa: ARG001
+    return x + torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_smprt_of_a_seeded_user_method_does_not_depend_on_the_batching():
+    """sMPRT's smoothing of a seeded user method passes each image's own seed on: the smoothed
+    maps do not depend on how the runner batches the images (old: the method saw positions
+    within the batch)."""
+    from sanitylib.attribution import Context, run_method
+
+    model, x = _small_cnn(), _x(4)
+    t = torch.zeros(4, dtype=torch.long)
+    spec = smoothed_method(_seeded_noise, n_samples=2, seed=1)
+    one = run_method(spec, model, x, t, {}, Context(1, 1))
+    torch.testing.assert_close(run_method(spec, model, x, t, {}, Context(1, 4)), one, rtol=0, atol=0)
+    torch.testing.assert_close(run_method(spec, model, x, t, {}, Context(1, 3)), one, rtol=0, atol=0)
+    noise = one - x
+    assert not torch.allclose(noise[0], noise[1])  # every image its own noise

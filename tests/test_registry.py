@@ -331,6 +331,12 @@ def noisy_input(model, x, target, seed):  # noqa: ARG001
     return x + torch.randn(x.shape, generator=gen)
 
 
+def noisy_gradient(model, x, target, seed):
+    """A seeded user method that depends on the model: the gradient at a noisy input."""
+    gen = torch.Generator().manual_seed(seed)
+    return plain_gradient(model, x + 0.3 * torch.randn(x.shape, generator=gen), target)
+
+
 def test_seeded_user_method_does_not_depend_on_the_batching(tiny, xt):
     """A user method with a ``seed`` argument is called one image at a time with that image's
     seed (``image_seed(seed, image index)``), so its maps do not depend on how the images are
@@ -353,10 +359,11 @@ def test_seeded_user_method_does_not_depend_on_the_batching(tiny, xt):
     assert not torch.equal(full[0] - x[0], full[1] - x[1])  # every image its own noise
     # the runners: batch size and image subsets (the command line's shards) do not matter
     kw = dict(metrics=["spearman"], cache=False, progress=False, floor=False, seed=3, store_maps=0)
-    a = sl.cascading_randomization(tiny, x, [noisy_input], batch_size=1, **kw)
-    b = sl.cascading_randomization(tiny, x, [noisy_input], batch_size=4, **kw)
+    a = sl.cascading_randomization(tiny, x, [noisy_gradient], batch_size=1, **kw)
+    b = sl.cascading_randomization(tiny, x, [noisy_gradient], batch_size=4, **kw)
     assert a.value.tolist() == b.value.tolist()
-    sub = sl.cascading_randomization(tiny, x[2:], [noisy_input], image_ids=[2, 3], **kw)
+    assert a.value.nunique() > 2  # the values depend on the noise and the state
+    sub = sl.cascading_randomization(tiny, x[2:], [noisy_gradient], image_ids=[2, 3], **kw)
     assert sub.value.tolist() == a[a.image >= 2].value.tolist()
     # built-in stochastic methods are batch-independent too
     for m in ("smoothgrad", "vargrad", "ig_smoothgrad"):

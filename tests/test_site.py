@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 try:  # the `test` extra; without it the browser checks are skipped with the reason
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -45,7 +46,11 @@ except ImportError:
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "_build" / "site-screenshots"
-REPOSITORY = "sanity-checks-book/sanity-checks-book"  # _config.yml: repository.url
+_REPO = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+#: Where the Colab button of chapter <stem> must point (the book's repository and branch).
+COLAB = (f"https://colab.research.google.com/github/"
+         f"{_REPO['url'].removeprefix('https://github.com/').strip('/')}/blob/{_REPO['branch']}/"
+         "notebooks/{stem}.ipynb")
 CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 #: The chapters with exercises (an ``{exercise}`` box in the notebook's Markdown).
 WITH_EXERCISES = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")
@@ -506,7 +511,7 @@ def test_every_chapter_has_a_colab_button_for_its_own_notebook(opened):
     problems = {}
     for stem in _chapters(opened):
         info = opened[f"notebooks/{stem}.html"]
-        want = f"https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/{stem}.ipynb"
+        want = COLAB.format(stem=stem)
         if not any(c["href"] == want and c["button"] for c in info["colab"]):
             problems[f"notebooks/{stem}.html"] = [f"no launch button for {want}: {info['colab']}"]
     assert not problems, _report(problems)

@@ -7,6 +7,7 @@
 #               installed by .ci/run) and is skipped, with the reason, where there is none
 #   make assignments  write the student notebooks assignments/*.ipynb from the chapters
 #   make lab    open the chapters in JupyterLab (same .venv, the project's kernel)
+#   make lab-assignments  open the student notebooks assignments/*.ipynb instead
 #   make bench  also install the `bench` extra (Quantus 0.6), run benchmarks/bench_sanity.py and the
 #               agreement test with Quantus (tests/test_quantus_agreement.py)
 PYTHON ?= python3
@@ -14,7 +15,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install book test bench clean assignments lab
+.PHONY: install book test bench clean assignments lab lab-assignments
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,8 @@ test: $(STAMP)
 
 # Student notebooks assignments/*.ipynb (no solutions, smoke profile, install pinned to
 # sanitylib.book.assignments.ASSIGNMENT_REF) from the chapters' Exercises sections; deterministic.
+# Also pins every Colab link and the capstone's install to ASSIGNMENT_REF and writes the table
+# of book/for_instructors.md.
 assignments: $(STAMP)
 	$(BIN)/python -m sanitylib.book.assignments
 
@@ -46,6 +49,11 @@ assignments: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/python -m ipykernel install --sys-prefix --name sanitylib --display-name "sanitylib (.venv)" >/dev/null
 	$(BIN)/jupyter lab notebooks/
+
+# JupyterLab on the student notebooks (no solutions), same kernel: try an assignment as a student.
+lab-assignments: $(STAMP)
+	$(BIN)/python -m ipykernel install --sys-prefix --name sanitylib --display-name "sanitylib (.venv)" >/dev/null
+	$(BIN)/jupyter lab assignments/
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 

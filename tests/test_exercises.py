@@ -1,5 +1,8 @@
 """The exercise checks are honest: each reference solution passes, each curated wrong answer fails
 with the hint that names its mistake (mutation testing, as nbgrader's ``validate --invert``)."""
+import random
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,10 +46,47 @@ def test_gradient_map_reference_passes(capsys):
 @pytest.mark.parametrize("wrong,hint", [
     (gradient_loss, "LOSS"), (gradient_prob, "PROBABILITY"), (gradient_prediction, "target"),
     (gradient_abs, "signed"), (lambda m, x, t: x, "gradient"), (lambda m, x, t: x[0], "shape"),
+    (lambda m, x, t: 1.01 * gradient_ref(m, x, t), "scale"),              # near miss: pins RTOL
+    (lambda m, x, t: gradient_ref(m.train(), x, t), "training mode"),     # issue 23
 ])  # fmt: skip
 def test_gradient_map_wrong_answers_fail(wrong, hint):
     with pytest.raises(ex.ExerciseFailed, match=hint):
         ex.check_gradient_map(wrong)
+
+
+def test_gradient_map_within_tolerance_passes():
+    ex.check_gradient_map(lambda m, x, t: gradient_ref(m, x, t) * (1 + 1e-5))
+
+
+def breaks_the_model(model, *args):
+    """A wrong answer that leaves the model in train mode with a changed weight, then fails."""
+    model.train()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    raise RuntimeError("oops")
+
+
+@pytest.mark.parametrize("name", ["gradient_map", "smoothgrad", "cascading_randomization",
+                                  "independent_randomization"])
+def test_every_check_gives_the_model_back_completely(name):
+    """A wrong answer that leaves the model in train mode (or changes it) does not make the next
+    correct answer in the same kernel fail: the checks restore mode, weights and buffers."""
+    model = ex._photos()[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ex.ExerciseFailed, match="raised RuntimeError"):
+        ex.check(name, breaks_the_model)
+    assert not any(m.training for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(ex.ExerciseFailed, match="training mode"):
+        ex.check_gradient_map(lambda m, x, t: gradient_ref(m.train(), x, t))
+    model.train()  # even a model left in train mode by the student's own cells
+    try:
+        reference = {"gradient_map": gradient_ref, "smoothgrad": smoothgrad_ref,
+                     "cascading_randomization": cascading_ref,
+                     "independent_randomization": independent_ref}[name]
+        ex.check(name, reference)
+    finally:
+        model.eval()
 
 
 def test_a_stub_fails_with_a_clear_message():
@@ -74,6 +114,10 @@ def spearman_abs_ref(a, b):
     (lambda a, b: spearman(a.abs().sum(1).flatten(1), b.abs().sum(1).flatten(1)), "clip"),
     (lambda a, b: spearman(sl.abs_normalize(a).reshape(1, -1),
                            sl.abs_normalize(b).reshape(1, -1)).expand(len(a)), "whole batch"),
+    (lambda a, b: ex._ordinal_spearman(sl.abs_normalize(a).flatten(1), sl.abs_normalize(b).flatten(1)),
+     "AVERAGE of their ranks"),                                            # issue 23: ties
+    (lambda a, b: spearman_abs_ref(a, a), "with itself"),                  # issue 23: hint
+    (lambda a, b: spearman_abs_ref(a, b) + 1e-5, "(?s)differs.*Hint: use sl.abs_normalize"),  # near miss
 ])  # fmt: skip
 def test_spearman_abs_wrong_answers_fail(wrong, hint):
     with pytest.raises(ex.ExerciseFailed, match=hint):
@@ -82,6 +126,8 @@ def test_spearman_abs_wrong_answers_fail(wrong, hint):
 
 def test_spearman_abs_reference_passes():
     ex.check("spearman_abs", spearman_abs_ref)
+    # a correct answer computed in single precision is within the tolerance
+    ex.check("spearman_abs", lambda a, b: spearman_abs_ref(a.float(), b.float()))
 
 
 # ----------------------------------------------------------------------------- randomization
@@ -156,6 +202,26 @@ def pytorch_default_init(model, blocks, seed):
     return states
 
 
+def aliased_state_dict(model, blocks, seed):
+    trained = sl.randomize.snapshot(model)
+    states = []
+    for block in blocks:
+        sl.randomize.randomize_(model, [block], seed=seed)
+        states.append(model.state_dict())  # references to the live tensors
+    sl.randomize.restore(model, trained)
+    return states
+
+
+def snapshot_before_randomizing(model, blocks, seed):
+    trained = sl.randomize.snapshot(model)
+    states = []
+    for block in blocks:
+        states.append(sl.randomize.snapshot(model))
+        sl.randomize.randomize_(model, [block], seed=seed)
+    sl.randomize.restore(model, trained)
+    return states
+
+
 def test_randomization_references_pass():
     ex.check_cascading_randomization(cascading_ref)
     ex.check_independent_randomization(independent_ref)
@@ -166,6 +232,8 @@ def test_randomization_references_pass():
     (same_seed_every_block, "identical random weights"), (not_restored, "not restored"),
     (global_rng, "global random"), (pytorch_default_init, "running statistics"),
     (lambda m, b, s: cascading_ref(m, b, s)[:-1], "expected a list"),
+    (aliased_state_dict, "share memory"),                                 # issue 23: hint
+    (snapshot_before_randomizing, "stage 0 is the trained model"),        # issue 23: hint
 ])  # fmt: skip
 def test_cascading_wrong_answers_fail(wrong, hint, effnet):
     before = {k: v.clone() for k, v in ex._photos()[0].state_dict().items()}
@@ -211,17 +279,78 @@ def shuffled_in_place(y, seed):
     return y
 
 
+def shuffled_partly(fraction):
+    """Shuffles only the first ``fraction`` of the labels (among themselves)."""
+    def answer(y, seed):
+        k = int(fraction * len(y))
+        out = y.clone()
+        out[:k] = shuffled_ref(y[:k], seed)
+        return out
+    return answer
+
+
+def shuffled_numpy_global(y, seed):
+    np.random.seed(seed)
+    return y[torch.as_tensor(np.random.permutation(len(y)))]
+
+
+def shuffled_python_global(y, seed):
+    random.seed(seed)
+    idx = list(range(len(y)))
+    random.shuffle(idx)
+    return y[torch.tensor(idx)]
+
+
+def shuffled_numpy_local(y, seed):  # correct: a seeded numpy Generator of its own
+    return y[torch.as_tensor(np.random.default_rng(seed).permutation(len(y)))]
+
+
+def shuffled_python_local(y, seed):  # correct: a seeded random.Random of its own
+    idx = list(range(len(y)))
+    random.Random(seed).shuffle(idx)
+    return y[torch.tensor(idx)]
+
+
+def shuffled_blocks(y, seed):
+    """Shuffles the order of 20 contiguous blocks: a permutation, but not a uniform one."""
+    blocks = y.view(20, -1)
+    return blocks[torch.randperm(20, generator=torch.Generator().manual_seed(seed))].flatten()
+
+
 @pytest.mark.parametrize("wrong,hint", [
-    (lambda y, s: y[torch.randperm(len(y))], "global random"),
+    (lambda y, s: y[torch.randperm(len(y))], "global random.*torch's"),
+    (shuffled_numpy_global, "global random.*numpy's"),
+    (shuffled_python_global, "global random.*Python's"),
     (lambda y, s: torch.randint(0, 10, y.shape, generator=torch.Generator().manual_seed(s)),
      "class frequencies"),
     (lambda y, s: shuffled_ref(y, 0), "another seed"),
     (shuffled_in_place, "in place"),
-    (lambda y, s: y.clone(), "unchanged"),
+    (lambda y, s: y.clone(), "y shifted by|unchanged"),
+    (lambda y, s: torch.roll(y, s + 1), "cyclic shift"),                  # issue 23
+    (lambda y, s: torch.roll(y.sort().values, s + 1), "cyclic shift|neighbouring"),
+    (lambda y, s: y.sort().values, "neighbouring labels"),
+    (shuffled_partly(0.6), "more than chance"),                            # issue 23
+    (shuffled_partly(0.9), "more than chance"),                            # near miss: pins LABEL_SIGMAS
+    (shuffled_blocks, "more than chance|neighbouring"),
 ])  # fmt: skip
 def test_shuffled_labels_wrong_answers_fail(wrong, hint):
     with pytest.raises(ex.ExerciseFailed, match=hint):
         ex.check_shuffled_labels(wrong)
+
+
+@pytest.mark.parametrize("answer", [shuffled_ref, shuffled_numpy_local, shuffled_python_local])
+def test_shuffled_labels_correct_answers_pass_for_many_variations(answer):
+    for seed in range(6):  # the statistical check must not reject a correct answer by bad luck
+        ex.check_shuffled_labels(answer, variation=ex.Variation(seed=seed))
+
+
+def test_shuffled_labels_check_gives_the_global_generators_back():
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    states = torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    with pytest.raises(ex.ExerciseFailed):
+        ex.check_shuffled_labels(shuffled_numpy_global)
+    assert torch.equal(states[0], torch.random.get_rng_state())
+    assert np.array_equal(states[1], np.random.get_state()[1]) and states[2] == random.getstate()
 
 
 # ----------------------------------------------------------------------------- SmoothGrad
@@ -256,6 +385,7 @@ def smoothgrad_loss(model, x, target, noise, noise_level):
     (smoothgrad_sum, "mean over the samples"), (smoothgrad_unscaled, "scale the noise"),
     (lambda m, x, t, n, s: gradient_ref(m, x, t), "plain gradient"),
     (smoothgrad_loss, "differs"),
+    (lambda *a: 1.005 * smoothgrad_ref(*a), "scale"),                    # near miss: pins RTOL
 ])  # fmt: skip
 def test_smoothgrad_wrong_answers_fail(wrong, hint):
     with pytest.raises(ex.ExerciseFailed, match=hint):
@@ -266,6 +396,42 @@ def test_references_pass():
     ex.check_digit_spearman(digit_spearman_ref)
     ex.check_shuffled_labels(shuffled_ref)
     ex.check_smoothgrad(smoothgrad_ref)
+
+
+# ----------------------------------------------------------------------------- variations
+def test_variation_of_a_student_is_stable_and_individual():
+    v = ex.variation("Ada Lovelace")
+    assert v == ex.variation(" ada lovelace ") and v != ex.variation("Alan Turing")
+    assert ex.variation(None) == ex.variation("") == ex.Variation()
+    assert len({ex.variation(f"student{i}") for i in range(20)}) == 20
+    assert set(v.photos) <= set(ex.VARIATION_PHOTOS) and len(set(v.photos)) == 2
+    with pytest.raises(ValueError, match="seed"):
+        ex.Variation(seed=-1)
+    with pytest.raises(ValueError, match="photos"):
+        ex.Variation(photos=("chelsea", "chelsea"))
+    with pytest.raises(ValueError, match="variation"):
+        ex.check_spearman_abs(spearman_abs_ref, variation={"seed": 3})
+
+
+def test_references_pass_on_another_variation():
+    v = ex.Variation(seed=4242, photos=("rocket", "astronaut"))
+    ex.check_gradient_map(gradient_ref, variation=v)
+    ex.check_spearman_abs(spearman_abs_ref, variation=v)
+    ex.check_cascading_randomization(cascading_ref, variation=v)
+    ex.check_independent_randomization(independent_ref, variation=v)
+    ex.check_digit_spearman(digit_spearman_ref, variation=v)
+    ex.check_shuffled_labels(shuffled_ref, variation=v)
+    ex.check_smoothgrad(smoothgrad_ref, variation=v)
+
+
+def test_an_answer_copied_for_the_published_inputs_fails_on_another_variation():
+    """A 'solution' that returns the book's numbers passes the default check, not a variation."""
+    published = sl.similarity(*ex._map_pair(), "spearman_abs")
+    tied = sl.similarity(*ex._tied_pair(), "spearman_abs")
+    copied = lambda a, b: published.clone() if a.shape[-1] > 16 else tied.clone()  # noqa: E731
+    ex.check_spearman_abs(copied)
+    with pytest.raises(ex.ExerciseFailed):
+        ex.check_spearman_abs(copied, variation=ex.variation("some student"))
 
 
 def test_every_check_is_tested():

@@ -165,7 +165,8 @@ def test_otter_grades_a_correct_and_a_wrong_submission(tmp_path):
     folder = tmp_path / "otter" / stem
     (folder / "requirements.txt").write_text("")  # grade against the installed sanitylib
     otter = [sys.executable, "-m", "otter"]
-    subprocess.run([*otter, "generate", "-t", "tests", "-o", "."], cwd=folder, check=True, capture_output=True)
+    subprocess.run([*otter, "generate", "-t", "tests", "-r", "requirements.txt"], cwd=folder, check=True,
+                   capture_output=True)
     key = nbformat.read(tmp_path / "key" / f"{stem}.ipynb", as_version=4)
     wrong = nbformat.read(tmp_path / "key" / f"{stem}.ipynb", as_version=4)
     for c in wrong.cells:

@@ -462,7 +462,7 @@ Steps (otter-grader 7; `pip install otter-grader` where you grade, it is not a d
 
 ```bash
 cd {stem}
-otter generate -t tests -r requirements.txt -o .        # writes autograder.zip
+otter generate -t tests -r requirements.txt              # writes autograder.zip
 otter run -a autograder.zip submission.ipynb -o results  # grade one submission locally, no Docker
 # a class: otter run -a autograder.zip submissions/ -o results  (or upload autograder.zip to Gradescope)
 ```

@@ -248,9 +248,11 @@ def test_verdict_words_follow_the_numbers(executed):
     verdict are those the chapter layer derives from the glued numbers of the same run."""
     from sanitylib import book
 
+    import ast
+
     def glued(stem):
         g = read_glue(nbformat.read(executed[stem], as_version=4))
-        return g, (lambda k: float(g[k].strip("'"))), (lambda k: g[k].strip("'"))
+        return g, (lambda k: float(ast.literal_eval(g[k]))), (lambda k: ast.literal_eval(g[k]))
 
     g8, num8, word8 = glued("08_repairing_the_test")
     for order in ("top_down", "bottom_up"):

@@ -12,12 +12,14 @@ The public API works on any ``torch.nn.Module`` returning logits::
 
 from .utils import __version__  # noqa: E402
 from . import allocator, registry, replay, utils  # noqa: E402
-from . import attribution, data, engine, experiment, metrics, models, plots, postprocess, randomize  # noqa: E402
+from . import attribution, cache, data, engine, experiment, metrics, models, plots, postprocess, randomize, result, spec  # noqa: E402
 from . import mnist, training  # noqa: E402
 from .attribution import METHODS, GuidedBackpropError, check_guided_backprop, explain, predict  # noqa: E402
 from .data import load_mnist, load_paper_imagenet, load_photos  # noqa: E402
 from .experiment import (cascading_randomization, explain_methods, independent_randomization,  # noqa: E402
                          run_randomization, summarize)
+from .result import ResultTable  # noqa: E402
+from .spec import RunSettings, RunSpec  # noqa: E402
 from .metrics import METRICS, noise_floor, similarity  # noqa: E402
 from .registry import (Metric, MethodSpec, get_method, method_label, method_names,  # noqa: E402
                        metric_names, register_method, register_metric, unregister_method,
@@ -41,5 +43,6 @@ __all__ = [
     "register_method", "register_metric", "unregister_method", "unregister_metric", "registry",
     "replay", "utils", "engine", "__version__", "keep_freed_memory", "allocator",
     "followup", "activation_scales", "backward_convergence", "emprt", "input_invariance",
-    "input_times_random", "random_logit", "smprt",
+    "input_times_random", "random_logit", "smprt", "ResultTable", "RunSettings", "RunSpec",
+    "cache", "result", "spec",
 ]

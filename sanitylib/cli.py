@@ -336,6 +336,7 @@ def _run(args) -> int:
     from .experiment import config_key, run_randomization
     from .models import get_info, load_model
     from .randomize import get_blocks
+    from .spec import RunSpec
     from .utils import atomic_write, source_hash
 
     s = _resolve(args)
@@ -360,8 +361,18 @@ def _run(args) -> int:
                 blocks = [b.name for b in all_blocks]
         except (ValueError, AttributeError, KeyError) as err:
             raise _flag_error("--blocks", err) from None
-        config = {k: v for k, v in s.items() if k not in ("batch_size", "device", "fast")}
-        config.update(model=info.name if info else s["model"], blocks=blocks,
+        # what is computed: the run specification's fields (the same as the cache's identity),
+        # built once here on the first image; the images themselves are named by "images"
+        label = info.name if info else s["model"]
+        spec = RunSpec.build(model, x0.to(device), s["methods"], schedule=s["schedule"],
+                             blocks=blocks, metrics=s["metrics"], seed=s["seed"],
+                             target=s["target"], method_options=s["method_options"],
+                             store_maps=0, label=label, floor=False)  # fmt: skip
+        run_fields = {k: v for k, v in spec.describe().items()
+                      if k not in ("image_ids", "image_names", "kept", "floor", "activations")}
+        config = {k: v for k, v in s.items()
+                  if k in ("profile", "model", "images", "n_images", "shard_size")}
+        config.update(model=label, run=run_fields, blocks=blocks, methods=s["methods"],
                       device=device.type, precision={k: v for k, v in precision.items()
                                                       if k in ("device", "tf32")},
                       sanitylib_source=source_hash(),

@@ -2,7 +2,7 @@
 
 :func:`activation_scales` (Binder et al. 2023): the scale of every block's output at each stage of
 a randomization schedule, relative to the trained model's (``run_randomization(...,
-activations=True)`` stores it in ``df.attrs["activations"]``).
+activations=True)`` stores it in ``df.activations``).
 """
 
 from __future__ import annotations

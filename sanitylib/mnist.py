@@ -32,6 +32,7 @@ from .metrics import noise_floor, similarity, spearman
 from .models import get_info
 from .randomize import evaluating
 from .registry import resolve_methods, resolve_metrics
+from .result import parts_of, stage_order
 from .postprocess import abs_normalize, diverging_normalize
 
 __all__ = ["MNIST_METHODS", "CONV_ONLY_METHODS", "ARCHITECTURES", "methods_for", "load_data",
@@ -272,16 +273,16 @@ def tie_table(df: pd.DataFrame, x: Tensor, methods: Sequence[str]) -> pd.DataFra
     and method, the fraction of exactly-zero pixels in the randomized model's maps, the
     Spearman correlation with the trained model's maps on all pixels (absolute, from ``df``),
     on the digit's pixels only (absolute, :func:`support_spearman`), and without absolute value
-    (all pixels).  ``df`` is a cascading-randomization table whose ``attrs["maps"]`` holds the
+    (all pixels).  ``df`` is a cascading-randomization table whose ``maps`` hold the
     maps of every image of ``x``.
 
     Returns:
         One row per (stage, method), means over images.
     """
-    store = df.attrs["maps"]
+    store = parts_of(df, "maps")
     if list(store.images) != list(range(len(x))):
         raise ValueError("the run must store the maps of every image (store_maps=len(x))")
-    stages = df.attrs.get("stages") or list(dict.fromkeys(df["stage"]))
+    stages = stage_order(df)
     rows = []
     for stage in stages:
         for m in methods:

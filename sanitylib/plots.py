@@ -18,6 +18,7 @@ from . import attribution as _attribution  # noqa: F401  (registers the built-in
 from . import metrics as _metrics  # noqa: F401  (registers the built-in metrics)
 from . import registry
 from .postprocess import abs_normalize, diverging_normalize
+from .result import stage_order
 
 __all__ = ["METHOD_LABELS", "METRIC_LABELS", "use_book_style", "to_display", "method_grid",
            "stage_grid", "pick_stages", "similarity_curves", "similarity_panels", "stage_heatmap",
@@ -130,7 +131,7 @@ def stage_grid(store, image: int, methods: Sequence[str], visualization: str = "
                picture: np.ndarray | None = None, title: str | None = None,
                size: float = 1.1, stages: Sequence[str] | None = None) -> Figure:  # fmt: skip
     """Rows = methods, columns = the trained model then each randomization stage, for one
-    image (paper Fig. 2).  ``store`` is ``df.attrs["maps"]`` of a randomization run.
+    image (paper Fig. 2).  ``store`` is ``df.maps`` of a randomization run.
 
     ``stages``: the stages to show, in this order (default: every stored stage; the trained
     model ``"original"`` is always first).  :func:`pick_stages` chooses a few spread evenly.
@@ -169,7 +170,7 @@ def stage_grid(store, image: int, methods: Sequence[str], visualization: str = "
 
 def _stage_axis(df: pd.DataFrame) -> tuple[list[str], str, bool]:
     """Stage names in order, the x-axis label and whether the schedule is cumulative."""
-    stages = df.attrs.get("stages") or list(dict.fromkeys(df.sort_values("stage_index")["stage"]))
+    stages = stage_order(df)
     schedule = df["schedule"].iloc[0] if "schedule" in df and len(df) else "cascading"
     if schedule == "independent":
         return list(stages), "block randomized (alone; the others trained)", False

@@ -37,6 +37,7 @@ from .attribution import derive_seed
 from .experiment import explain_methods, run_randomization
 from .metrics import similarity
 from .randomize import Perturbation
+from .result import stage_order
 
 __all__ = ["noise_sensitivity", "same_model_floor", "floor_by_samples", "unit_curves", "sensitivity_summary",
            "sigma_half", "bootstrap_ci"]  # fmt: skip
@@ -85,7 +86,7 @@ def noise_sensitivity(model: nn.Module, x: Tensor, methods: Sequence[str],
                                target=target, method_options=method_options,
                                image_names=image_names, store_maps=0, cache=cache,
                                progress=False, label=label)  # fmt: skip
-        stages = df.attrs["stages"]
+        stages = df.stages
         tables.append(df.assign(sigma=float(sigma), relative=relative, kind=kind, draw=d))
     out = pd.concat(tables, ignore_index=True)
     out.attrs["stages"] = stages
@@ -146,7 +147,7 @@ def floor_by_samples(model: nn.Module, x: Tensor, method: str, sample_counts: Se
 def unit_curves(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One similarity curve per (method, sigma, image, draw): a wide table with the stages as
     columns, preceded by the trained model's 1.0 (column ``"original"``)."""
-    stages = df.attrs.get("stages") or list(dict.fromkeys(df.sort_values("stage_index")["stage"]))
+    stages = stage_order(df)
     sub = df[df["metric"] == metric]
     if sub.empty:
         raise ValueError(f"no rows for metric {metric!r}")

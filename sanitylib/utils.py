@@ -115,9 +115,19 @@ def tensor_hash(tensors: Iterable[Tensor]) -> str:
     return h.hexdigest()[:20]
 
 
-def source_hash() -> str:
-    """sha256 (16 hex characters) of sanitylib's own source files (the core, not the book)."""
+def _hash_sources() -> str:
     h = hashlib.sha256()
     for p in sorted(Path(__file__).parent.glob("*.py")):
         h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()[:16]
+
+
+#: Read once, when sanitylib is imported: the code this process runs (a source file edited
+#: while a kernel keeps the old code loaded must not give the old code's results a new key).
+_SOURCE_HASH = _hash_sources()
+
+
+def source_hash() -> str:
+    """sha256 (16 hex characters) of sanitylib's own source files (the core, not the book), as
+    they were when sanitylib was imported."""
+    return _SOURCE_HASH

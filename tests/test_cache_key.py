@@ -44,10 +44,10 @@ def same_result(a, b) -> bool:
     """Equal tables, noise floors, stored-map images and stored maps."""
     if not a.equals(b):
         return False
-    fa, fb = a.attrs["floor"], b.attrs["floor"]
+    fa, fb = a.floor, b.floor
     if (fa is None) != (fb is None) or (fa is not None and not fa.equals(fb)):
         return False
-    sa, sb = a.attrs["maps"], b.attrs["maps"]
+    sa, sb = a.maps, b.maps
     if sa.images != sb.images or list(sa.stages) != list(sb.stages):
         return False
     return all(sa[st].keys() == sb[st].keys() and all(torch.equal(sa[st][m], sb[st][m]) for m in sa[st])

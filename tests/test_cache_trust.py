@@ -29,7 +29,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import sanitylib.cache as C
 import sanitylib.experiment as E
+import sanitylib.spec as S
 from sanitylib import training as T
 from reference import TinyCNN
 from sanitylib.data import MnistData
@@ -151,7 +153,7 @@ def folders(root):
 
 
 def same_maps(a, b) -> bool:
-    sa, sb = a.attrs["maps"], b.attrs["maps"]
+    sa, sb = a.maps, b.maps
     return sa.images == sb.images and list(sa.stages) == list(sb.stages) and all(
         torch.equal(sa[s][m], sb[s][m]) for s in sa.stages for m in sa[s])  # fmt: skip
 
@@ -186,9 +188,11 @@ def test_class_redefined_with_another_forward_is_recomputed(x16, tmp_path, monke
     # the same cell run again (a new class object, same code) is served from the cache
     again = define_in_cell("mean")().eval()
     again.load_state_dict(mean_net.state_dict())
-    monkeypatch.setattr(E, "iter_state_maps", _never)
+    counter = StateCounter()
+    monkeypatch.setattr(E, "iter_state_maps", counter)
     monkeypatch.setattr(E, "explain_methods", _never)
     assert run(again, x16, cache=tmp_path).equals(first)
+    assert counter.states == [1]  # only the trained model's maps, validating the stored ones
 
 
 def test_instance_attribute_is_part_of_the_key(x16, tmp_path):
@@ -256,7 +260,8 @@ def test_config_json_names_what_the_key_covers(x16, tmp_path):
     import json
 
     config = json.loads((folders(tmp_path)[0] / "config.json").read_text())
-    assert {"source", "version", "torch", "x", "methods", "options", "seed"} <= set(config)
+    assert {"layout", "source", "version", "torch", "x", "run", "code", "randomized"} <= set(config)
+    assert {"methods", "method_options", "seed", "blocks", "schedule", "order"} <= set(config["run"])
     assert any("PoolChoice" in c for c in config["model"]["classes"])
     assert {"weights", "modules"} <= set(config["model"])
 
@@ -267,7 +272,7 @@ def _cached_run(model, x, tmp_path):
     return first, folders(tmp_path)[0]
 
 
-@pytest.mark.parametrize("which", ["images_0000_0002.pt", "floor.pt"])
+@pytest.mark.parametrize("which", ["images_0000_0002.pt"])
 def test_planted_pickle_in_the_cache_does_not_run(x16, tmp_path, which):
     model = seeded(TinyCNN)
     first, folder = _cached_run(model, x16, tmp_path / "cache")
@@ -279,7 +284,7 @@ def test_planted_pickle_in_the_cache_does_not_run(x16, tmp_path, which):
         again = run(model, x16, cache=tmp_path / "cache")
     assert not marker.exists()
     assert again.equals(first)
-    assert again.attrs["floor"].equals(first.attrs["floor"])
+    assert again.floor.equals(first.floor)
     torch.load(target, weights_only=True)  # recomputed and rewritten, safely readable
 
 
@@ -302,7 +307,7 @@ def test_planted_pickle_in_a_slice_file_does_not_run(x8, tmp_path, monkeypatch):
     assert resumed.equals(run(model, x8))
 
 
-@pytest.mark.parametrize("which", ["images_0000_0002.pt", "floor.pt"])
+@pytest.mark.parametrize("which", ["images_0000_0002.pt"])
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_unreadable_cache_file_is_reported_and_recomputed(x16, tmp_path, which, damage):
     model = seeded(TinyCNN)
@@ -313,7 +318,7 @@ def test_unreadable_cache_file_is_reported_and_recomputed(x16, tmp_path, which, 
     with pytest.warns(RuntimeWarning, match=re.escape(str(target))):
         again = run(model, x16, cache=tmp_path)
     assert again.equals(first)
-    assert again.attrs["floor"].equals(first.attrs["floor"])
+    assert again.floor.equals(first.floor)
     assert same_maps(again, first)
     torch.load(target, weights_only=True)
 
@@ -323,13 +328,15 @@ def test_cache_files_hold_only_plain_data(x16, tmp_path, monkeypatch):
     first, folder = _cached_run(model, x16, tmp_path)
     for f in folder.glob("*.pt"):
         torch.load(f, weights_only=True)  # tensors and plain containers only
-    monkeypatch.setattr(E, "iter_state_maps", _never)
+    counter = StateCounter()
+    monkeypatch.setattr(E, "iter_state_maps", counter)
     monkeypatch.setattr(E, "explain_methods", _never)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no file is refused
         second = run(model, x16, cache=tmp_path)
+    assert counter.states == [1]
     assert second.equals(first)
-    assert second.attrs["floor"].equals(first.attrs["floor"])
+    assert second.floor.equals(first.floor)
     assert same_maps(second, first)
 
 
@@ -391,7 +398,7 @@ def test_sliced_computation_is_bit_identical(x8, tmp_path, schedule, target):
         sliced = run(model, x8, cache=tmp_path / str(group_size), **kw)
         whole = run(model, x8, cache=False, **kw)
         assert sliced.equals(whole)
-        assert sliced.attrs["floor"].equals(whole.attrs["floor"])
+        assert sliced.floor.equals(whole.floor)
         assert same_maps(sliced, whole)
         folder = folders(tmp_path / str(group_size))[0]
         assert not list(folder.glob("*.part*"))  # finished groups: one file each
@@ -417,24 +424,25 @@ def test_sliced_computation_is_bit_identical_with_forward_replay(x8, x16, tmp_pa
         sliced = run(model, x, cache=tmp_path, target=target)
         whole = run(model, x, cache=False, target=target)
         assert sliced.equals(whole)
-        assert sliced.attrs["floor"].equals(whole.attrs["floor"])
+        assert sliced.floor.equals(whole.floor)
         assert same_maps(sliced, whole)
     assert replays  # replay was on
 
 
 def test_slice_plan():
-    assert E._slice_plan(7) == [[0, 1], [2, 3], [4, 5], [6]]
-    assert E._slice_plan(3) == [[0], [1], [2]]
-    assert E._slice_plan(20) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15],
+    assert C.slice_plan(7) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert C.slice_plan(3) == [[0], [1], [2]]
+    assert C.slice_plan(20) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15],
                                  [16, 17, 18, 19]]  # fmt: skip
-    assert E._slice_plan(1) == [[0]]
+    assert C.slice_plan(1) == [[0]]
 
 
 @pytest.mark.parametrize("group_size, fail_at, expected_rerun", [
-    (None, 3, [2, 1]),          # one group (the quickstart's case): 2 of 4 slices were done
-    # second group, its first slice done; then the trained model's maps of the first group
-    # (loaded from its file) for the noise floor
-    (2, 6, [2, 2, 1, 1]),
+    # one group (the quickstart's case): 2 of 4 slices were done; the trained model's maps are
+    # recomputed first, to validate the stored slices
+    (None, 3, [1, 2, 1]),
+    # the first group finished (validated), the second group's first slice done (validated)
+    (2, 6, [1, 1, 2, 2, 1]),
 ])  # fmt: skip
 def test_interrupted_run_resumes_from_its_last_finished_slice(x8, tmp_path, monkeypatch,
                                                               group_size, fail_at, expected_rerun):  # fmt: skip
@@ -452,13 +460,13 @@ def test_interrupted_run_resumes_from_its_last_finished_slice(x8, tmp_path, monk
     monkeypatch.undo()
     fresh = run(model, x8, group_size=group_size)
     assert resumed.equals(fresh)
-    assert resumed.attrs["floor"].equals(fresh.attrs["floor"])
+    assert resumed.floor.equals(fresh.floor)
     assert same_maps(resumed, fresh)
     folder = folders(tmp_path)[0]
     names = sorted(p.name for p in folder.iterdir())
     groups = ["images_0000_0002.pt"] if group_size is None else ["images_0000_0001.pt",
                                                                    "images_0002_0002.pt"]
-    assert names == sorted(["config.json", "floor.pt", *groups])
+    assert names == sorted(["config.json", *groups])
 
 
 # ---------------------------------------------------------------- eval mode, model given back
@@ -503,6 +511,9 @@ def test_explain_methods_runs_in_eval_mode_and_gives_the_model_back(resnet_in_tr
 @pytest.mark.parametrize("kwargs, match", [
     ({"seed": "abc"}, "seed"),
     ({"seed": 1.5}, "seed"),
+    ({"seed": 2**70}, "seed must lie in"),
+    ({"seed": -1}, "seed must lie in"),
+    ({"method_options": {"smooth_grad": {"n_samples": 2}}}, "'smooth_grad' is not a method of this run"),
     ({"blocks": []}, "blocks"),
     ({"blocks": 3}, "blocks"),
     ({"store_maps": "2"}, "store_maps"),
@@ -526,6 +537,7 @@ def test_invalid_arguments_fail_before_any_work(x16, tmp_path, monkeypatch, kwar
 
     for name in ("get_blocks", "iter_state_maps", "explain_methods", "auto_batch_size"):
         monkeypatch.setattr(E, name, no_work, raising=False)
+    monkeypatch.setattr(S, "get_blocks", no_work)
     with pytest.raises(ValueError, match=match):
         run(seeded(TinyCNN), x16, **{"cache": tmp_path, **kwargs})
     assert list(tmp_path.iterdir()) == []
@@ -535,5 +547,5 @@ def test_a_single_method_or_block_may_be_given_alone(x16):
     model = seeded(TinyCNN)
     df = E.cascading_randomization(model, x16, "gradient", blocks="fc", metrics="spearman",
                                    cache=False, progress=False)  # fmt: skip
-    assert set(df["method"]) == {"gradient"} and df.attrs["stages"] == ["fc"]
+    assert set(df["method"]) == {"gradient"} and df.stages == ["fc"]
     assert len(df) == len(x16)

@@ -74,8 +74,8 @@ def test_paper_profile_runs_the_cascade_on_inception_v3(paper_chapter):
     grad = df[(df["method"] == "gradient") & (df["metric"] == "spearman")
               & (df["stage"] == blocks[-1].name)]["value"]  # fmt: skip
     assert len(grad) == 2 and grad.mean() < 0.9
-    maps = df.attrs["maps"]
+    maps = df.maps
     assert maps is not None
-    floor = df.attrs["floor"]
+    floor = df.floor
     assert set(floor["method"]) >= set(ALL_METHODS)
     assert floor["value"].map(math.isfinite).all()

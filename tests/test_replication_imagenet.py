@@ -67,7 +67,7 @@ def test_guided_backprop_stays_well_above_the_gradient(cascade):
 
 def test_gradient_signed_similarity_falls_to_the_noise_floor(cascade):
     df, mean = cascade
-    floor = df.attrs["floor"]
+    floor = df.floor
     grad_floor = floor[(floor["kind"] == "different images") & (floor["method"] == "gradient")
                        & (floor["metric"] == "spearman")]["value"]  # fmt: skip
     assert len(grad_floor) == 6  # 4 images -> 6 pairs
@@ -82,6 +82,6 @@ def test_gradient_signed_similarity_falls_to_the_noise_floor(cascade):
 def test_the_chapter_claims_hold_for_these_methods(cascade, effnet):
     df, _ = cascade
     all_stages = [b.name for b in effnet.sanity_info.blocks]  # the chapter's window
-    claims = evaluate_claims(df, df.attrs["floor"], CASCADING_CLAIMS[:3], stages=all_stages)
+    claims = evaluate_claims(df, df.floor, CASCADING_CLAIMS[:3], stages=all_stages)
     assert list(claims["method"]) == ["guided_backprop", "gradient"]  # guided_gradcam did not run
     assert claims["holds"].all(), claims

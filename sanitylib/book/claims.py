@@ -41,6 +41,7 @@ import pandas as pd
 
 from ..metrics import floor_mean
 from ..mnist import ARCHITECTURES
+from ..result import stage_order
 
 __all__ = ["Claim", "CASCADING_CLAIMS", "INDEPENDENT_CLAIMS", "NOISE_CLAIMS", "NOISE_CLAIMS_SHIFTED",
            "stage_window", "window_mean", "evaluate_claims", "PAPER_DATA_RANDOMIZATION", "PAPER_CASCADE_ABS",
@@ -212,7 +213,7 @@ def stage_window(stages: Sequence[str], window: str, schedule: str) -> list[str]
 
 
 def _stages(df: pd.DataFrame) -> list[str]:
-    return df.attrs.get("stages") or list(dict.fromkeys(df.sort_values("stage_index")["stage"]))
+    return stage_order(df)
 
 
 def window_mean(df: pd.DataFrame, method: str, metric: str, window: str,
@@ -445,7 +446,7 @@ def paper_vs_book_cascade(df: pd.DataFrame, name: str) -> pd.DataFrame:
     """The authors' cascading-randomization numbers for the MNIST ``name`` (absolute Spearman,
     and no absolute value where given) next to this book's means, one row per method, one
     column pair per stage (``paper``, ``book``), and the source of the authors' numbers."""
-    stages = df.attrs.get("stages") or list(dict.fromkeys(df["stage"]))
+    stages = stage_order(df)
     mean = df.groupby(["method", "metric", "stage"])["value"].mean()
     rows = []
     for metric, table in (("spearman_abs", PAPER_CASCADE_ABS), ("spearman", PAPER_CASCADE_NOABS)):

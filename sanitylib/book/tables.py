@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..metrics import floor_mean
 from ..mnist import ARCHITECTURES
 from ..models import get_info
+from ..result import ResultTable, stage_order
 
 if TYPE_CHECKING:
     from ..data import MnistData
@@ -56,7 +57,7 @@ def data_sentence(cfg, data: MnistData) -> str:
 def cascade_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Mean over images of a cascading run, one row per method (in run order), one column per
     (metric, stage) with the stages in cascade order."""
-    stages = df.attrs.get("stages") or list(dict.fromkeys(df["stage"]))
+    stages = stage_order(df)
     methods = list(dict.fromkeys(df["method"]))
     metrics = list(dict.fromkeys(df["metric"]))
     wide = df.groupby(["method", "metric", "stage"])["value"].mean().unstack(["metric", "stage"])
@@ -87,7 +88,7 @@ def data_randomization_summary(runs: Sequence[pd.DataFrame]) -> pd.DataFrame:
     model)."""
     rows = []
     for df in runs:
-        fl = df.attrs.get("floor")
+        fl = df.floor if isinstance(df, ResultTable) and df.has_parts else df.attrs.get("floor")
         for (model, method), sub in df.groupby(["model", "method"], sort=False):
             row = {"model": model, "method": method}
             for metric, name in (("spearman_abs", "absolute"), ("spearman", "no absolute")):

@@ -1,0 +1,300 @@
+"""The run specification: *what* a randomization run computes, validated once.
+
+:class:`RunSpec` is one frozen object holding every field that determines a run's numbers
+(methods, metrics, schedule, blocks, order, perturbation, target, seed, method options, the
+images' ids and names, the kept maps, floor, activations, automatic mixed precision, engine,
+label).  :meth:`RunSpec.build` checks every argument before any work (each error names the
+argument and what was expected) and normalizes it (numpy integers to ``int``, a single block to
+a list, options restricted to the run's methods).  The result cache takes its identity from
+:meth:`RunSpec.describe` (:mod:`sanitylib.cache`), and so does the command line's
+``config.json``: one set of fields for both.
+
+:class:`RunSettings` holds *how* a run is executed (batch size, group size, progress bar, cache
+folder); none of it changes the numbers beyond :data:`sanitylib.engine.MAP_TOLERANCE`, so none of
+it enters the cache's identity.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from torch import Tensor, nn
+
+from .attribution import check_batch_size, check_input
+from .engine import AMP_DTYPES
+from .models import Block, get_info
+from .randomize import Perturbation, Stage, check_schedule, get_blocks, schedule_stages
+from .registry import Metric, MethodSpec, method_names, resolve_methods, resolve_metrics
+
+__all__ = ["RunSpec", "RunSettings", "DEFAULT_METRICS", "MAX_SEED", "normalize_seed",
+           "check_method_options"]
+
+DEFAULT_METRICS = ("spearman_abs", "spearman", "ssim", "hog_spearman")
+#: Seeds are ints in ``[0, MAX_SEED]`` (``torch.Generator.manual_seed`` takes 64 bits; sanitylib
+#: derives per-block and per-image seeds from them).
+MAX_SEED = 2**63 - 1
+#: Fields of :meth:`RunSpec.describe` that choose which parts are produced, not their values:
+#: left out of the cache's identity (the floor and activations are stored apart).
+NOT_IN_IDENTITY = ("floor", "activations")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def normalize_seed(seed, name: str = "seed") -> int:
+    """``seed`` as a plain ``int`` (numpy integers accepted); ``ValueError`` naming ``name``
+    unless it is an integer in ``[0, MAX_SEED]``."""
+    if not _is_int(seed):
+        raise ValueError(f"{name} must be an int, got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must lie in [0, 2**63 - 1], got {seed}")
+    return seed
+
+
+def _check_bool(name: str, v) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return bool(v)
+
+
+def _check_choice(name: str, v, choices: Sequence[str]) -> str:
+    if v not in choices:
+        raise ValueError(f"{name} must be {' or '.join(repr(c) for c in choices)}, got {v!r}")
+    return v
+
+
+def _kept(store_maps, n: int) -> tuple[int, ...]:
+    msg = f"store_maps must be an int >= 0 or a list of image indices, got {store_maps!r}"
+    if _is_int(store_maps):
+        if store_maps < 0:
+            raise ValueError(msg)
+        return tuple(range(min(int(store_maps), n)))
+    if isinstance(store_maps, (str, bytes, bool)) or not hasattr(store_maps, "__iter__"):
+        raise ValueError(msg)
+    idx = list(store_maps)
+    if not all(_is_int(i) for i in idx):
+        raise ValueError(msg)
+    idx = [int(i) for i in idx]
+    if any(i < 0 or i >= n for i in idx):
+        raise ValueError(f"store_maps indices must lie in [0, {n}), got {idx}")
+    return tuple(idx)
+
+
+def check_method_options(method_options, specs: Sequence[MethodSpec]) -> Mapping[str, Mapping[str, Any]]:
+    """``method_options`` (``{method name: {option: value}}``) checked against the run's methods
+    ``specs``: a key that is neither a method of the run nor a registered method (a typo) is
+    refused, naming the run's methods; every method's options are validated.  Returns the
+    options of the run's methods only (read-only)."""
+    if method_options is None:
+        method_options = {}
+    if not (isinstance(method_options, Mapping) and all(isinstance(v, Mapping) for v in method_options.values())):
+        raise ValueError("method_options must be a dict {method name: {option: value}}, got "
+                         f"{method_options!r}")  # fmt: skip
+    run = [sp.name for sp in specs]
+    unknown = [k for k in method_options if k not in run and k not in method_names()]
+    if unknown:
+        raise ValueError(f"method_options: {', '.join(repr(k) for k in unknown)} is not a method "
+                         f"of this run ({', '.join(run)}) nor a registered method; check the "
+                         "spelling")  # fmt: skip
+    out = {}
+    for sp in specs:  # invalid options fail before any work
+        opts = dict(method_options.get(sp.name, {}))
+        sp.settings(opts)
+        if opts:
+            out[sp.name] = MappingProxyType(opts)
+    return MappingProxyType(out)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run is executed; nothing here changes its numbers beyond the engine's documented
+    tolerance, so nothing here enters the cache's identity.
+
+    Attributes:
+        batch_size: rows per forward/backward chunk (``None``: automatic).
+        group_size: images computed together (``None``: automatic).
+        progress: show a tqdm progress bar.
+        cache: ``True`` (the sanitylib cache folder), a folder, or ``False``.
+    """
+
+    batch_size: int | None = None
+    group_size: int | None = None
+    progress: bool = True
+    cache: bool | str | os.PathLike = True
+
+    def __post_init__(self) -> None:
+        check_batch_size(self.batch_size)
+        check_batch_size(self.group_size, "group_size")
+        if not isinstance(self.cache, (bool, str, os.PathLike)):
+            raise ValueError(f"cache must be True, False or a folder (str or path), got {self.cache!r}")
+        _check_bool("progress", self.progress)
+        for k in ("batch_size", "group_size"):
+            v = getattr(self, k)
+            if v is not None:
+                object.__setattr__(self, k, int(v))
+
+
+@dataclass(frozen=True, eq=False)
+class RunSpec:
+    """What a randomization run computes (see the module's docstring).  Build it with
+    :meth:`build`, which validates and normalizes every field; the runners
+    (:func:`sanitylib.run_randomization`, the command line, :mod:`sanitylib.distributed`,
+    :func:`sanitylib.smprt`, ...) all go through it.
+
+    Attributes:
+        methods, metrics: the resolved methods and metrics, in table order.
+        schedule: ``"cascading"`` or ``"independent"``; order: ``"top_down"`` or ``"bottom_up"``.
+        blocks: the model's blocks to randomize, top to bottom (resolved on the model).
+        skipped_blocks: inferred blocks left out, ``{name: reason}`` (they cannot change the
+            output: no parameters, or never run in the forward pass).
+        perturbation, target, seed, method_options: as in :func:`sanitylib.run_randomization`.
+        image_ids: each image's index in the collection (``0..N-1`` by default).
+        image_names: one name per image; kept: indices (into the batch) of the kept maps.
+        floor, activations: produce the noise floors / activation scales.
+        amp, engine, label: autocast dtype, ``"batched"`` or ``"reference"``, the model's label.
+    """
+
+    methods: tuple[MethodSpec, ...]
+    metrics: tuple[Metric, ...]
+    schedule: str
+    order: str
+    blocks: tuple[Block, ...]
+    perturbation: Perturbation
+    target: str
+    seed: int
+    method_options: Mapping[str, Mapping[str, Any]]
+    image_ids: tuple[int, ...]
+    image_names: tuple[str, ...]
+    kept: tuple[int, ...]
+    floor: bool = True
+    activations: bool = False
+    amp: str | None = None
+    engine: str = "batched"
+    label: str = ""
+    custom_ids: bool = False
+    skipped_blocks: Mapping[str, str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def build(cls, model: nn.Module, x: Tensor, methods: Sequence, *, schedule: str = "cascading",
+              blocks=None, metrics: Sequence = DEFAULT_METRICS, seed: int = 0,
+              perturbation: Perturbation | None = None, target: str = "current",
+              method_options: Mapping[str, Mapping] | None = None,
+              image_names: Sequence[str] | None = None, store_maps=2, label: str | None = None,
+              engine: str = "batched", amp: str | None = None, floor: bool = True,
+              order: str = "top_down", activations: bool = False,
+              image_ids: Sequence[int] | None = None) -> "RunSpec":  # fmt: skip
+        """Validate and normalize every argument of :func:`sanitylib.run_randomization` that
+        determines the result, for ``model`` and ``x`` ``(N, C, H, W)``.
+
+        Raises:
+            ValueError: naming the argument and what was expected; before any work.
+        """
+        specs = tuple(resolve_methods(methods))
+        fns = tuple(resolve_metrics(metrics))
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_input(model, x)
+        seed = normalize_seed(seed)
+        check_schedule(schedule, order)
+        _check_choice("target", target, ("current", "original"))
+        _check_choice("engine", engine, ("batched", "reference"))
+        if perturbation is None:
+            perturbation = Perturbation()
+        elif not isinstance(perturbation, Perturbation):
+            raise ValueError(f"perturbation must be a sanitylib.Perturbation or None, got {perturbation!r}")
+        options = check_method_options(method_options, specs)
+        n = len(x)
+        if image_names is not None:
+            if isinstance(image_names, (str, bytes)) or not hasattr(image_names, "__len__"):
+                raise ValueError(f"image_names must be a list of names, one per image, got {image_names!r}")
+            if len(image_names) != n:
+                raise ValueError(f"image_names has {len(image_names)} entries for {n} images")
+        kept = _kept(store_maps, n)
+        floor, activations = _check_bool("floor", floor), _check_bool("activations", activations)
+        if label is not None and not isinstance(label, str):
+            raise ValueError(f"label must be a string or None, got {label!r}")
+        if amp is not None and amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
+        if amp and engine != "batched":
+            raise ValueError("amp needs engine='batched'")
+        custom_ids = image_ids is not None
+        if custom_ids:
+            if isinstance(image_ids, (str, bytes)) or not hasattr(image_ids, "__len__") or \
+                    len(image_ids) != n or not all(_is_int(i) and i >= 0 for i in image_ids) \
+                    or len({int(i) for i in image_ids}) != n:
+                raise ValueError(f"image_ids must be {n} distinct ints >= 0, one per image, "
+                                 f"got {image_ids!r}")  # fmt: skip
+            if engine != "batched":
+                raise ValueError("image_ids needs engine='batched'")
+            ids = tuple(int(i) for i in image_ids)
+        else:
+            ids = tuple(range(n))
+        if blocks is not None and not isinstance(blocks, (str, Block)):
+            if not isinstance(blocks, (list, tuple)) or not blocks:
+                raise ValueError("blocks must be None (the model's blocks) or a non-empty list of "
+                                 f"Block objects, block names or module paths, got {blocks!r}")  # fmt: skip
+        if isinstance(blocks, (str, Block)):
+            blocks = [blocks]
+        resolved, skipped = get_blocks(model, blocks, x, return_skipped=True)
+        info = get_info(model)
+        return cls(methods=specs, metrics=fns, schedule=schedule, order=order,
+                   blocks=tuple(resolved), perturbation=perturbation, target=target, seed=seed,
+                   method_options=options, image_ids=ids,
+                   image_names=tuple(str(v) for v in image_names) if image_names is not None
+                   else tuple(str(i) for i in ids),
+                   kept=kept, floor=floor, activations=activations, amp=amp, engine=engine,
+                   label=label or (info.name if info else type(model).__name__),
+                   custom_ids=custom_ids, skipped_blocks=MappingProxyType(dict(skipped)))  # fmt: skip
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def method_names(self) -> list[str]:
+        return [sp.name for sp in self.methods]
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The schedule's stages, in the order they are randomized and reported."""
+        return schedule_stages(self.blocks, self.schedule, self.order)
+
+    @property
+    def state_names(self) -> list[str]:
+        """``"original"`` (the trained model) and then every stage's name."""
+        return ["original"] + [st.name for st in self.stages]
+
+    def options(self) -> dict[str, dict]:
+        """The method options as plain dicts (``{method: {option: value}}``)."""
+        return {k: dict(v) for k, v in self.method_options.items()}
+
+    def describe(self) -> dict:
+        """The run's fields as JSON-friendly values (names, numbers, strings): the command line's
+        ``config.json`` and, with the code identities of user callables and the model's
+        identity added, the result cache's key (:func:`sanitylib.cache.run_config`)."""
+        blocks = list(self.blocks)
+        if self.order == "bottom_up":  # listed in the order they are randomized
+            blocks = blocks[::-1]
+        return {
+            "schedule": self.schedule, "order": self.order,
+            "methods": self.method_names, "metrics": [m.name for m in self.metrics],
+            "blocks": [[b.name, list(b.modules)] for b in blocks],
+            "perturbation": self.perturbation.describe(), "target": self.target,
+            "seed": self.seed, "method_options": self.options(),
+            "image_ids": list(self.image_ids) if self.custom_ids else None,
+            "image_names": list(self.image_names), "kept": list(self.kept),
+            "floor": self.floor, "activations": self.activations, "amp": self.amp,
+            "engine": self.engine, "label": self.label,
+        }  # fmt: skip
+
+    def __repr__(self) -> str:
+        return (f"RunSpec({self.schedule}, {self.order}, methods={self.method_names}, "
+                f"metrics={[m.name for m in self.metrics]}, {len(self.blocks)} blocks, "
+                f"{len(self.image_ids)} images, seed={self.seed})")

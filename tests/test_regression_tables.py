@@ -1,0 +1,44 @@
+"""The run specification and the cache's rework changed no number: every recorded case
+(``tests/regression_cases.py``: chapters' smoke-profile runs and the benchmark's two workloads,
+on the real EfficientNet-Lite0, photos and MNIST digits) gives the recorded table and noise floor
+bit for bit.  The recordings were made with the code before the change (commit 03742db)."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import regression_cases as R
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def _read(path):
+    return pd.read_csv(path, keep_default_na=False, na_values=["NaN", "nan"])
+
+
+def _compare(got: pd.DataFrame, path) -> None:
+    want = _read(path)
+    got = _read_back(got)
+    assert list(got.columns) == list(want.columns)
+    assert len(got) == len(want)
+    pd.testing.assert_frame_equal(got, want, check_exact=True, check_dtype=False)
+
+
+def _read_back(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as the recording wrote it (CSV, 17 significant digits), read back alike."""
+    import io
+
+    buf = io.StringIO()
+    pd.DataFrame(df).reset_index(drop=True).to_csv(buf, index=False, float_format="%.17g")
+    buf.seek(0)
+    return _read(buf)
+
+
+@pytest.mark.parametrize("name", list(R.CASES))
+def test_recorded_table_is_reproduced_bit_for_bit(name):
+    table, floor = R.table_and_floor(R.CASES[name]())
+    _compare(table, R.DATA / f"{name}.csv")
+    floor_file = R.DATA / f"{name}.floor.csv"
+    assert (floor is not None) == floor_file.exists()
+    if floor is not None:
+        _compare(floor, floor_file)

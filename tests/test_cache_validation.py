@@ -454,3 +454,33 @@ def test_result_table_keeps_its_parts_through_filtering_and_joining(x16):
     with pytest.raises(NoRunParts, match="combines several runs"):
         both.maps
     assert df.spec.seed == 0 and other.spec.seed == 1
+
+
+class WithAuxHead(nn.Module):
+    """An auxiliary head that runs only in training mode (as torchvision's inception_v3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.aux = nn.Linear(4 * 16 * 16, 5)
+        self.fc = nn.Linear(4 * 16 * 16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        out = self.fc(h)
+        return out + self.aux(h) if self.training else out
+
+
+def test_blocks_that_never_run_are_left_out_and_named_in_the_result(x16):
+    model = seeded(WithAuxHead)
+    with pytest.warns(UserWarning, match="aux"):
+        df = run(model, x16)
+    assert "aux" not in df.stages and df.stages == ["fc", "conv"]
+    assert set(df.skipped_blocks) == {"aux"}
+    assert not df[df["stage"] == "fc"]["value"].eq(1.0).all()
+
+
+def test_smprt_refuses_an_option_key_that_matches_no_method(x16, monkeypatch):
+    monkeypatch.setattr(E, "iter_state_maps", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ValueError, match="'gradeint' is not a method of this run"):
+        sl.smprt(seeded(), x16, ["gradient"], n_samples=2, method_options={"gradeint": {}})

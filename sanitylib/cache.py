@@ -37,7 +37,7 @@ import sysconfig
 import types
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -261,6 +261,16 @@ def _tied_pair(v: Variation = Variation()) -> tuple[Tensor, Tensor]:
 
 
 # ----------------------------------------------------------------------------- chapter 1
+def _fail_if_model_changed(ex: str, report: dict) -> None:
+    """Fail ``ex`` when the student's code changed the model (``report`` from :func:`_guard`)."""
+    if report["changed"]:
+        hint = "only read the model: no training step, no in-place change of its weights"
+        if report["mode_changed"]:
+            hint = ("the model was left in training mode (model.train()): its BatchNorm layers updated "
+                    "their running statistics; keep it in eval mode (the check gave it back as it was)")
+        _fail(ex, f"the model's weights or buffers changed ({report['changed'][0]}, ...)", hint)
+
+
 def check_gradient_map(answer: Callable[[nn.Module, Tensor, Tensor], Tensor],
                        model: nn.Module | None = None, x: Tensor | None = None,
                        variation: Variation | None = None) -> None:
@@ -275,12 +285,7 @@ def check_gradient_map(answer: Callable[[nn.Module, Tensor, Tensor], Tensor],
         t = _targets(model, x)
     with _guard(model, start) as report:
         out = _call(ex, answer, model, x.clone(), t.clone())
-    if report["changed"]:
-        hint = "only read the model: no training step, no in-place change of its weights"
-        if report["mode_changed"]:
-            hint = ("the model was left in training mode (model.train()): its BatchNorm layers updated "
-                    "their running statistics; keep it in eval mode (the check gave it back as it was)")
-        _fail(ex, f"the model's weights or buffers changed ({report['changed'][0]}, ...)", hint)
+    _fail_if_model_changed(ex, report)
     out = _tensor(ex, out, tuple(x.shape))
     ref = explain(model, x, "gradient", target=t)
     err = _rel_err(out, ref)
@@ -620,12 +625,7 @@ def check_smoothgrad(answer: Callable[[nn.Module, Tensor, Tensor, Tensor, float]
     level = 0.15
     with _guard(model, start) as report:
         out = _call(ex, answer, model, x.clone(), t.clone(), noise.clone(), level)
-    if report["changed"]:
-        hint = "only read the model: no training step, no in-place change of its weights"
-        if report["mode_changed"]:
-            hint = ("the model was left in training mode (model.train()): its BatchNorm layers updated "
-                    "their running statistics; keep it in eval mode (the check gave it back as it was)")
-        _fail(ex, f"the model's weights or buffers changed ({report['changed'][0]}, ...)", hint)
+    _fail_if_model_changed(ex, report)
     out = _tensor(ex, out, tuple(x.shape))
     sigma = level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
     ref = explain(model, x, "smoothgrad", target=t, noise=noise * sigma.view(-1, 1, 1, 1, 1))

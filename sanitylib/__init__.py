@@ -12,6 +12,7 @@ The public API works on any ``torch.nn.Module`` returning logits::
 
 from .utils import __version__  # noqa: E402
 from . import allocator, registry, replay, utils  # noqa: E402
+from . import transformer  # noqa: E402  (registers the attention methods before plots picks colours)
 from . import attribution, cache, data, engine, experiment, metrics, models, plots, postprocess, randomize, result, spec  # noqa: E402
 from . import mnist, training  # noqa: E402
 from .attribution import METHODS, GuidedBackpropError, check_guided_backprop, explain, predict  # noqa: E402
@@ -44,5 +45,5 @@ __all__ = [
     "replay", "utils", "engine", "__version__", "keep_freed_memory", "allocator",
     "followup", "activation_scales", "backward_convergence", "emprt", "input_invariance",
     "input_times_random", "random_logit", "smprt", "ResultTable", "RunSettings", "RunSpec",
-    "cache", "result", "spec",
+    "cache", "result", "spec", "transformer",
 ]

@@ -652,6 +652,8 @@ def explain(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     check_seed(seed)
+    if spec.model_check is not None:  # e.g. an attention method on a model without attention
+        spec.model_check(model)
     check_input(model, x)
     if "baseline" in settings and spec.builtin:
         check_baseline(settings["baseline"], x)

@@ -29,7 +29,9 @@ __all__ = ["METHOD_LABELS", "METRIC_LABELS", "use_book_style", "to_display", "me
 #: metrics included); a name that is not registered is its own label.
 METHOD_LABELS = registry.METHOD_LABELS
 METRIC_LABELS = registry.METRIC_LABELS
-_COLORS = dict(zip(registry.method_names(builtin=True), plt.get_cmap("tab10").colors))
+# the paper's methods take tab10 (in registration order), the transformer methods Dark2
+_COLORS = dict(zip(registry.method_names(builtin=True),
+                   [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]))
 
 #: The diverging colormap of signed maps and signed tables (negative blue, 0 white, positive
 #: red).  Matplotlib's ``RdBu_r`` ends in near-black dark red and dark blue, which are hard to

@@ -85,6 +85,9 @@ class MethodSpec:
         batch_size: images per call of a user method (``None``: the runner's batch size).
         builtin: registered by sanitylib itself.
         origin: the user's callable or captum class (its identity keys the result cache).
+        model_check: ``model_check(model) -> None``, raising ``ValueError`` (naming the method)
+            for a model the method cannot explain (e.g. the attention methods on a CNN); called
+            by :func:`sanitylib.explain` and :meth:`sanitylib.RunSpec.build` before any work.
     """
 
     name: str
@@ -98,6 +101,7 @@ class MethodSpec:
     batch_size: int | None = None
     builtin: bool = False
     origin: Any = None
+    model_check: Callable[[nn.Module], Any] | None = None
 
     def settings(self, options: Mapping[str, Any] | None = None) -> dict:
         """The defaults updated with ``options``; ``ValueError`` for unknown or invalid ones."""

@@ -202,6 +202,9 @@ class RunSpec:
         fns = tuple(resolve_metrics(metrics))
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for sp in specs:  # e.g. an attention method on a model without attention
+            if sp.model_check is not None:
+                sp.model_check(model)
         check_input(model, x)
         seed = normalize_seed(seed)
         check_schedule(schedule, order)

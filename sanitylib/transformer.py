@@ -1,0 +1,356 @@
+"""Attention-based explanations of vision transformers.
+
+Four built-in methods for vision transformers with a class token (torchvision's
+:class:`~torchvision.models.VisionTransformer` and any model built from blocks whose
+``self_attention`` is an :class:`torch.nn.MultiheadAttention`), registered by name like the
+gradient methods, so ``sanitylib.explain``, the randomization runners and the command line
+accept them:
+
+* ``"raw_attention"``: the last block's attention from the class token to the patch tokens,
+  averaged over the heads.
+* ``"attention_rollout"`` (Abnar & Zuidema, 2020): per block the head-averaged attention with
+  the residual connection, ``A' = 0.5 A + 0.5 I``, rows renormalized to sum 1; the product
+  ``R = A'_L ... A'_1`` over the blocks; the class token's row over the patch tokens.
+* ``"grad_attention_rollout"`` (Chefer, Gur & Wolf, ICCV 2021, "generic attention-model
+  explainability"): per block ``Ā = mean_heads((∇A ⊙ A)⁺)`` with ``∇A`` the gradient of the
+  target logit with respect to the attention probabilities; ``R ← R + Ā R`` from ``R = I``,
+  first block to last; the class token's row over the patch tokens.
+* ``"vit_gradcam"``: GradCAM (Selvaraju et al., 2017) on the patch tokens that the last block's
+  attention reads (the output of its first LayerNorm, ``ln_1``): the tokens reshaped to the patch
+  grid are the feature map, the weights are the gradients averaged over the patches, and the map
+  is the ReLU of the weighted sum.  The last block's *output* tokens cannot be used: the
+  classifier reads only the class token after the last block, so the gradient at the output
+  patch tokens is zero (the layer ``pytorch-grad-cam`` recommends for ViTs, ``blocks[-1].norm1``,
+  is the same point).
+
+Raw attention and attention rollout do not depend on the target class (nor on anything above
+the last attention, e.g. the classification head): they ignore ``target``.  That is part of
+what the sanity checks measure.
+
+Maps are ``(N, C, H, W)`` like every other method's (the same map in every channel): the
+patch-grid map ``(N, 1, h, w)`` is upsampled bilinearly (``align_corners=False``) to the input's
+``(H, W)``, as GradCAM here and as the published implementations display attention maps (Abnar &
+Zuidema's and Chefer et al.'s code); nearest-neighbour upsampling would make every patch a block
+of ties, which rank correlations treat as uninformative pixels.  Attention maps keep their raw
+values (attention probabilities, relevances); ``vit_gradcam`` is divided by its peak like
+``gradcam`` (:func:`sanitylib.attribution.cam_to_map`).  Every similarity metric normalizes each
+map first, so the scale does not enter the sanity checks.
+
+How the attention is read: forward pre-hooks on each ``nn.MultiheadAttention`` make it return
+its per-head attention probabilities (``need_weights=True, average_attn_weights=False``; the
+model calls it with ``need_weights=False``), forward hooks keep them; for the gradient methods
+the attention output is recomputed as ``out_proj(A V)`` from the returned ``A``, so that ``A``
+lies on the autograd path (the module returns a detached-from-use view of it), and checked
+against the module's own output.  The hooks are removed afterwards (also on error); the model
+runs in eval mode and its training flags and buffers are restored
+(:func:`sanitylib.randomize.evaluating`).
+
+This module imports sanitylib's core only; it is imported by the package so that its methods
+are registered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attribution import Context, cam_to_map, check_input, check_model
+from .randomize import evaluating
+from .registry import MethodSpec, _register_builtin
+
+__all__ = ["TRANSFORMER_METHODS", "encoder_blocks", "attention_weights", "rollout",
+           "grad_rollout", "check_transformer", "patch_grid", "tokens_to_map"]  # fmt: skip
+
+#: The built-in transformer methods (registered below).
+TRANSFORMER_METHODS = ("raw_attention", "attention_rollout", "grad_attention_rollout", "vit_gradcam")
+
+_TOLERANCE = 1e-4  # recomputed attention output vs the module's own, relative to its scale
+_MHA_PARAMS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def encoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The encoder blocks of a vision transformer, in registration (execution) order: every
+    submodule with a ``self_attention`` attribute that is an ``nn.MultiheadAttention``
+    (torchvision's ``EncoderBlock``), as ``(dotted path, block)``; ``[]`` for other models."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "self_attention", None), nn.MultiheadAttention)]  # fmt: skip
+
+
+def check_transformer(model: nn.Module, method: str = "attention_weights") -> list[nn.Module]:
+    """The model's encoder blocks (:func:`encoder_blocks`); ``ValueError`` naming ``method``
+    unless ``model`` is a vision transformer whose blocks' attention sanitylib can read
+    (``batch_first`` or not, no ``bias_k``/``bias_v``, no ``add_zero_attn``)."""
+    check_model(model)
+    blocks = encoder_blocks(model)
+    if not blocks:
+        raise ValueError(
+            f"method {method!r} explains vision transformers: it needs a model with encoder blocks "
+            "whose `self_attention` is an nn.MultiheadAttention (e.g. torchvision.models."
+            f"VisionTransformer), and {type(model).__name__} has none; use a gradient method "
+            "(e.g. 'gradient', 'integrated_gradients') for other models")  # fmt: skip
+    for name, b in blocks:
+        mha = b.self_attention
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError(f"method {method!r}: the attention of block {name!r} has bias_k/bias_v "
+                             "or add_zero_attn (an extra key), which sanitylib does not support")  # fmt: skip
+    return [b for _, b in blocks]
+
+
+def patch_grid(model: nn.Module, x: Tensor, n_patches: int) -> tuple[int, int]:
+    """The patch grid ``(h, w)`` of ``n_patches`` patch tokens for images ``x`` ``(N, C, H, W)``:
+    from the model's ``patch_size`` where it has one (torchvision), else a square grid."""
+    H, W = x.shape[-2:]
+    p = getattr(model, "patch_size", None)
+    if isinstance(p, int) and p > 0 and H % p == 0 and W % p == 0 and (H // p) * (W // p) == n_patches:
+        return H // p, W // p
+    side = math.isqrt(n_patches)
+    if side * side == n_patches:
+        return side, side
+    raise ValueError(f"cannot place {n_patches} patch tokens on a grid for images of size "
+                     f"{H}x{W} (expected one class token followed by the patches, row by row)")  # fmt: skip
+
+
+def tokens_to_map(values: Tensor, model: nn.Module, x: Tensor) -> Tensor:
+    """Per-patch values ``(N, n_patches)`` (row-major over the patch grid) as maps
+    ``(N, C, H, W)`` of ``x``: reshaped to the grid, upsampled bilinearly
+    (``align_corners=False``) to ``(H, W)``, the same in every channel."""
+    h, w = patch_grid(model, x, values.shape[1])
+    grid = values.reshape(len(values), 1, h, w).to(x.dtype)
+    up = F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return up.expand(-1, x.shape[1], -1, -1)
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+class _Capture:
+    """Hooks on every block's attention: ``attn[i]`` the last forward pass's attention
+    probabilities ``(B, heads, T, T)`` of block ``i``, ``tokens[i]`` its query input
+    (``(B, T, D)``, or ``(T, B, D)`` for an attention that is not ``batch_first``).  With ``grad=True`` the attention output is recomputed from ``attn[i]`` so
+    that gradients reach it."""
+
+    def __init__(self, blocks: Sequence[nn.Module], grad: bool) -> None:
+        self.mhas = [b.self_attention for b in blocks]
+        self.grad = grad
+        self.attn: list[Tensor | None] = [None] * len(blocks)
+        self.tokens: list[Tensor | None] = [None] * len(blocks)
+        self.handles: list = []
+
+    def __enter__(self) -> "_Capture":
+        try:
+            for i, mha in enumerate(self.mhas):
+                self.handles.append(mha.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+                self.handles.append(mha.register_forward_hook(self._post(i), with_kwargs=True))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _pre(self, i: int):
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict):
+            bound = dict(zip(_MHA_PARAMS, args), **kwargs)
+            bound["need_weights"] = True
+            bound["average_attn_weights"] = False
+            self.tokens[i] = bound["query"]  # in the module's layout (batch_first or not)
+            return (), bound
+
+        return hook
+
+    def _post(self, i: int):
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output):
+            out, attn = output
+            if attn is None or attn.ndim != 4:
+                raise RuntimeError(f"block {i}'s attention returned no per-head weights")
+            self.attn[i] = attn
+            if not self.grad:
+                return None
+            new = _attend(module, attn, kwargs["value"])
+            scale = float(out.detach().abs().max())
+            err = float((new.detach() - out.detach()).abs().max())
+            if not err <= _TOLERANCE * max(scale, 1e-12):
+                raise RuntimeError(f"block {i}: the attention output recomputed from the "
+                                   f"attention weights differs from the module's by {err:.3g} "
+                                   f"(scale {scale:.3g}); masks or dropout?")  # fmt: skip
+            return new, attn
+
+        return hook
+
+
+def _attend(mha: nn.MultiheadAttention, attn: Tensor, value: Tensor) -> Tensor:
+    """``out_proj(A V)`` of ``mha`` from its attention probabilities ``attn``
+    ``(B, heads, T, S)`` and its ``value`` input (in the module's layout)."""
+    v_in = value if mha.batch_first else value.transpose(0, 1)  # (B, S, E)
+    E, h = mha.embed_dim, mha.num_heads
+    if mha._qkv_same_embed_dim:
+        w_v = mha.in_proj_weight[2 * E:]
+    else:
+        w_v = mha.v_proj_weight
+    b_v = mha.in_proj_bias[2 * E:] if mha.in_proj_bias is not None else None
+    v = F.linear(v_in, w_v, b_v)  # (B, S, E)
+    B, S = v.shape[:2]
+    v = v.reshape(B, S, h, E // h).transpose(1, 2)  # (B, h, S, d)
+    out = (attn @ v).transpose(1, 2).reshape(B, attn.shape[2], E)  # (B, T, E)
+    out = mha.out_proj(out)
+    return out if mha.batch_first else out.transpose(0, 1)
+
+
+def _check_batch(model: nn.Module, x: Tensor, method: str) -> list[nn.Module]:
+    blocks = check_transformer(model, method)
+    check_input(model, x)
+    return blocks
+
+
+def attention_weights(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """The attention probabilities of every encoder block of a vision transformer.
+
+    Args:
+        model: a vision transformer (:func:`encoder_blocks`, e.g. torchvision's
+            ``VisionTransformer``); run in eval mode, its training flags and buffers restored,
+            no hook left on it.
+        x: ``(B, C, H, W)`` images.
+
+    Returns:
+        One ``(B, heads, T, T)`` tensor per block, first block first, with ``T = 1 + n_patches``
+        (the class token first); each row sums to 1 (query token -> key tokens), detached.
+
+    Raises:
+        ValueError: ``model`` is not a vision transformer (before any work) or ``x`` does not
+            fit it.
+    """
+    blocks = _check_batch(model, x, "attention_weights")
+    with evaluating(model), torch.no_grad(), _Capture(blocks, grad=False) as cap:
+        model(x)
+        return [a.detach() for a in cap.attn]
+
+
+def rollout(attentions: Sequence[Tensor], residual: float = 0.5) -> Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020) of per-block attentions.
+
+    Args:
+        attentions: per block, first block first, ``(B, heads, T, T)`` attention probabilities.
+        residual: weight of the identity (the residual connection): ``A' = (1 - residual) A +
+            residual I``, rows renormalized.
+
+    Returns:
+        ``R = A'_L ... A'_1`` ``(B, T, T)``; row 0 is the class token's attention flow.
+    """
+    B, _, T, _ = attentions[0].shape
+    eye = torch.eye(T, dtype=attentions[0].dtype, device=attentions[0].device)
+    R = eye.expand(B, T, T)
+    for A in attentions:
+        a = (1 - residual) * A.mean(1) + residual * eye
+        a = a / a.sum(-1, keepdim=True)
+        R = a @ R
+    return R
+
+
+def grad_rollout(attentions: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """Chefer, Gur & Wolf's (ICCV 2021) relevance of self-attention layers.
+
+    Args:
+        attentions: per block, first block first, ``(B, heads, T, T)`` attention probabilities.
+        grads: the gradients of the target logit with respect to them, same shapes.
+
+    Returns:
+        ``R`` ``(B, T, T)`` after ``R ← R + Ā R`` over the blocks from ``R = I``, with ``Ā`` the
+        head mean of ``(∇A ⊙ A)⁺``; row 0 is the class token's relevance.
+    """
+    B, _, T, _ = attentions[0].shape
+    R = torch.eye(T, dtype=attentions[0].dtype, device=attentions[0].device).expand(B, T, T)
+    for A, G in zip(attentions, grads):
+        a = (G * A).clamp(min=0).mean(1)
+        R = R + a @ R
+    return R
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+@contextlib.contextmanager
+def _graph(model: nn.Module, blocks: Sequence[nn.Module], x: Tensor,
+           target: Tensor) -> Iterator[tuple[_Capture, Tensor, Tensor]]:  # fmt: skip
+    """One forward pass of ``x`` with the attention on the autograd path: the capture, the
+    input (requiring grad) and the summed target logits."""
+    with torch.enable_grad(), _Capture(blocks, grad=True) as cap:
+        xg = x.detach().requires_grad_(True)
+        logits = model(xg)
+        yield cap, xg, logits.gather(1, target.to(logits.device)[:, None]).sum()
+
+
+def _chunks(x: Tensor, target: Tensor, ctx: Context) -> Iterator[tuple[Tensor, Tensor]]:
+    return zip(x.split(ctx.batch_size), target.split(ctx.batch_size))
+
+
+def _raw_attention(model, x, target, ctx: Context) -> Tensor:
+    blocks = check_transformer(model, "raw_attention")
+    out = []
+    with torch.no_grad():
+        for xc, _ in _chunks(x, target, ctx):
+            with _Capture(blocks[-1:], grad=False) as cap:
+                model(xc)
+            out.append(tokens_to_map(cap.attn[0].mean(1)[:, 0, 1:], model, xc))
+    return torch.cat(out)
+
+
+def _attention_rollout(model, x, target, ctx: Context) -> Tensor:
+    blocks = check_transformer(model, "attention_rollout")
+    out = []
+    with torch.no_grad():
+        for xc, _ in _chunks(x, target, ctx):
+            with _Capture(blocks, grad=False) as cap:
+                model(xc)
+            out.append(tokens_to_map(rollout(cap.attn)[:, 0, 1:], model, xc))
+    return torch.cat(out)
+
+
+def _grad_attention_rollout(model, x, target, ctx: Context) -> Tensor:
+    blocks = check_transformer(model, "grad_attention_rollout")
+    out = []
+    for xc, tc in _chunks(x, target, ctx):
+        with _graph(model, blocks, xc, tc) as (cap, _, sel):
+            grads = torch.autograd.grad(sel, cap.attn)
+            attn = [a.detach() for a in cap.attn]
+        out.append(tokens_to_map(grad_rollout(attn, grads)[:, 0, 1:], model, xc))
+    return torch.cat(out)
+
+
+def _vit_gradcam(model, x, target, ctx: Context) -> Tensor:
+    blocks = check_transformer(model, "vit_gradcam")
+    out = []
+    for xc, tc in _chunks(x, target, ctx):
+        with _graph(model, blocks[-1:], xc, tc) as (cap, _, sel):
+            tokens = cap.tokens[0]
+            (grad,) = torch.autograd.grad(sel, tokens)
+        if not blocks[-1].self_attention.batch_first:
+            tokens, grad = tokens.transpose(0, 1), grad.transpose(0, 1)
+        feats, g = tokens.detach()[:, 1:], grad[:, 1:]  # (n, patches, D)
+        weights = g.mean(1, keepdim=True)  # (n, 1, D): gradients averaged over the patches
+        cam = (feats * weights).sum(-1).clamp(min=0)  # (n, patches)
+        h, w = patch_grid(model, xc, cam.shape[1])
+        out.append(cam_to_map(cam.reshape(len(cam), 1, h, w).to(xc.dtype), xc))
+    return torch.cat(out)
+
+
+def _spec(name: str, label: str, fn) -> MethodSpec:
+    return _register_builtin(MethodSpec(name, fn, label, {}, None, None, False, None, None, True,
+                                        None, lambda model, name=name: check_transformer(model, name)))
+
+
+_spec("raw_attention", "Raw attention", _raw_attention)
+_spec("attention_rollout", "Attention rollout", _attention_rollout)
+_spec("grad_attention_rollout", "Grad-weighted rollout", _grad_attention_rollout)
+_spec("vit_gradcam", "GradCAM (tokens)", _vit_gradcam)

@@ -30,6 +30,7 @@ from .postprocess import abs_normalize, diverging_normalize, unit_normalize  # n
 from .randomize import Perturbation, randomized  # noqa: E402
 from .allocator import keep_freed_memory  # noqa: E402
 from . import followup  # noqa: E402
+from . import vit  # noqa: E402
 from .followup import (activation_scales, backward_convergence, emprt, input_invariance,  # noqa: E402
                        input_times_random, random_logit, smprt)
 
@@ -45,5 +46,5 @@ __all__ = [
     "replay", "utils", "engine", "__version__", "keep_freed_memory", "allocator",
     "followup", "activation_scales", "backward_convergence", "emprt", "input_invariance",
     "input_times_random", "random_logit", "smprt", "ResultTable", "RunSettings", "RunSpec",
-    "cache", "result", "spec", "transformer",
+    "cache", "result", "spec", "transformer", "vit",
 ]

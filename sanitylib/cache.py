@@ -414,12 +414,12 @@ def _randomized_weights(model: nn.Module, spec) -> str:
     """Hash of the weights every block of the run takes when randomized (all blocks at once;
     each block draws from its own generator): what a user's initializer computes is checked by
     its output, whatever state it reads."""
-    from .randomize import randomized
+    from .randomize import _members, randomized
 
     blocks = list(spec.blocks)
     with randomized(model, blocks, spec.perturbation, spec.seed) as m:
-        tensors = [t for b in blocks for path in b.modules
-                   for t in m.get_submodule(path).state_dict().values()]  # fmt: skip
+        tensors = [t for b in blocks for member in _members(m, b)
+                   for t in member.state_dict().values()]  # fmt: skip
         return tensor_hash(tensors)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .attribution import DEFAULT_BATCH_SIZE, check_batch_size, check_input, check_seed
-from .models import Block, get_submodule
+from .models import Block, block_member, get_submodule
 from .randomize import (ModelStates, Perturbation, check_schedule, evaluating, get_blocks,
                         schedule_stages)  # fmt: skip
 
@@ -28,6 +28,8 @@ def _block_outputs(model: nn.Module, blocks: Sequence[Block]) -> tuple[dict, lis
     hooks = []
     for b in blocks:
         for path in b.modules:
+            if isinstance(block_member(model, path), nn.Parameter):
+                continue  # a parameter (a ViT's class token) has no output of its own
             def hook(_m, _inp, out, name=b.name):
                 if isinstance(out, Tensor):
                     outs[name] = out

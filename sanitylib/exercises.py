@@ -36,7 +36,8 @@ from .utils import derive_seed
 __all__ = ["ExerciseFailed", "Variation", "variation", "CHECKS", "check", "check_gradient_map",
            "check_spearman_abs",
            "check_cascading_randomization", "check_independent_randomization",
-           "check_digit_spearman", "check_shuffled_labels", "check_smoothgrad"]  # fmt: skip
+           "check_digit_spearman", "check_shuffled_labels", "check_smoothgrad",
+           "check_attention_rollout"]  # fmt: skip
 
 #: Relative (L2, per image) tolerance of the comparisons of maps with sanitylib's references.
 RTOL = 1e-3
@@ -644,6 +645,84 @@ def check_smoothgrad(answer: Callable[[nn.Module, Tensor, Tensor, Tensor, float]
     _fail(ex, f"differs from sanitylib's SmoothGrad (max relative error {err:.1e})", hint)
 
 
+# ----------------------------------------------------------------------------- chapter 9
+def _attentions(v: Variation) -> list[Tensor]:
+    """Three blocks of attention probabilities ``(3 images, 4 heads, 17 tokens, 17 tokens)``
+    (a class token and a 4x4 patch grid, as chapter 9's transformer), drawn from the variation's
+    seed with sharp, different rows per head, so that every near-miss of rollout is told apart
+    (a trained transformer's attention; an untrained one's is nearly uniform)."""
+    gen = torch.Generator().manual_seed(derive_seed(v.seed, "exercises", "attention"))
+    return [torch.softmax(3.0 * torch.randn(3, 4, 17, 17, generator=gen, dtype=torch.float64), -1)
+            for _ in range(3)]
+
+
+def _rollout_ref(attentions: list[Tensor], residual: float = 0.5, heads_first: bool = True,
+                 reverse: bool = False, normalize: bool = True) -> Tensor:
+    """Rollout and its near misses: ``heads_first=False`` rolls out every head and averages
+    after, ``reverse=True`` multiplies first block outermost, ``normalize=False`` adds the full
+    identity without renormalizing (``A + I``)."""
+    from .transformer import rollout
+
+    if heads_first and not reverse and normalize:
+        return rollout(attentions, residual)[:, 0, 1:]
+    if not heads_first:
+        heads = attentions[0].shape[1]
+        per = [rollout([a[:, h:h + 1] for a in attentions], residual)[:, 0, 1:] for h in range(heads)]
+        return torch.stack(per).mean(0)
+    T = attentions[0].shape[-1]
+    eye = torch.eye(T, dtype=attentions[0].dtype)
+    R = eye.expand(attentions[0].shape[0], T, T)
+    for A in attentions:
+        a = A.mean(1) + eye if not normalize else (1 - residual) * A.mean(1) + residual * eye
+        if normalize:
+            a = a / a.sum(-1, keepdim=True)
+        R = R @ a if reverse else a @ R
+    return R[:, 0, 1:]
+
+
+def check_attention_rollout(answer: Callable[[list], Tensor], variation: Variation | None = None) -> None:
+    """Exercise ``attention_rollout(attentions) -> (B, n_patches)``: Abnar & Zuidema's attention
+    rollout from per-block attention probabilities ``(B, heads, T, T)`` (first block first, token
+    0 the class token): per block ``A' = 0.5 * mean_heads(A) + 0.5 * I``, rows renormalized to
+    sum 1; ``R = A'_L ... A'_1``; the class token's row of ``R`` over the patch tokens.
+    Reference: ``sanitylib.transformer.rollout(attentions)[:, 0, 1:]``, tolerance 1e-6."""
+    ex = "attention_rollout"
+    _callable(ex, answer)
+    att = _attentions(_variation(variation))
+    given = [a.clone() for a in att]
+    out = _call(ex, answer, given)
+    if any(not torch.equal(g, a) for g, a in zip(given, att)):
+        _fail(ex, "the attention tensors were modified in place", "compute on copies; leave the inputs as they are")
+    B, _, T, _ = att[0].shape
+    if isinstance(out, Tensor) and tuple(out.shape) == (B, T):
+        _fail(ex, f"the result has shape {tuple(out.shape)}: it includes the class token itself",
+              "keep the class token's row over the patch tokens only: R[:, 0, 1:]")
+    out = _tensor(ex, out, (B, T - 1))
+    ref = _rollout_ref(att)
+    err = float((out - ref).abs().max())
+    if err <= 1e-6:
+        return _pass(ex, f"matches sanitylib's rollout on {len(att)} blocks of {att[0].shape[1]} heads "
+                         f"(max error {err:.1e})")
+
+    def near(v: Tensor) -> bool:
+        return float((out - v).abs().max()) <= 1e-6
+
+    from .transformer import rollout
+
+    hint = "A' = 0.5 * A.mean(heads) + 0.5 * I, rows renormalized; R = A'_L ... A'_1 (last block outermost)"
+    if near(_rollout_ref(att, residual=0.0)):
+        hint = "you left out the residual connection: add the identity, 0.5 * A + 0.5 * I"
+    elif near(_rollout_ref(att, heads_first=False)):
+        hint = "average the heads first (A.mean(1)), then roll out: you rolled out every head and averaged after"
+    elif near(_rollout_ref(att, reverse=True)):
+        hint = "the product runs the other way: R = A'_L ... A'_1, i.e. R = A' @ R block after block"
+    elif near(rollout(att)[:, 1:, 0]):
+        hint = "take the class token's ROW of R (R[:, 0, 1:]: what the class token draws from), not its column"
+    elif _like(out, ref) or _like(out, _rollout_ref(att, normalize=False)):
+        hint = "the scale is off: weight 0.5 A + 0.5 I (or renormalize each row to sum 1) before multiplying"
+    _fail(ex, f"differs from sanitylib's rollout by up to {err:.2e}", hint)
+
+
 #: Every check, by exercise name.
 CHECKS: dict[str, Callable[..., None]] = {
     "gradient_map": check_gradient_map,
@@ -653,6 +732,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "digit_spearman": check_digit_spearman,
     "shuffled_labels": check_shuffled_labels,
     "smoothgrad": check_smoothgrad,
+    "attention_rollout": check_attention_rollout,
 }
 
 

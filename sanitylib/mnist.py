@@ -45,7 +45,7 @@ MNIST_METHODS = ("gradient", "smoothgrad", "guided_backprop", "gradcam", "guided
                  "integrated_gradients", "ig_smoothgrad", "input_x_gradient")  # fmt: skip
 #: Methods that need a convolutional layer (the paper leaves them out for the MLP).
 CONV_ONLY_METHODS = ("gradcam", "guided_gradcam")
-ARCHITECTURES = {"mnist_cnn": "CNN", "mnist_mlp": "MLP"}
+ARCHITECTURES = {"mnist_cnn": "CNN", "mnist_mlp": "MLP", "mnist_vit": "ViT"}
 
 
 # ----------------------------------------------------------------------------- methods

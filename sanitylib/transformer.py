@@ -88,7 +88,7 @@ def encoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def check_transformer(model: nn.Module, method: str = "attention_weights") -> list[nn.Module]:
     """The model's encoder blocks (:func:`encoder_blocks`); ``ValueError`` naming ``method``
     unless ``model`` is a vision transformer whose blocks' attention sanitylib can read
-    (``batch_first`` or not, no ``bias_k``/``bias_v``, no ``add_zero_attn``)."""
+    (``batch_first=True`` as torchvision's, no ``bias_k``/``bias_v``, no ``add_zero_attn``)."""
     check_model(model)
     blocks = encoder_blocks(model)
     if not blocks:
@@ -102,6 +102,10 @@ def check_transformer(model: nn.Module, method: str = "attention_weights") -> li
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError(f"method {method!r}: the attention of block {name!r} has bias_k/bias_v "
                              "or add_zero_attn (an extra key), which sanitylib does not support")  # fmt: skip
+        if not mha.batch_first:
+            raise ValueError(f"method {method!r}: the attention of block {name!r} is not batch_first "
+                             "(tokens (B, T, D), as torchvision's EncoderBlock), which sanitylib "
+                             "does not support")  # fmt: skip
     return [b for _, b in blocks]
 
 
@@ -135,7 +139,7 @@ def tokens_to_map(values: Tensor, model: nn.Module, x: Tensor) -> Tensor:
 class _Capture:
     """Hooks on every block's attention: ``attn[i]`` the last forward pass's attention
     probabilities ``(B, heads, T, T)`` of block ``i``, ``tokens[i]`` its query input
-    (``(B, T, D)``, or ``(T, B, D)`` for an attention that is not ``batch_first``).  With ``grad=True`` the attention output is recomputed from ``attn[i]`` so
+    ``(B, T, D)``.  With ``grad=True`` the attention output is recomputed from ``attn[i]`` so
     that gradients reach it."""
 
     def __init__(self, blocks: Sequence[nn.Module], grad: bool) -> None:
@@ -165,7 +169,7 @@ class _Capture:
             bound = dict(zip(_MHA_PARAMS, args), **kwargs)
             bound["need_weights"] = True
             bound["average_attn_weights"] = False
-            self.tokens[i] = bound["query"]  # in the module's layout (batch_first or not)
+            self.tokens[i] = bound["query"]
             return (), bound
 
         return hook
@@ -191,21 +195,19 @@ class _Capture:
 
 
 def _attend(mha: nn.MultiheadAttention, attn: Tensor, value: Tensor) -> Tensor:
-    """``out_proj(A V)`` of ``mha`` from its attention probabilities ``attn``
-    ``(B, heads, T, S)`` and its ``value`` input (in the module's layout)."""
-    v_in = value if mha.batch_first else value.transpose(0, 1)  # (B, S, E)
+    """``out_proj(A V)`` ``(B, T, E)`` of ``mha`` (``batch_first``) from its attention
+    probabilities ``attn`` ``(B, heads, T, S)`` and its ``value`` input ``(B, S, E)``."""
     E, h = mha.embed_dim, mha.num_heads
     if mha._qkv_same_embed_dim:
         w_v = mha.in_proj_weight[2 * E:]
     else:
         w_v = mha.v_proj_weight
     b_v = mha.in_proj_bias[2 * E:] if mha.in_proj_bias is not None else None
-    v = F.linear(v_in, w_v, b_v)  # (B, S, E)
+    v = F.linear(value, w_v, b_v)  # (B, S, E)
     B, S = v.shape[:2]
     v = v.reshape(B, S, h, E // h).transpose(1, 2)  # (B, h, S, d)
     out = (attn @ v).transpose(1, 2).reshape(B, attn.shape[2], E)  # (B, T, E)
-    out = mha.out_proj(out)
-    return out if mha.batch_first else out.transpose(0, 1)
+    return mha.out_proj(out)
 
 
 def _check_batch(model: nn.Module, x: Tensor, method: str) -> list[nn.Module]:
@@ -335,8 +337,6 @@ def _vit_gradcam(model, x, target, ctx: Context) -> Tensor:
         with _graph(model, blocks[-1:], xc, tc) as (cap, _, sel):
             tokens = cap.tokens[0]
             (grad,) = torch.autograd.grad(sel, tokens)
-        if not blocks[-1].self_attention.batch_first:
-            tokens, grad = tokens.transpose(0, 1), grad.transpose(0, 1)
         feats, g = tokens.detach()[:, 1:], grad[:, 1:]  # (n, patches, D)
         weights = g.mean(1, keepdim=True)  # (n, 1, D): gradients averaged over the patches
         cam = (feats * weights).sum(-1).clamp(min=0)  # (n, patches)

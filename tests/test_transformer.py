@@ -370,3 +370,24 @@ def test_registered_as_builtins_with_labels():
         assert m in sl.method_names(builtin=True)
     assert sl.method_label("attention_rollout") == "Attention rollout"
     assert len({sl.plots._COLORS[m] for m in sl.method_names(builtin=True)}) == len(sl.method_names(builtin=True))
+
+
+@pytest.mark.parametrize("attention, words", [
+    (dict(add_bias_kv=True), "bias_k/bias_v"),
+    (dict(add_zero_attn=True), "add_zero_attn"),
+    (dict(batch_first=False), "not batch_first"),
+])  # fmt: skip
+def test_unsupported_attention_refused_by_name(attention, words, xv):
+    m = tiny_vit(seed=1)
+    m.encoder.layers[1].self_attention = nn.MultiheadAttention(8, 2, **{"batch_first": True, **attention})
+    for method in METHODS:
+        with pytest.raises(ValueError, match=rf"method '{method}'.*encoder_layer_1.*{words}"):
+            sl.explain(m, xv, method)
+
+
+def test_patch_grid():
+    m = tiny_vit()
+    assert TR.patch_grid(m, torch.zeros(1, 1, 8, 8), 4) == (2, 2)
+    assert TR.patch_grid(nn.Identity(), torch.zeros(1, 1, 12, 12), 9) == (3, 3)  # square, no patch_size
+    with pytest.raises(ValueError, match="cannot place 6 patch tokens"):
+        TR.patch_grid(nn.Identity(), torch.zeros(1, 1, 8, 8), 6)

@@ -330,6 +330,28 @@ def test_book_builds_strictly(built_book):
 
 
 @slow
+def test_execution_statistics_page_lists_every_chapter_with_what_it_ran(built_book):
+    """book/execution_statistics.md: one row per chapter, in reading order, with the papermill
+    run's time and status and the profile/models/device each chapter recorded (record_run)."""
+    import re
+
+    page = (built_book / "book" / "execution_statistics.html").read_text()
+    table = page[page.index('<table class="execution-statistics'):]
+    table = table[: table.index("</table>")]
+    rows = [[re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td.*?</td>", row, re.S)]
+            for row in re.findall(r"<tr.*?</tr>", table, re.S)[1:]]
+    assert len(rows) == len(NOTEBOOKS)
+    for row in rows:
+        chapter, ran_at, runtime, status, profile, models, device = row
+        assert status == "succeeded" and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", ran_at), row
+        assert re.fullmatch(r"\d+ s|\d+\.\d min", runtime), row
+        assert profile == "smoke" and device.startswith("CPU ("), row  # every chapter recorded
+        assert models and models != "not recorded", row
+    assert any("efficientnet_lite0" in r[5] for r in rows)
+    assert any("mnist_cnn (random labels)" in r[5] for r in rows)
+
+
+@slow
 def test_mnist_abs_vs_diverging_chapter_smoke_values(executed):
     nb = nbformat.read(executed["04_mnist_abs_vs_diverging"], as_version=4)
     glued = read_glue(nb)

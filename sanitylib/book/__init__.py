@@ -11,6 +11,8 @@
   state a direction or a verdict, computed from the numbers (:func:`relation`,
   :func:`floor_relation`, :func:`randomization_verdict`, ...).
 * :mod:`~sanitylib.book.tables`: the MNIST chapters' tables and sentences.
+* :mod:`~sanitylib.book.runinfo`: :func:`record_run`, what a chapter ran with (profile, models,
+  device), for the book's execution-statistics page.
 
 The core never imports this package (``import sanitylib`` does not load it); a chapter does::
 
@@ -28,6 +30,7 @@ from .claims import (CASCADING_CLAIMS, INDEPENDENT_CLAIMS, NOISE_CLAIMS, PAPER_C
                      window_mean)
 from .notebook import glue, have_myst_nb, styled
 from .profiles import PROFILES, Profile, chapter_profile, get_profile
+from .runinfo import record_run
 from .tables import (accuracy_summary, cascade_summary, data_randomization_summary, data_sentence,
                      training_table)
 
@@ -39,5 +42,5 @@ __all__ = [
     "model_sentence", "paper_vs_book_cascade", "paper_vs_book_data", "setup_imagenet_chapter",
     "stage_window", "training_table", "window_mean", "relation", "floor_relation",
     "sign_relation", "randomization_verdict", "trend", "largest", "options_sentence",
-    "correlation_strength", "styled",
+    "correlation_strength", "styled", "record_run",
 ]

@@ -20,6 +20,7 @@ from .. import load_model, load_photos, plots
 from ..models import GuidedReLU6
 from .notebook import glue
 from .profiles import Profile, chapter_profile
+from .runinfo import record_run
 
 __all__ = ["ImageNetChapter", "setup_imagenet_chapter", "model_sentence", "options_sentence", "markdown",
            "RELU6_VARIANTS", "relu6_backward_variants", "relu6_saturation"]  # fmt: skip
@@ -124,6 +125,7 @@ def setup_imagenet_chapter(prefix: str, profile: str | Profile = "book", *,
     glue(f"{prefix}_model_sentence", markdown(sentence), display=False)
     glue(f"{prefix}_n_images", len(batch), display=False)
     glue(f"{prefix}_n_blocks", len(info.blocks), display=False)
+    record_run(cfg, net)
     return ImageNetChapter(cfg, net, info, batch, methods, options, label, sentence)
 
 

@@ -391,3 +391,20 @@ def test_patch_grid():
     assert TR.patch_grid(nn.Identity(), torch.zeros(1, 1, 12, 12), 9) == (3, 3)  # square, no patch_size
     with pytest.raises(ValueError, match="cannot place 6 patch tokens"):
         TR.patch_grid(nn.Identity(), torch.zeros(1, 1, 8, 8), 6)
+
+
+def test_the_chapter_model_gets_a_4x4_patch_grid():
+    """The chapter's ViT (28x28 digits, 7x7 patches): 16 patch tokens and a class token; every
+    method returns a digit-sized map whose 4x4 grid values sit at the patch centres."""
+    m = sl.load_model("mnist_vit", pretrained=False)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    A = TR.attention_weights(m, x)
+    assert len(A) == len(TR.encoder_blocks(m)) and all(a.shape[-2:] == (17, 17) for a in A)
+    assert TR.patch_grid(m, x, 16) == (4, 4)
+    for method in METHODS:
+        assert sl.explain(m, x, method).shape == (2, 1, 28, 28)
+    raw = sl.explain(m, x, "raw_attention")
+    grid = A[-1].mean(1)[:, 0, 1:].reshape(2, 4, 4)
+    # bilinear upsampling by 7 (align_corners=False): the patch centre (3, 3) of each 7x7 patch
+    # carries the grid value exactly
+    assert torch.allclose(raw[:, 0, 3::7, 3::7], grid, atol=1e-6)

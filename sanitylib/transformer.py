@@ -20,8 +20,8 @@ accept them:
   grid are the feature map, the weights are the gradients averaged over the patches, and the map
   is the ReLU of the weighted sum.  The last block's *output* tokens cannot be used: the
   classifier reads only the class token after the last block, so the gradient at the output
-  patch tokens is zero (the layer ``pytorch-grad-cam`` recommends for ViTs, ``blocks[-1].norm1``,
-  is the same point).
+  patch tokens is zero (``pytorch-grad-cam``'s ViT tutorial makes the same point and uses
+  ``blocks[-1].norm1``, the same layer).  Divided by its peak like ``gradcam``.
 
 Raw attention and attention rollout do not depend on the target class (nor on anything above
 the last attention, e.g. the classification head): they ignore ``target``.  That is part of
@@ -29,20 +29,18 @@ what the sanity checks measure.
 
 Maps are ``(N, C, H, W)`` like every other method's (the same map in every channel): the
 patch-grid map ``(N, 1, h, w)`` is upsampled bilinearly (``align_corners=False``) to the input's
-``(H, W)``, as GradCAM here and as the published implementations display attention maps (Abnar &
-Zuidema's and Chefer et al.'s code); nearest-neighbour upsampling would make every patch a block
-of ties, which rank correlations treat as uninformative pixels.  Attention maps keep their raw
-values (attention probabilities, relevances); ``vit_gradcam`` is divided by its peak like
-``gradcam`` (:func:`sanitylib.attribution.cam_to_map`).  Every similarity metric normalizes each
-map first, so the scale does not enter the sanity checks.
+``(H, W)``, as GradCAM here (:func:`sanitylib.attribution.cam_to_map`) and as ViT explanations
+are usually displayed; nearest-neighbour upsampling would make every patch a block of tied
+values.  Attention maps keep their raw values (attention probabilities, relevances).
 
 How the attention is read: forward pre-hooks on each ``nn.MultiheadAttention`` make it return
 its per-head attention probabilities (``need_weights=True, average_attn_weights=False``; the
 model calls it with ``need_weights=False``), forward hooks keep them; for the gradient methods
 the attention output is recomputed as ``out_proj(A V)`` from the returned ``A``, so that ``A``
-lies on the autograd path (the module returns a detached-from-use view of it), and checked
-against the module's own output.  The hooks are removed afterwards (also on error); the model
-runs in eval mode and its training flags and buffers are restored
+lies on the autograd path (the module returns a view of ``A`` made after its last use, which no
+gradient reaches), and checked against the module's own output.  The hooks are removed
+afterwards, also on error.  :func:`attention_weights`, :func:`sanitylib.explain` and the runners
+run the model in eval mode and restore its training flags and buffers
 (:func:`sanitylib.randomize.evaluating`).
 
 This module imports sanitylib's core only; it is imported by the package so that its methods

@@ -30,13 +30,19 @@ install: $(STAMP)
 # SANITYLIB_KEEP_FREED_MEMORY=1: the book's kernels opt in to keeping freed CPU memory between
 # passes (glibc thresholds, process-global; sanitylib never changes them on its own): about 2x
 # faster chapters on the CPU, the same numbers (see sanitylib.allocator).
+# scripts/build_book.py: executes the chapters under papermill, BOOK_JOBS at a time (default 2,
+# one thread each), then builds the HTML strictly from them (jupyter-book build -W -n --keep-going,
+# execution off) into _build/html.  `jupyter-book build . -W -n` also works (one chapter at a time).
+BOOK_JOBS ?= 2
 book: $(STAMP)
-	rm -rf _build/.doctrees _build/html
-	SANITYLIB_KEEP_FREED_MEMORY=1 $(BIN)/jupyter-book build . -W -n --keep-going
-	@echo "Book: $(CURDIR)/_build/html/index.html"
+	SANITYLIB_KEEP_FREED_MEMORY=1 $(BIN)/python scripts/build_book.py --jobs $(BOOK_JOBS)
 
+# Two pytest-xdist workers (one thread each): the chapters' papermill runs, the book build and
+# the browser test (one worker, the "clean_env" group of tests/conftest.py) run next to the rest
+# of the suite.  TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # Student notebooks assignments/*.ipynb (no solutions, smoke profile, install pinned to
 # sanitylib.book.assignments.ASSIGNMENT_REF) from the chapters' Exercises sections; deterministic.

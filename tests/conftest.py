@@ -2,10 +2,6 @@
 once per session (``executed``) and the book built strictly from them (``built_book``), shared by
 tests/test_notebooks.py and tests/test_site.py."""
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +9,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test` runs two workers, see the Makefile) each worker computes with
+# one thread, so that the two workers share the machine's cores instead of oversubscribing them.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if XDIST_WORKER else min(2, os.cpu_count() or 1))
+
+#: The fixtures of the package-only environment: the tests that use them run on one xdist worker
+#: (``--dist loadgroup``): the session fixtures (the clean venv, the chapters executed once, the
+#: book built once) are then built once, and the clean venv's lock is never waited for by a second
+#: worker.  tests/test_site.py asks for ``built_book`` at run time, so its module is named here.
+CLEAN_ENV_FIXTURES = {"clean_python", "executed", "built_book"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if CLEAN_ENV_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ == "test_site":
+            item.add_marker(pytest.mark.xdist_group("clean_env"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,48 +56,41 @@ def clean_python(tmp_path_factory):
     yield from clean_python_env(tmp_path_factory)
 
 
+def _build_book_script():
+    """scripts/build_book.py as a module: the tests execute and build the book as `make book`
+    does (one home for both)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_book", ROOT / "scripts" / "build_book.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def executed(clean_python, tmp_path_factory) -> dict[str, Path]:
-    """Every chapter executed under papermill in the clean environment (smoke profile)."""
-    from clean_env import KERNEL, _clean_env, _run
+    """Every chapter executed under papermill in the clean environment (smoke profile), two at a
+    time as `make book` does (scripts/build_book.py)."""
+    from clean_env import KERNEL, _clean_env
 
+    script = _build_book_script()
     out_dir = tmp_path_factory.mktemp("executed")
-    done = {}
-    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        target = out_dir / nb.name
-        t0 = time.perf_counter()
-        _run([clean_python, "-m", "papermill", nb, target, "-p", "profile", "smoke",
-              "-k", KERNEL, "--cwd", out_dir, "--no-progress-bar", "--execution-timeout", "900"],
-             env=_clean_env(), cwd=out_dir)  # fmt: skip
-        print(f"{nb.stem}: {time.perf_counter() - t0:.0f} s in the clean environment")
-        done[nb.stem] = target
-    return done
+    return script.execute(script.chapters(), out_dir, python=clean_python, kernel=KERNEL,
+                          env=_clean_env(), parameters={"profile": "smoke"})
 
 
 @pytest.fixture(scope="session")
 def built_book(executed, tmp_path_factory) -> Path:
     """The book's HTML folder, built strictly (``jupyter-book build -W -n --keep-going``, the
-    flags of ``make book``) from the smoke-executed chapters (``execute_notebooks: off``), with
-    the repository's _config.yml, _toc.yml and book/ pages.  A build that fails or warns fails
-    every test that uses it, with the end of the build log."""
-    import yaml
-
-    book = tmp_path_factory.mktemp("book_src")
-    shutil.copytree(ROOT / "book", book / "book")
-    (book / "notebooks").mkdir()
-    for stem, path in executed.items():
-        shutil.copy(path, book / "notebooks" / f"{stem}.ipynb")
-    shutil.copy(ROOT / "_toc.yml", book / "_toc.yml")
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    config["execute"]["execute_notebooks"] = "off"  # already executed by papermill
-    (book / "_config.yml").write_text(yaml.safe_dump(config))
-    jb = Path(sys.executable).with_name("jupyter-book")
-    res = subprocess.run([str(jb), "build", str(book), "-W", "-n", "--keep-going"],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    html = book / "_build" / "html"
-    assert (html / "index.html").exists()
-    return html
+    flags of ``make book``) from the smoke-executed chapters, with the repository's _config.yml,
+    _toc.yml and book/ pages (scripts/build_book.py, as `make book`).  A build that fails or
+    warns fails every test that uses it, with the end of the build log."""
+    script = _build_book_script()
+    base = tmp_path_factory.mktemp("book")
+    try:
+        return script.build(executed, base / "src", base)
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 if not torch.cuda.is_available():

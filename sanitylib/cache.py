@@ -423,9 +423,11 @@ def _randomized_weights(model: nn.Module, spec) -> str:
         return tensor_hash(tensors)
 
 
-def run_config(spec, model: nn.Module, x: Tensor) -> dict | None:
-    """The cache key's configuration of running ``spec`` on ``model`` and ``x``, or ``None``
-    (with a warning saying why) when some code that determines the result cannot be identified."""
+def run_config(spec, model: nn.Module, x: Tensor, memory_format: str = "contiguous") -> dict | None:
+    """The cache key's configuration of running ``spec`` on ``model`` and ``x`` with the passes
+    in ``memory_format`` (resolved: :mod:`sanitylib.memory_format`; it changes the numbers at
+    the level of float rounding), or ``None`` (with a warning saying why) when some code that
+    determines the result cannot be identified."""
     ident = _Identifier(model)
     try:
         code = ident.model_identity()
@@ -441,7 +443,7 @@ def run_config(spec, model: nn.Module, x: Tensor) -> dict | None:
             "run": run,
             "model": {"weights": tensor_hash(tensors), "classes": code["classes"],
                       "modules": code["modules"]},
-            "x": tensor_hash([x]), "device": dev.type,
+            "x": tensor_hash([x]), "device": dev.type, "memory_format": memory_format,
             "code": {
                 "methods": [None if sp.builtin else
                             [ident.value(sp.origin if sp.origin is not None else sp.fn,
@@ -572,13 +574,14 @@ class RunCache:
         self.writable = True
 
     @classmethod
-    def open(cls, spec, model: nn.Module, x: Tensor, setting) -> "RunCache | None":
+    def open(cls, spec, model: nn.Module, x: Tensor, setting,
+             memory_format: str = "contiguous") -> "RunCache | None":  # fmt: skip
         """The run's folder for the ``cache`` setting (``True``: sanitylib's cache folder, or
-        a folder), or ``None``: the cache is off, or the run's code cannot be identified, or no
-        folder can be had (a warning says which)."""
+        a folder) and the passes' resolved ``memory_format``, or ``None``: the cache is off, or
+        the run's code cannot be identified, or no folder can be had (a warning says which)."""
         if setting is False:
             return None
-        config = run_config(spec, model, x)
+        config = run_config(spec, model, x, memory_format)
         if config is None:
             return None
         if isinstance(setting, bool):

@@ -35,6 +35,15 @@ engine computes exactly what :func:`sanitylib.explain` computes per method, with
   (see :data:`REPLAY_ON_CPU`).
 * **Mixed precision** (``amp="bfloat16"`` or ``"float16"``): optional autocast of the forward
   pass; off by default (see benchmarks/README.md for its measured effect on the metrics).
+* **Memory format** (``memory_format``): the passes of a model with ``nn.Conv2d`` layers on 4-D
+  images run channels-last on the CPU and CUDA (:mod:`sanitylib.memory_format`: the rule, the
+  measured speed, the setting ``"contiguous"`` that reproduces earlier numbers bit for bit).  The
+  model's 4-D weights are converted for each group of images and their original storages put
+  back afterwards; the maps come back in the default format.  Methods without shared passes
+  (users' callables) are called on the converted model, with the images as given.  Random
+  weights are drawn before the conversion (an in-place random fill follows the memory order, so
+  a channels-last tensor would get other weights from the same generator); models whose blocks
+  share tensors, re-drawn at every switch, run in the default format.
 
 The model states (:class:`sanitylib.randomize.ModelStates`) and forward replay
 (:mod:`sanitylib.replay`) live in their own modules, the map features and metrics in
@@ -57,6 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from . import allocator
+from . import memory_format as mf
 from .attribution import (DEFAULT_BATCH_SIZE, Context, cam_to_map, check_guided_backprop,
                           check_baseline, check_input, check_seed, check_targets, gradcam_layer, ig_weights,
                           predict, probe_model, resolve_targets, run_method,
@@ -321,6 +331,7 @@ class _Engine:
         self.layer_modules = {id(m): m for m in self.plan.layers.values()}
         self.relu_registered = 0
         self.image_ids: list[int] | None = None
+        self.fmt = "contiguous"  # the passes' memory format (sanitylib.memory_format)
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -367,6 +378,7 @@ class _Engine:
     # -- passes ---------------------------------------------------------------------------
 
     def _forward(self, rows: Tensor) -> Tensor:
+        rows = mf.as_format(rows, self.fmt)  # itself when it already is (the passes' leaves)
         with torch.enable_grad(), _autocast(rows.device, self.amp):
             out = self.model(rows)
         if not isinstance(out, Tensor) or out.ndim != 2:
@@ -377,7 +389,7 @@ class _Engine:
                       target_of: Callable[[int, Tensor], Tensor], capture: bool,
                       consume: Callable[..., None]) -> None:  # fmt: skip
         """Forward and backward passes of ``rows`` in every model state (stage-inner loop)."""
-        rows = rows.detach().requires_grad_(True)
+        rows = mf.as_format(rows.detach(), self.fmt).requires_grad_(True)
         reuse = rec is not None and n_states > 1
         self.capture = capture
         keep = reuse or (capture and self.plan.guided)
@@ -421,6 +433,11 @@ class _Engine:
                         gbp = torch.autograd.grad(sel, rows, retain_graph=reuse)[0]
                     finally:
                         self.guided_on = False
+                if self.fmt != "contiguous":  # the maps in the default format
+                    grads = tuple(None if g is None else g.contiguous() for g in grads)
+                    acts = {i: (a.detach().contiguous(), None if da is None else da.contiguous())
+                            for i, (a, da) in acts.items()}  # fmt: skip
+                    gbp = None if gbp is None else gbp.contiguous()
                 consume(k, grads[0], acts, gbp)
                 evaluations = len(rows) * (1 if gbp is None else 2)  # as rows_per_image counts
                 del logits, sel, grads, acts, gbp
@@ -603,6 +620,7 @@ def iter_state_maps(
     reuse_forward: bool | None = None,
     image_ids: Sequence[int] | None = None,
     on_rows: Callable[[int], None] | None = None,
+    memory_format: str | None = None,
 ) -> Iterator[GroupMaps]:
     """Maps of every method in every model state, one group of images at a time.
 
@@ -627,12 +645,17 @@ def iter_state_maps(
             :data:`REPLAY_ON_CPU`).
         image_ids: index of each image for its noise seed (default ``0..N-1``, as ``explain``).
         on_rows: called with the number of rows after each pass (progress).
+        memory_format: ``"auto"``, ``"contiguous"`` or ``"channels_last"`` (default ``None``:
+            ``$SANITYLIB_MEMORY_FORMAT``, else ``"auto"``): the passes' memory format, see
+            :mod:`sanitylib.memory_format` (``"contiguous"``: the numbers of earlier versions
+            bit for bit).  The model is converted per group and comes back as it was.
 
     Yields:
         :class:`GroupMaps` per group, in order.
     """
     check_seed(seed)
     check_input(model, x)
+    fmt = mf.choose(model, x, mf.check_memory_format(memory_format))
     if not states:
         raise ValueError("states must not be empty")
     dev = next((t.device for t in model.parameters()), x.device)
@@ -640,6 +663,7 @@ def iter_state_maps(
     perturbation = perturbation or Perturbation()
     engine = _Engine(model, methods, dict(method_options or {}), seed, None, amp, reuse_forward,
                      on_rows)  # fmt: skip
+    engine.fmt = fmt
     if image_ids is not None:
         engine.image_ids = [int(i) for i in image_ids]
         if len(engine.image_ids) != len(x):
@@ -668,6 +692,10 @@ def iter_state_maps(
     switch = None
     try:
         switch = ModelStates(model, states, perturbation, seed)
+        if switch.shared:
+            # blocks sharing tensors are re-randomized in place at every switch, and an in-place
+            # random fill follows the memory order: channels-last would draw other weights
+            engine.fmt = "contiguous"
         if target == "original":
             switch.set(0)
             fixed = predict(model, x, batch_size or DEFAULT_BATCH_SIZE).argmax(1)
@@ -678,15 +706,18 @@ def iter_state_maps(
             reuse_forward = dev.type != "cpu" or (REPLAY_ON_CPU and kept)
         use_rec = reuse_forward and len(states) > 1 and Recorder.supported(model)
         for images in groups:
-            with engine.hooks(use_rec) as rec:
-                try:
-                    result = engine.run_group(x, images, switch, len(states), fixed, rec)
-                except ReplayMismatch as err:
-                    warnings.warn(f"forward replay switched off for this model ({err})",
-                                  stacklevel=2)  # fmt: skip
-                    use_rec = False
-                    result = engine.run_group(x, images, switch, len(states), fixed, None)
-            switch.restore()  # the caller sees the trained model between groups
+            # the model in the passes' format for the group; its own storages back before the
+            # caller sees it (and the trained weights: the caller sees the trained model)
+            with mf.converted(model, engine.fmt):
+                with engine.hooks(use_rec) as rec:
+                    try:
+                        result = engine.run_group(x, images, switch, len(states), fixed, rec)
+                    except ReplayMismatch as err:
+                        warnings.warn(f"forward replay switched off for this model ({err})",
+                                      stacklevel=2)  # fmt: skip
+                        use_rec = False
+                        result = engine.run_group(x, images, switch, len(states), fixed, None)
+                switch.restore()
             yield result
     finally:
         with memory:
@@ -706,13 +737,15 @@ def compute_maps(
     batch_size: int | None = None,
     amp: str | None = None,
     on_rows: Callable[[int], None] | None = None,
+    memory_format: str | None = None,
 ) -> dict[str, Tensor]:
     """Maps of several methods for the model as it is, from shared, batched passes:
     ``{method: (N, C, H, W)}``, equal to ``explain(model, x, method, target, seed=seed,
     **method_options[method])`` per method (see :data:`MAP_TOLERANCE`).
 
     ``target``: class per image (int, sequence or tensor, in ``[0, classes)``); default: the
-    model's argmax.  The model runs in eval mode; its training flags and buffers are restored."""
+    model's argmax.  The model runs in eval mode; its training flags and buffers are restored.
+    ``memory_format``: as in :func:`iter_state_maps`."""
     check_seed(seed)
     check_input(model, x)
     dev = next((t.device for t in model.parameters()), x.device)
@@ -721,7 +754,8 @@ def compute_maps(
         t = resolve_targets(model, x.to(dev), target, batch_size or DEFAULT_BATCH_SIZE)
         for gm in iter_state_maps(model, x, methods, [()], seed=seed, target=t,
                                   method_options=method_options, batch_size=batch_size,
-                                  amp=amp, reuse_forward=False, on_rows=on_rows):  # fmt: skip
+                                  amp=amp, reuse_forward=False, on_rows=on_rows,
+                                  memory_format=memory_format):  # fmt: skip
             for m in maps:
                 maps[m].append(gm.maps[0][m])
     return {m: torch.cat(v) for m, v in maps.items()}

@@ -26,6 +26,7 @@ from .attribution import check_seed, explain, predict
 from .cache import CodeNotIdentified, GroupFiles, RunCache, cached_group, config_key, slice_plan
 from .diagnostics import activation_scales
 from .engine import GroupMaps, auto_batch_size, compute_maps, image_groups, iter_state_maps, rows_per_image
+from .memory_format import as_format, check_memory_format, choose, converted
 from .metrics import MapFeatures, compare, noise_floor
 from .randomize import Perturbation, evaluating, randomized, snapshot
 from .result import MapStore, ResultTable, RunParts
@@ -63,6 +64,7 @@ def run_randomization(
     order: str = "top_down",
     activations: bool = False,
     image_ids: Sequence[int] | None = None,
+    memory_format: str | None = None,
 ) -> ResultTable:
     """Run a randomization schedule and compare maps with the trained model's maps.
 
@@ -126,6 +128,10 @@ def run_randomization(
         image_ids: each image's index in a larger collection (distinct ints >= 0; default
             ``0..N-1``): the ``image`` column and the noise seeds use it, so a run on a subset
             of the images (a shard, :mod:`sanitylib.distributed`) gives the full run's rows.
+        memory_format: ``"auto"``, ``"contiguous"`` or ``"channels_last"`` (default ``None``:
+            ``$SANITYLIB_MEMORY_FORMAT``, else ``"auto"``): the memory format of the passes
+            (:mod:`sanitylib.memory_format`: channels-last for convolutional models on the CPU
+            and CUDA; ``"contiguous"`` reproduces earlier numbers bit for bit).
 
     Returns:
         A :class:`~sanitylib.result.ResultTable`: a tidy DataFrame with columns ``schedule,
@@ -141,7 +147,8 @@ def run_randomization(
     Raises:
         ValueError: for an invalid argument, before any work, naming the argument.
     """
-    settings = RunSettings(batch_size=batch_size, group_size=group_size, progress=progress, cache=cache)
+    settings = RunSettings(batch_size=batch_size, group_size=group_size, progress=progress, cache=cache,
+                           memory_format=memory_format)  # fmt: skip
     spec = RunSpec.build(model, x, methods, schedule=schedule, blocks=blocks, metrics=metrics,
                          seed=seed, perturbation=perturbation, target=target,
                          method_options=method_options, image_names=image_names,
@@ -182,9 +189,11 @@ class _Runner:
         bs = settings.batch_size
         if batched and bs is None:  # once per run: every group and slice alike
             bs = auto_batch_size(model, self.x, amp=spec.amp)
+        # the passes' memory format, resolved once (sanitylib.memory_format); part of the cache key
+        self.memory_format = choose(model, self.x, settings.memory_format)
         self.kw = dict(perturbation=spec.perturbation, seed=spec.seed, target=spec.target,
                        method_options=options, batch_size=bs, amp=spec.amp,
-                       on_rows=self.bar.update)  # fmt: skip
+                       on_rows=self.bar.update, memory_format=self.memory_format)  # fmt: skip
         if spec.custom_ids:
             self.kw["image_ids"] = list(spec.image_ids)
 
@@ -223,8 +232,12 @@ class _Runner:
 
     def _reference(self) -> GroupMaps:
         """The straightforward computation: ``explain`` per method, stage by stage (on all
-        images: ``explain`` seeds the noise by the position in its batch)."""
-        spec, x, model = self.spec, self.x, self.model
+        images: ``explain`` seeds the noise by the position in its batch), in the run's memory
+        format (the model converted and the images given in it; the maps returned in the
+        default format).  Each state is converted after its weights are drawn: an in-place
+        random fill follows the memory order."""
+        spec, model, fmt = self.spec, self.model, self.memory_format
+        x = as_format(self.x, fmt)
         bs = self.settings.batch_size or 32
         options = spec.options()
 
@@ -232,15 +245,17 @@ class _Runner:
             out = {}
             for meth in spec.methods:
                 out[meth.name] = explain(m, x, meth, target=tgt, seed=spec.seed, batch_size=bs,
-                                         **options.get(meth.name, {}))  # fmt: skip
+                                         **options.get(meth.name, {})).contiguous()  # fmt: skip
                 self.bar.update(1)
             return out
 
-        orig = predict(model, x, bs).argmax(1)
-        maps, targets = [maps_for(model, orig)], [orig]
+        with converted(model, fmt):
+            orig = predict(model, x, bs).argmax(1)
+            maps, targets = [maps_for(model, orig)], [orig]
         snap = snapshot(model)
         for stage in self.stages:
-            with randomized(model, stage.blocks, spec.perturbation, spec.seed, snap=snap) as rmodel:
+            with randomized(model, stage.blocks, spec.perturbation, spec.seed, snap=snap) as rmodel, \
+                    converted(rmodel, fmt):
                 cur = predict(rmodel, x, bs).argmax(1) if spec.target == "current" else orig
                 maps.append(maps_for(rmodel, cur))
                 targets.append(cur)
@@ -298,7 +313,7 @@ class _Runner:
 
     def result(self) -> ResultTable:
         spec = self.spec
-        cache = RunCache.open(spec, self.model, self.x, self.settings.cache)
+        cache = RunCache.open(spec, self.model, self.x, self.settings.cache, self.memory_format)
         rows: list[dict] = []
         stored: dict[int, dict] = {}  # image -> state -> method -> map
         trained: dict[int, dict[str, Tensor]] = {}  # image -> method -> trained model's map
@@ -368,15 +383,16 @@ def explain_methods(model: nn.Module, x: Tensor, methods: Sequence,
                     method_options: dict[str, dict] | None = None, seed: int = 0,
                     batch_size: int | None = None, progress: bool = True, *,
                     amp: str | None = None, image_ids: Sequence[int] | None = None,
-                    ) -> dict[str, Tensor]:  # fmt: skip
+                    memory_format: str | None = None) -> dict[str, Tensor]:  # fmt: skip
     """Maps of several methods on the same images (each for the model's predicted class):
     ``{method: (N, C, H, W)}``, from the batched engine's shared passes (equal to
     :func:`sanitylib.explain` per method up to :data:`sanitylib.engine.MAP_TOLERANCE`).
 
     The model runs in eval mode; its ``training`` flags and buffers are restored afterwards.
     ``image_ids`` are the images' indices for the noise seeds (default ``0..N-1``, as
-    ``explain``)."""
+    ``explain``); ``memory_format`` as in :func:`run_randomization`."""
     check_seed(seed)
+    check_memory_format(memory_format)
     if image_ids is not None and len(image_ids) != len(x):
         raise ValueError(f"image_ids has {len(image_ids)} entries for {len(x)} images")
     with evaluating(model):
@@ -387,10 +403,12 @@ def explain_methods(model: nn.Module, x: Tensor, methods: Sequence,
         with tqdm(total=total, desc="saliency maps", unit="pass", disable=not progress) as bar:
             if image_ids is None:
                 return compute_maps(model, x, methods, target, method_options=method_options,
-                                    seed=seed, batch_size=batch_size, amp=amp, on_rows=bar.update)
+                                    seed=seed, batch_size=batch_size, amp=amp, on_rows=bar.update,
+                                    memory_format=memory_format)  # fmt: skip
             it = iter_state_maps(model, x, methods, [()], seed=seed, target=target,
                                  method_options=method_options, batch_size=batch_size, amp=amp,
-                                 image_ids=image_ids, reuse_forward=False, on_rows=bar.update)  # fmt: skip
+                                 image_ids=image_ids, reuse_forward=False, on_rows=bar.update,
+                                 memory_format=memory_format)  # fmt: skip
             try:
                 gm = next(it)
             finally:

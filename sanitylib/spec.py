@@ -10,8 +10,10 @@ a list, options restricted to the run's methods).  The result cache takes its id
 ``config.json``: one set of fields for both.
 
 :class:`RunSettings` holds *how* a run is executed (batch size, group size, progress bar, cache
-folder); none of it changes the numbers beyond :data:`sanitylib.engine.MAP_TOLERANCE`, so none of
-it enters the cache's identity.
+folder, memory format); none of it changes the numbers beyond the engine's documented float
+rounding (:data:`sanitylib.engine.MAP_TOLERANCE`), so none of it enters the run's identity; the
+memory format the run resolves to does enter the cache's key (:func:`sanitylib.cache.run_config`),
+so results of the two formats are kept apart.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from .attribution import check_batch_size, check_input
 from .engine import AMP_DTYPES
+from .memory_format import check_memory_format
 from .models import Block, get_info
 from .randomize import Perturbation, Stage, check_schedule, get_blocks, schedule_stages
 from .registry import Metric, MethodSpec, method_names, resolve_methods, resolve_metrics
@@ -122,12 +125,16 @@ class RunSettings:
         group_size: images computed together (``None``: automatic).
         progress: show a tqdm progress bar.
         cache: ``True`` (the sanitylib cache folder), a folder, or ``False``.
+        memory_format: ``"auto"``, ``"contiguous"`` or ``"channels_last"``; ``None`` (default):
+            ``$SANITYLIB_MEMORY_FORMAT``, else ``"auto"`` (:mod:`sanitylib.memory_format`;
+            ``"contiguous"`` reproduces the numbers of earlier versions bit for bit).
     """
 
     batch_size: int | None = None
     group_size: int | None = None
     progress: bool = True
     cache: bool | str | os.PathLike = True
+    memory_format: str | None = None
 
     def __post_init__(self) -> None:
         check_batch_size(self.batch_size)
@@ -135,6 +142,7 @@ class RunSettings:
         if not isinstance(self.cache, (bool, str, os.PathLike)):
             raise ValueError(f"cache must be True, False or a folder (str or path), got {self.cache!r}")
         _check_bool("progress", self.progress)
+        check_memory_format(self.memory_format)
         for k in ("batch_size", "group_size"):
             v = getattr(self, k)
             if v is not None:

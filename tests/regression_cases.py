@@ -10,6 +10,7 @@ change the numbers, and say so in the commit.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -122,6 +123,7 @@ def table_and_floor(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None
 
 def record(names=None) -> None:
     DATA.mkdir(parents=True, exist_ok=True)
+    os.environ["SANITYLIB_MEMORY_FORMAT"] = "contiguous"  # the format of the recordings
     for name, fn in CASES.items():
         if names and name not in names:
             continue

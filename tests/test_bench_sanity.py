@@ -46,12 +46,23 @@ def test_captum_workload_agrees_and_reports(tmp_path):
     result = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     assert len(result) == 1, text[-2000:]
     fields = dict(f.split("=", 1) for f in result[0].split()[1:])
-    assert set(fields) == {"speedup_vs_captum_loop", "efficiency", "speedup_vs_naive_passes",
-                           "max_abs_diff"}  # fmt: skip
+    assert set(fields) == {"speedup_vs_captum_loop", "speedup_vs_captum_loop_channels_last",
+                           "efficiency", "speedup_vs_naive_passes", "max_abs_diff"}  # fmt: skip
     for k, v in fields.items():
         assert math.isfinite(float(v)) and float(v) >= 0, (k, v)
     assert float(fields["speedup_vs_captum_loop"]) > 0 and float(fields["efficiency"]) > 0
     assert "device: cpu" in text and "allocator (every side, the whole process)" in text
+    # the captum loop in channels-last: its values compared too; the bare passes in both memory
+    # formats, the bound the faster one (the efficiency against it, and against each alone)
+    m = re.search(r"max \|sanitylib - captum loop in channels-last\| over the same values: (\S+)", text)
+    assert m and float(m.group(1)) <= 2e-3, text[-3000:]
+    m = re.search(r"per format: contiguous: naive \S+ s, reuse (\S+) s; channels_last: naive \S+ s, "
+                  r"reuse (\S+) s; contiguous / channels-last \S+; bound: (\w+)", text)  # fmt: skip
+    assert m, text[-3000:]
+    reuse = {"contiguous": float(m.group(1)), "channels_last": float(m.group(2))}
+    assert m.group(3) == min(reuse, key=reuse.get)
+    assert re.search(r"against the contiguous bound alone: \S+", text)
+    assert re.search(r"against the channels_last bound alone: \S+", text)
 
 
 @pytest.mark.parametrize("args, name", [

@@ -335,8 +335,9 @@ def test_hog_metrics_in_the_runner_equal_similarity():
     x = torch.rand(2, 2, 48, 48, generator=torch.Generator().manual_seed(0))
     metrics = ["hog_pearson", "hog_spearman"]
     methods = ["gradient", "guided_backprop"]
+    # explain runs in PyTorch's default memory format; the runner too, for 1e-9 agreement
     df = sl.run_randomization(model, x, methods, "independent", metrics=metrics, cache=False,
-                              progress=False, floor=False)  # fmt: skip
+                              progress=False, floor=False, memory_format="contiguous")  # fmt: skip
     orig = {m: explain(model, x, m) for m in methods}
     blocks = get_blocks(model, None, x)
     assert df.stages == [b.name for b in blocks] == ["6", "2", "0"]

@@ -46,6 +46,18 @@ def state_equal(a: dict, b: dict) -> bool:
 
 
 # ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _default_memory_format():
+    """The tables here are compared with independent computations by ``explain`` (PyTorch's
+    default memory format) to 1e-12, i.e. the same passes bit for bit, so the runner uses the
+    default format too; channels-last against it is ``tests/test_memory_format.py``."""
+    from sanitylib.memory_format import ENV_VAR
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENV_VAR, "contiguous")
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny():
     with torch.random.fork_rng():

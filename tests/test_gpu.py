@@ -2,7 +2,9 @@
 
 Every method, every metric and the runners on CUDA against the CPU, with IEEE fp32 (TF32 off:
 the reference numerics); the opt-in fast mode (TF32) validated against it; InceptionV3's
-deterministic backward; the command line and the two benchmarks' GPU paths on CUDA."""
+deterministic backward; the command line and the two benchmarks' GPU paths on CUDA; both memory
+formats (``sanitylib.memory_format``: channels-last, the rule's choice on CUDA, and the default)
+against the CPU and against each other."""
 import re
 
 import numpy as np
@@ -81,20 +83,47 @@ def test_stochastic_methods_on_cuda(pair, method):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_runner_on_cuda_matches_cpu(pair):
+@pytest.mark.parametrize("memory_format", ["channels_last", "contiguous"])
+def test_runner_on_cuda_matches_cpu(pair, memory_format):
     model, x, gpu = pair
     methods = ["gradient", "input_x_gradient", "integrated_gradients", "guided_backprop",
                "gradcam", "guided_gradcam"]  # fmt: skip
     kw = dict(blocks=["logits", "conv_head"], metrics=list(sl.METRICS), cache=False,
               progress=False, floor=False, store_maps=0,
               method_options={m: OPTIONS[m] for m in methods if m in OPTIONS})  # fmt: skip
-    a = sl.cascading_randomization(model, x, methods, **kw)
-    b = sl.cascading_randomization(gpu, x.cuda(), methods, **kw)
+    a = sl.cascading_randomization(model, x, methods, memory_format="contiguous", **kw)
+    b = sl.cascading_randomization(gpu, x.cuda(), methods, memory_format=memory_format, **kw)
     pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
     # HOG turns rounding into bin jumps: a looser bound there
     hog = a.metric.str.startswith("hog").to_numpy()
     d = np.abs(a.value.to_numpy() - b.value.to_numpy())
     assert np.nanmax(d[~hog]) < 5e-3 and np.nanmax(d[hog]) < 5e-2, np.nanmax(d)
+
+
+def test_memory_formats_on_cuda_agree_and_the_model_comes_back(pair):
+    """The rule picks channels-last on CUDA; every built-in method and metric in both formats
+    within the documented tolerances (same device, so the same noise); the GPU model's weights
+    come back with their own storages and strides."""
+    from sanitylib import memory_format as mf
+
+    _, x, gpu = pair
+    xg = x[:1].cuda()
+    assert mf.choose(gpu, xg, "auto") == "channels_last"
+    before = {k: (t.data_ptr(), t.stride(), t.detach().clone()) for k, t in gpu.state_dict().items()}
+    kw = dict(blocks=["logits", "conv_head"], metrics=list(sl.METRICS), cache=False, progress=False,
+              floor=False, store_maps=[0], method_options=OPTIONS, seed=0)  # fmt: skip
+    a = sl.cascading_randomization(gpu, xg, list(sl.METHODS), memory_format="contiguous", **kw)
+    b = sl.cascading_randomization(gpu, xg, list(sl.METHODS), memory_format="channels_last", **kw)
+    for k, t in gpu.state_dict().items():
+        assert (t.data_ptr(), t.stride()) == before[k][:2] and torch.equal(t, before[k][2]), k
+    pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
+    d = np.abs(a.value.to_numpy() - b.value.to_numpy())
+    assert np.nanmax(d) <= mf.METRIC_TOLERANCE, np.nanmax(d)
+    for st, maps in a.maps.stages.items():
+        for m, u in maps.items():
+            v = b.maps.stages[st][m]
+            rel = float((u - v).abs().max() / u.abs().max().clamp_min(1e-30))
+            assert rel <= mf.MAP_TOLERANCE, (st, m, rel)
 
 
 def test_fast_mode_is_close_to_the_reference(pair):
@@ -163,6 +192,10 @@ def test_bench_sanity_on_cuda():
     assert "GPU:" in text and "IEEE fp32 (TF32 off)" in text and "peak GPU memory" in text
     assert re.search(r"over 180 values \(120 of them: the deterministic methods", text), text[-3000:]
     assert "ERROR" not in text and re.search(r"^RESULT speedup_vs_captum_loop=", text, re.M)
+    # the bare passes in both memory formats, the faster one the bound; the loop in channels-last
+    assert re.search(r"per format: contiguous: naive \S+ s, reuse \S+ s; channels_last: .*bound: "
+                     r"(contiguous|channels_last)", text), text[-3000:]  # fmt: skip
+    assert "speedup_vs_captum_loop_channels_last=" in text
 
 
 def test_bench_paper_profile_on_cuda():

@@ -1,0 +1,156 @@
+"""Memory format of the passes: channels-last or PyTorch's default (contiguous, NCHW).
+
+A 4-D tensor ``(N, C, H, W)`` is stored either row by row per channel (``contiguous``, PyTorch's
+default) or with the channels innermost (``channels_last``, NHWC).  Convolutions on the CPU
+(oneDNN) and on CUDA (cuDNN) run faster on channels-last activations, and the activations stay
+channels-last from layer to layer once the input *and* the convolution weights are in that
+format (channels-last input with contiguous weights was slower than either on the CPU).
+
+**The rule** (:func:`choose`, no timing involved, so the choice never depends on the load of the
+machine): with the setting ``"auto"`` (the default) the passes run channels-last when
+
+* the images are 4-D ``(N, C, H, W)`` floating-point tensors,
+* the model has at least one ``nn.Conv2d``, and
+* the model runs on the CPU or on CUDA;
+
+otherwise (MLPs, transformers, other devices) in the default format.  Measured on the
+project's 2-core machine (torch 2.14, 16 rows, forward and backward to the input, process CPU
+seconds, medians): EfficientNet-Lite0 at 224x224 1.3x faster (2.07 -> 1.56 s), the MNIST CNN
+1.7x (50 -> 29 ms); the benchmark and ``benchmarks/README.md`` record the engine-level figures.
+
+**The numbers** change at the level of float rounding: a convolution sums in another order.
+Measured on EfficientNet-Lite0 with its shipped weights, input gradients of the trained model
+differed by 1.9e-4 of the map's maximum, 3.2e-3 in randomized states (the order of the
+batch-size effect documented at :data:`sanitylib.engine.MAP_TOLERANCE`); every built-in method
+and metric stays within :data:`MAP_TOLERANCE` and :data:`METRIC_TOLERANCE` between the formats
+(``tests/test_memory_format.py``).  The cache
+keeps results of the two formats apart (the resolved format is part of its key).
+
+**The setting**: ``memory_format="auto" | "contiguous" | "channels_last"`` of the runners
+(:class:`sanitylib.RunSettings`, :func:`sanitylib.run_randomization`,
+:func:`sanitylib.engine.iter_state_maps`, ...) or, when that is ``None``, the environment
+variable ``SANITYLIB_MEMORY_FORMAT`` (same values).  ``"contiguous"`` reproduces the numbers of
+sanitylib before the rule bit for bit (``tests/test_regression_tables.py`` runs with it).
+
+**The user's model comes back exactly**: :func:`converted` changes the storage of the model's
+4-D parameters and buffers for the duration of the passes (``tensor.data``, so every parameter
+and buffer object, and the references other code holds to them, stay the same) and puts the
+original storages back afterwards, also on error: values, strides, storages, ``requires_grad``
+and training flags are those the model came with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FORMATS", "ENV_VAR", "MAP_TOLERANCE", "METRIC_TOLERANCE", "check_memory_format", "setting", "choose", "torch_format",
+           "converted", "as_format"]  # fmt: skip
+
+#: Documented agreement of the two formats, per map: max |channels_last - contiguous| <=
+#: MAP_TOLERANCE * max |contiguous| for every built-in method, model state and image.  Measured
+#: (torch 2.14, CPU, ``tests/test_memory_format.py``): EfficientNet-Lite0 3.2e-3 (Integrated
+#: Gradients and IG-SmoothGrad with the stem randomized), the MNIST CNN 1.4e-2 (VarGrad in a
+#: randomized state: the variance of nearly equal noisy gradients cancels, so the rounding of the
+#: gradients shows relative to the small variance); the other maps 1e-4 or less.
+MAP_TOLERANCE = 2e-2
+#: Documented agreement of the two formats, per table value (a metric of a method, state and
+#: image): absolute difference <= METRIC_TOLERANCE.  Measured: 1.6e-4 (EfficientNet-Lite0, every
+#: built-in metric), 7.7e-4 (MNIST CNN, VarGrad's Spearman).  It equals the benchmark's
+#: agreement tolerance for sanitylib against the captum loop (``benchmarks/bench_sanity.py``).
+METRIC_TOLERANCE = 2e-3
+#: The settings: ``"auto"`` (the rule of :func:`choose`), or a format forced for every model.
+FORMATS = ("auto", "contiguous", "channels_last")
+#: Environment variable read when no setting is given (``auto`` when unset or empty).
+ENV_VAR = "SANITYLIB_MEMORY_FORMAT"
+_DEVICES = ("cpu", "cuda")
+_TORCH = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def check_memory_format(value, name: str = "memory_format") -> str | None:
+    """``value`` if it is ``None`` or one of :data:`FORMATS`; otherwise ``ValueError`` naming
+    ``name``."""
+    if value is not None and (not isinstance(value, str) or value not in FORMATS):
+        raise ValueError(f"{name} must be None or one of {', '.join(repr(f) for f in FORMATS)}, "
+                         f"got {value!r}")  # fmt: skip
+    return value
+
+
+def setting(value: str | None = None) -> str:
+    """The effective setting: ``value``, else ``$SANITYLIB_MEMORY_FORMAT``, else ``"auto"``
+    (either checked, the error naming where the bad value came from)."""
+    if value is not None:
+        return check_memory_format(value)
+    env = os.environ.get(ENV_VAR, "").strip()
+    if not env:
+        return "auto"
+    return check_memory_format(env, f"the environment variable {ENV_VAR}")
+
+
+def _device(model: nn.Module, x: Tensor) -> torch.device:
+    return next((t.device for t in model.parameters()), x.device)
+
+
+def choose(model: nn.Module, x: Tensor, value: str | None = None) -> str:
+    """The format of the passes of ``model`` on images like ``x``: ``"contiguous"`` or
+    ``"channels_last"``.  A forced setting (``value`` or the environment variable) is returned
+    as it is for 4-D inputs (a non-4-D input is always ``"contiguous"``: channels-last is defined
+    for 4-D tensors only); ``"auto"`` applies the module's rule."""
+    s = setting(value)
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        return "contiguous"
+    if s != "auto":
+        return s
+    if not x.is_floating_point() or _device(model, x).type not in _DEVICES:
+        return "contiguous"
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return "channels_last" if has_conv else "contiguous"
+
+
+def torch_format(fmt: str) -> torch.memory_format:
+    """``torch.contiguous_format`` or ``torch.channels_last`` for a resolved format name."""
+    if fmt not in _TORCH:
+        raise ValueError(f"fmt must be 'contiguous' or 'channels_last', got {fmt!r}")
+    return _TORCH[fmt]
+
+
+def as_format(t: Tensor, fmt: str) -> Tensor:
+    """``t`` in format ``fmt`` (itself when it is already; a 4-D tensor only is converted)."""
+    if fmt == "contiguous" or t.ndim != 4:
+        return t
+    return t.contiguous(memory_format=_TORCH[fmt])
+
+
+@contextlib.contextmanager
+def converted(model: nn.Module, fmt: str) -> Iterator[nn.Module]:
+    """``model`` with its 4-D parameters and buffers in format ``fmt`` inside the block.
+
+    Each tensor's storage is swapped (``t.data = ...``), not the tensor object, so code holding
+    the model's parameters and buffers (hooks, :class:`sanitylib.randomize.ModelStates`, the
+    replay's recorder) keeps working on the live tensors; values written into them inside the
+    block stay there until the block ends.  On exit, also on error, every swapped tensor gets
+    its original storage back (with its original strides and values: nothing wrote into it in
+    between).  ``"contiguous"`` changes nothing."""
+    torch_format(fmt)
+    if fmt == "contiguous":
+        yield model
+        return
+    saved: list[tuple[Tensor, Tensor]] = []
+    seen: set[int] = set()
+    try:
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                if id(t) in seen or t.ndim != 4 or t.is_contiguous(memory_format=_TORCH[fmt]):
+                    continue
+                seen.add(id(t))
+                saved.append((t, t.data))
+                t.data = t.data.contiguous(memory_format=_TORCH[fmt])
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, orig in reversed(saved):
+                t.data = orig

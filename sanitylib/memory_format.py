@@ -10,7 +10,8 @@ format (channels-last input with contiguous weights was slower than either on th
 machine): with the setting ``"auto"`` (the default) the passes run channels-last when
 
 * the images are 4-D ``(N, C, H, W)`` floating-point tensors,
-* the model has at least one ``nn.Conv2d``, and
+* the model has at least one ``nn.Conv2d`` and no ``nn.MultiheadAttention`` (a vision
+  transformer's patch embedding is one convolution; the rest of it is matrix products), and
 * the model runs on the CPU or on CUDA;
 
 otherwise (MLPs, transformers, other devices) in the default format.  Measured on the
@@ -107,8 +108,10 @@ def choose(model: nn.Module, x: Tensor, value: str | None = None) -> str:
         return s
     if not x.is_floating_point() or _device(model, x).type not in _DEVICES:
         return "contiguous"
-    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return "channels_last" if has_conv else "contiguous"
+    modules = list(model.modules())
+    has_conv = any(isinstance(m, nn.Conv2d) for m in modules)
+    attention = any(isinstance(m, nn.MultiheadAttention) for m in modules)
+    return "channels_last" if has_conv and not attention else "contiguous"
 
 
 def torch_format(fmt: str) -> torch.memory_format:

@@ -63,6 +63,9 @@ def test_rule_channels_last_for_4d_images_of_conv_models_on_the_cpu(monkeypatch)
     assert mf.choose(TinyCNN(), x) == "channels_last"
     assert mf.choose(TinyCNN(), x, "auto") == "channels_last"
     assert mf.choose(MLP(), x) == "contiguous"  # no convolution: the default format
+    vit_like = nn.Sequential(nn.Conv2d(1, 8, 4, stride=4), nn.Flatten(2),
+                             nn.MultiheadAttention(16, 2))  # a patch embedding, then attention
+    assert mf.choose(vit_like, x) == "contiguous"  # transformers keep the default format
     assert mf.choose(TinyCNN(), x.double().half()) == "channels_last"
     assert mf.choose(TinyCNN(), x.to(torch.int64)) == "contiguous"
     assert mf.choose(MLP(), torch.rand(2, 256)) == "contiguous"

@@ -22,9 +22,17 @@ CLEAN_ENV_FIXTURES = {"clean_python", "executed", "built_book"}
 
 
 def pytest_collection_modifyitems(config, items):
+    """Group the clean-environment tests (see :data:`CLEAN_ENV_FIXTURES`) and put them first:
+    they are the longest chain of the suite (every chapter, the book build, the browser test),
+    so under xdist one worker starts them at once while the other takes the rest."""
+    grouped = []
     for item in items:
         if CLEAN_ENV_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ == "test_site":
             item.add_marker(pytest.mark.xdist_group("clean_env"))
+            grouped.append(item)
+    if XDIST_WORKER or config.getoption("numprocesses", None):
+        ids = {id(item) for item in grouped}
+        items[:] = grouped + [item for item in items if id(item) not in ids]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,6 +21,21 @@ torch.set_num_threads(1 if XDIST_WORKER else min(2, os.cpu_count() or 1))
 CLEAN_ENV_FIXTURES = {"clean_python", "executed", "built_book"}
 
 
+def pytest_configure(config):
+    """With pytest-xdist, the clean-environment tests must share one worker (its venv's lock is
+    held for the whole session): refuse ``-n`` without ``--dist loadgroup`` instead of hanging."""
+    workers = config.getoption("numprocesses", None) if config.pluginmanager.hasplugin("xdist") else None
+    if workers and not XDIST_WORKER and config.getoption("dist", "no") != "loadgroup":
+        raise pytest.UsageError("tests/conftest.py: run pytest-xdist with --dist loadgroup "
+                                f"(got -n {workers} with --dist {config.getoption('dist')}): the "
+                                "clean-environment tests must run on one worker, as `make test` does")
+    if workers and int(pytest.__version__.split(".")[0]) >= 9:
+        raise pytest.UsageError(f"tests/conftest.py: pytest {pytest.__version__} ignores pytest-xdist's "
+                                "groups (--dist loadgroup); install the test extra (pytest<9) or run "
+                                "without -n")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Group the clean-environment tests (see :data:`CLEAN_ENV_FIXTURES`) and put them first:
     they are the longest chain of the suite (every chapter, the book build, the browser test),

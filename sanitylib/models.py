@@ -528,6 +528,16 @@ def register_weights(name: str, provider: Callable[[], tuple[dict, str]]) -> Non
     _WEIGHTS[name] = provider
 
 
+def _load_registered_weights(name: str, model: nn.Module, info: ModelInfo) -> None:
+    """Load the trained weights of a model trained here (``register_weights``) into ``model``."""
+    if name not in _WEIGHTS:
+        raise WeightsUnavailableError(f"no provider of trained weights for {name!r} is "
+                                      "registered (import sanitylib.training)")  # fmt: skip
+    state, source = _WEIGHTS[name]()
+    model.load_state_dict(state)
+    info.source = source
+
+
 def load_model(name: str, pretrained: bool = True, device: str | torch.device = "cpu") -> nn.Module:
     """Load a built-in classifier in eval mode, ready for every sanitylib function.
 
@@ -593,12 +603,7 @@ def load_model(name: str, pretrained: bool = True, device: str | torch.device = 
             pretrained=pretrained, source="random", init="vit",
         )  # fmt: skip
         if pretrained:
-            if name not in _WEIGHTS:
-                raise WeightsUnavailableError(f"no provider of trained weights for {name!r} is "
-                                              "registered (import sanitylib.training)")  # fmt: skip
-            state, source = _WEIGHTS[name]()
-            model.load_state_dict(state)
-            info.source = source
+            _load_registered_weights(name, model, info)
     elif name in ("mnist_cnn", "mnist_mlp"):
         cnn = name == "mnist_cnn"
         model = MnistCNN() if cnn else MnistMLP()
@@ -611,12 +616,7 @@ def load_model(name: str, pretrained: bool = True, device: str | torch.device = 
             init="mnist_cnn" if cnn else "mnist_mlp",
         )  # fmt: skip
         if pretrained:
-            if name not in _WEIGHTS:
-                raise WeightsUnavailableError(f"no provider of trained weights for {name!r} is "
-                                              "registered (import sanitylib.training)")  # fmt: skip
-            state, source = _WEIGHTS[name]()
-            model.load_state_dict(state)
-            info.source = source
+            _load_registered_weights(name, model, info)
     else:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)} (or 'auto')")
     model.sanity_info = info

@@ -19,12 +19,23 @@ project's 2-core machine (torch 2.14, 16 rows, forward and backward to the input
 seconds, medians): EfficientNet-Lite0 at 224x224 1.3x faster (2.07 -> 1.56 s), the MNIST CNN
 1.7x (50 -> 29 ms); the benchmark and ``benchmarks/README.md`` record the engine-level figures.
 
-**The numbers** change at the level of float rounding: a convolution sums in another order.
-Measured on EfficientNet-Lite0 with its shipped weights, input gradients of the trained model
-differed by 1.9e-4 of the map's maximum, 3.2e-3 in randomized states (the order of the
-batch-size effect documented at :data:`sanitylib.engine.MAP_TOLERANCE`); every built-in method
-and metric stays within :data:`MAP_TOLERANCE` and :data:`METRIC_TOLERANCE` between the formats
-(``tests/test_memory_format.py``).  The cache
+**The numbers** change at the level of float rounding: a convolution sums in another order,
+as a change of batch size or of thread count does in one format.  Measured on
+EfficientNet-Lite0 with its shipped weights, input gradients of the trained model differed by
+1.9e-4 of the map's maximum, 3.2e-3 in randomized states (the order of the batch-size effect
+documented at :data:`sanitylib.engine.MAP_TOLERANCE`).  A *table value* can move more: in a
+partly randomized network a rounding difference flips ReLU6 gates, and the rank correlation of
+two nearly unrelated maps follows.  On the benchmark's workload (EfficientNet-Lite0, 9 methods
+with the benchmark's sample counts, its 5 cascade stages, 2 photos, 360 values) the formats
+differed by at most 2.5e-2 with one thread and 4.7e-2 with two (90 % of the values within
+1.4e-3 / 3.2e-3), while *in the default format alone* rows of 8 instead of 16 moved the same
+values by up to 2.8e-2 (90 % within 1.2e-3): the format changes the table no more than float32
+arithmetic already resolves it.  Hence two documented bounds, per run (:func:`agreement`):
+most values within :data:`METRIC_TOLERANCE` (the :data:`METRIC_QUANTILE` quantile of the
+differences) and every value within :data:`METRIC_TOLERANCE_MAX`; maps within
+:data:`MAP_TOLERANCE` of their maximum.  ``tests/test_memory_format.py`` checks every built-in
+method and metric, trained, partly and fully randomized.  Where a verdict must not depend on
+the last two digits, compare it with the run's noise floor, not with a fixed number.  The cache
 keeps results of the two formats apart (the resolved format is part of its key).
 
 **The setting**: ``memory_format="auto" | "contiguous" | "channels_last"`` of the runners
@@ -49,21 +60,30 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FORMATS", "ENV_VAR", "MAP_TOLERANCE", "METRIC_TOLERANCE", "check_memory_format", "setting", "choose", "torch_format",
-           "converted", "as_format"]  # fmt: skip
+__all__ = ["FORMATS", "ENV_VAR", "MAP_TOLERANCE", "METRIC_TOLERANCE", "METRIC_QUANTILE",
+           "METRIC_TOLERANCE_MAX", "check_memory_format", "setting", "choose", "torch_format",
+           "converted", "as_format", "agreement"]  # fmt: skip
 
 #: Documented agreement of the two formats, per map: max |channels_last - contiguous| <=
 #: MAP_TOLERANCE * max |contiguous| for every built-in method, model state and image.  Measured
-#: (torch 2.14, CPU, ``tests/test_memory_format.py``): EfficientNet-Lite0 3.2e-3 (Integrated
-#: Gradients and IG-SmoothGrad with the stem randomized), the MNIST CNN 1.4e-2 (VarGrad in a
-#: randomized state: the variance of nearly equal noisy gradients cancels, so the rounding of the
-#: gradients shows relative to the small variance); the other maps 1e-4 or less.
+#: (torch 2.14, CPU, one thread, ``tests/test_memory_format.py``'s workloads): EfficientNet-Lite0
+#: 1.5e-2 (IG-SmoothGrad with blocks 5 and up randomized; 3.2e-3 with the stem randomized), the
+#: MNIST CNN 1.4e-2 (VarGrad in a randomized state: the variance of nearly equal noisy gradients
+#: cancels, so the rounding of the gradients shows relative to the small variance); maps of the
+#: trained models 2e-4 or less.
 MAP_TOLERANCE = 2e-2
-#: Documented agreement of the two formats, per table value (a metric of a method, state and
-#: image): absolute difference <= METRIC_TOLERANCE.  Measured: 1.6e-4 (EfficientNet-Lite0, every
-#: built-in metric), 7.7e-4 (MNIST CNN, VarGrad's Spearman).  It equals the benchmark's
-#: agreement tolerance for sanitylib against the captum loop (``benchmarks/bench_sanity.py``).
-METRIC_TOLERANCE = 2e-3
+#: Documented agreement of the two formats, per run's table: at least a fraction
+#: :data:`METRIC_QUANTILE` of the values (a metric of a method, state and image) within
+#: METRIC_TOLERANCE of each other (absolute difference).  Measured: 90 % quantile 3.2e-3 on the
+#: benchmark's workload with two threads (1.4e-3 with one; a change of batch size in the default
+#: format alone: 1.2e-3), 1.3e-3 at most on ``tests/test_memory_format.py``'s workloads.
+METRIC_TOLERANCE = 5e-3
+#: The fraction of a table's values that :data:`METRIC_TOLERANCE` bounds.
+METRIC_QUANTILE = 0.9
+#: Documented agreement of the two formats for *every* value of a table.  Measured: 4.7e-2
+#: (Gradient x Input's Spearman with blocks 5-10 of EfficientNet-Lite0 randomized, two threads;
+#: 2.5e-2 with one), the same order as a change of batch size in the default format (2.8e-2).
+METRIC_TOLERANCE_MAX = 0.1
 #: The settings: ``"auto"`` (the rule of :func:`choose`), or a format forced for every model.
 FORMATS = ("auto", "contiguous", "channels_last")
 #: Environment variable read when no setting is given (``auto`` when unset or empty).
@@ -157,3 +177,25 @@ def converted(model: nn.Module, fmt: str) -> Iterator[nn.Module]:
         with torch.no_grad():
             for t, orig in reversed(saved):
                 t.data = orig
+
+
+def agreement(a, b) -> dict:
+    """How two runs' table values agree, measured against the documented bounds between formats.
+
+    ``a`` and ``b``: the ``value`` columns of two tables of the same run in two formats (or any
+    two array-likes of the same length, in the same row order).  Returns ``{"n", "quantile",
+    "max", "ok"}``: the number of values compared, the :data:`METRIC_QUANTILE` quantile and the
+    maximum of the absolute differences, and whether the quantile is within
+    :data:`METRIC_TOLERANCE`, the maximum within :data:`METRIC_TOLERANCE_MAX` and both have NaN
+    in the same places (a constant map's correlation is NaN in either format)."""
+    import numpy as np
+
+    u, v = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if u.shape != v.shape:
+        raise ValueError(f"a and b must have the same number of values, got {u.size} and {v.size}")
+    same_nan = bool(np.array_equal(np.isnan(u), np.isnan(v)))
+    d = np.abs(u - v)[~(np.isnan(u) | np.isnan(v))]
+    q = float(np.quantile(d, METRIC_QUANTILE)) if d.size else 0.0
+    worst = float(d.max()) if d.size else 0.0
+    return {"n": int(u.size), "quantile": q, "max": worst,
+            "ok": same_nan and q <= METRIC_TOLERANCE and worst <= METRIC_TOLERANCE_MAX}

@@ -1,14 +1,18 @@
 """``benchmarks/bench_sanity.py`` runs and checks what it claims, on the CPU, in its smallest
-configuration: the captum workload only (Quantus is the ``bench`` extra, run by ``make bench``),
-one image, one repetition.  Its figures are not looked at (speed lives in ``make bench``); what is
-asserted is that the script compares the expected number of values, finds them in agreement,
-prints a well-formed RESULT line and refuses bad arguments before any work.
+configuration (``--smoke``: 2 samples and steps per method): the captum workload only (Quantus is
+the ``bench`` extra, run by ``make bench``), one image, one repetition.  Its figures are not looked
+at (speed lives in ``make bench``); what is asserted is that the script compares the expected
+number of values, finds sanitylib in agreement with the captum loop in its own memory format
+(strictly) and with the loop in the other format (within the documented bounds between formats,
+``sanitylib.memory_format.agreement``), prints a well-formed RESULT line and refuses bad arguments
+before any work.
 
-It runs with two threads, as ``make bench`` does: the agreement of the noise methods' values in
-randomized states depends on float rounding (a randomized network amplifies it; see
-``sanitylib.engine.MAP_TOLERANCE``), and with one thread and one image the captum loop and
-sanitylib were measured to differ by 0.028 (SmoothGrad's HOG correlation, one stage), against
-3e-5 with two threads."""
+Why two tolerances: in partly randomized states float32 resolves a table value only to a few
+1e-2 (a rounding difference flips ReLU6 gates; see ``sanitylib.memory_format``): measured on the
+benchmark's workload, a change of memory format moved values by up to 4.7e-2, a change of batch
+size in one format by 2.8e-2, one thread instead of two (captum loop against sanitylib, same
+format) by 2.8e-2.  Only the same arithmetic can be compared to 2e-3; the test runs with two
+threads, as ``make bench`` does."""
 
 from __future__ import annotations
 
@@ -32,13 +36,9 @@ def _run(tmp_path: Path, *args: str, timeout: int = 300, **extra: str) -> subpro
                           timeout=timeout, env=env, cwd=tmp_path)  # fmt: skip
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (issue 24): sanitylib in channels-last vs the captum loop in the default format "
-    "differed by 2.5e-2 (VarGrad's Spearman at a randomized middle stage, 2026-12-03), beyond the "
-    "bench's 2e-3 and memory_format.METRIC_TOLERANCE; the channels-last captum loop agreed to 1.7e-4"))
 def test_captum_workload_agrees_and_reports(tmp_path):
     # (about 2 minutes alone on 2 idle cores; next to another pytest-xdist worker, more)
-    out = _run(tmp_path, "--device", "cpu", "--skip-quantus", "--captum-images", "1",
+    out = _run(tmp_path, "--device", "cpu", "--skip-quantus", "--captum-images", "1", "--smoke",
                "--repeats", "1", "--threads", "2", "--bare-states", "2", timeout=840)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
@@ -46,20 +46,29 @@ def test_captum_workload_agrees_and_reports(tmp_path):
     m = re.search(r"max \|sanitylib - captum loop\| over (\d+) values \(every method, stage, "
                   r"image and metric; NaN positions compared\): (\S+)", text)  # fmt: skip
     assert m, text[-3000:]
-    assert int(m.group(1)) == 180 and float(m.group(2)) <= 2e-3
+    assert int(m.group(1)) == 180
+    fmt = re.search(r"sanitylib's memory format \(sanitylib.memory_format.choose\): (\w+)", text)
+    assert fmt and fmt.group(1) == "channels_last", text[-3000:]  # EfficientNet-Lite0 on the CPU
+    # the default-format loop: the bounds between formats (its quantile is printed and checked)
+    q = re.search(r"max \|sanitylib - captum loop\| over .*?: (\S+) \(90% quantile (\S+); another "
+                  r"memory format: bounds 0.005 \(quantile\) and 0.1 \(every value\)", text)  # fmt: skip
+    assert q and float(q.group(1)) <= 0.1 and float(q.group(2)) <= 5e-3, text[-3000:]
     assert "ERROR" not in text
     result = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     assert len(result) == 1, text[-2000:]
     fields = dict(f.split("=", 1) for f in result[0].split()[1:])
     assert set(fields) == {"speedup_vs_captum_loop", "speedup_vs_captum_loop_channels_last",
-                           "efficiency", "speedup_vs_naive_passes", "max_abs_diff"}  # fmt: skip
+                           "efficiency", "speedup_vs_naive_passes", "max_abs_diff",
+                           "max_abs_diff_other_format"}  # fmt: skip
+    assert float(fields["max_abs_diff"]) <= 2e-3 and float(fields["max_abs_diff_other_format"]) <= 0.1
     for k, v in fields.items():
         assert math.isfinite(float(v)) and float(v) >= 0, (k, v)
     assert float(fields["speedup_vs_captum_loop"]) > 0 and float(fields["efficiency"]) > 0
     assert "device: cpu" in text and "allocator (every side, the whole process)" in text
     # the captum loop in channels-last: its values compared too; the bare passes in both memory
     # formats, the bound the faster one (the efficiency against it, and against each alone)
-    m = re.search(r"max \|sanitylib - captum loop in channels-last\| over the same values: (\S+)", text)
+    m = re.search(r"max \|sanitylib - captum loop in channels-last\| over the same values: (\S+) "
+                  r"\(same memory format: tolerance 0.002\)", text)  # fmt: skip
     assert m and float(m.group(1)) <= 2e-3, text[-3000:]
     m = re.search(r"per format: contiguous: naive \S+ s, reuse (\S+) s; channels_last: naive \S+ s, "
                   r"reuse (\S+) s; contiguous / channels-last \S+; bound: (\w+)", text)  # fmt: skip

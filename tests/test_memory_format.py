@@ -257,8 +257,9 @@ def _assert_within_tolerance(a, b) -> None:
     assert (a.target.to_numpy() == b.target.to_numpy()).all()
     d = (a.value - b.value).abs()
     assert not d.isna().any()
+    agree = mf.agreement(a.value, b.value)
     worst = a.assign(d=d.to_numpy()).groupby(["method", "metric"]).d.max()
-    assert (worst <= mf.METRIC_TOLERANCE).all(), worst[worst > mf.METRIC_TOLERANCE]
+    assert agree["ok"], (agree, worst.sort_values().tail())
     for st, maps in a.maps.stages.items():
         for m, u in maps.items():
             v = b.maps.stages[st][m]
@@ -275,7 +276,9 @@ def test_every_method_and_metric_within_tolerance_efficientnet():
     blocks = sl.randomize.get_blocks(model)
     options = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 3},
                "vargrad": {"n_samples": 3}, "ig_smoothgrad": {"n_samples": 2, "n_steps": 3}}
-    a, b = _both_formats(model, x, list(sl.METRICS), [blocks[0], blocks[-1]], options)
+    # the top block, then blocks 5 and up (where a rounding difference flips the most ReLU6
+    # gates: the largest differences measured), then everything
+    a, b = _both_formats(model, x, list(sl.METRICS), [blocks[0], blocks[12], blocks[-1]], options)
     assert set(a.metric) == set(sl.METRICS)  # ... and every built-in metric
     _assert_within_tolerance(a, b)
 
@@ -294,3 +297,24 @@ def test_every_method_and_metric_within_tolerance_mnist_cnn():
     a, b = _both_formats(model, x, metrics, None, options)
     assert set(a.metric) == set(metrics)
     _assert_within_tolerance(a, b)
+
+
+def test_agreement_reports_the_quantile_and_the_worst_against_the_bounds():
+    import numpy as np
+
+    a = np.zeros(100)
+    b = a.copy()
+    b[:5] = mf.METRIC_TOLERANCE_MAX / 2  # 5 % far, the rest equal: within both bounds
+    r = mf.agreement(a, b)
+    assert r["ok"] and r["n"] == 100 and r["quantile"] == 0 and r["max"] == mf.METRIC_TOLERANCE_MAX / 2
+    b[:20] = mf.METRIC_TOLERANCE * 2  # 20 % beyond METRIC_TOLERANCE: the quantile fails
+    assert not mf.agreement(a, b)["ok"]
+    b[:] = 0
+    b[0] = mf.METRIC_TOLERANCE_MAX * 1.5  # one value beyond the maximum
+    assert not mf.agreement(a, b)["ok"]
+    b[0] = np.nan  # NaN in one only
+    assert not mf.agreement(a, b)["ok"]
+    a[0] = np.nan  # NaN in both: compared as equal positions
+    assert mf.agreement(a, b)["ok"]
+    with pytest.raises(ValueError, match="same number of values"):
+        mf.agreement(a, b[:5])

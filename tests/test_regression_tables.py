@@ -44,10 +44,17 @@ def _read(path):
     return pd.read_csv(path, keep_default_na=False, na_values=["NaN", "nan"])
 
 
-def _compare(got: pd.DataFrame, path) -> None:
+def _compare(got: pd.DataFrame, path, prefix: bool = False) -> None:
+    """``got`` equals the recording at ``path`` bit for bit; with ``prefix``, equals its first
+    rows, those of the stages ``got`` has, which must be the recording's first stages."""
     want = _read(path)
     got = _read_back(got)
     assert list(got.columns) == list(want.columns)
+    if prefix:
+        stages = list(dict.fromkeys(got.stage))
+        assert stages == list(dict.fromkeys(want.stage))[:len(stages)] and len(stages) > 1
+        want = want[want.stage.isin(stages)].reset_index(drop=True)
+        assert len(want) < len(_read(path))  # really a part
     assert len(got) == len(want)
     pd.testing.assert_frame_equal(got, want, check_exact=True, check_dtype=False)
 
@@ -65,7 +72,7 @@ def _read_back(df: pd.DataFrame) -> pd.DataFrame:
 @pytest.mark.parametrize("name", list(R.CASES))
 def test_recorded_table_is_reproduced_bit_for_bit(name):
     table, floor = R.table_and_floor(R.CASES[name]())
-    _compare(table, R.DATA / f"{name}.csv")
+    _compare(table, R.DATA / f"{name}.csv", prefix=name in R.PREFIX)
     floor_file = R.DATA / f"{name}.floor.csv"
     assert (floor is not None) == floor_file.exists()
     if floor is not None:

@@ -35,19 +35,33 @@ def pytest_configure(config):
                                 "without -n")
 
 
+#: Modules whose tests take longest (measured with ``--durations``, longest first): under xdist
+#: they are handed out first, so that no long module starts last and leaves one worker idle.
+LONGEST_MODULES = ("test_replication_mnist", "test_vit", "test_cli", "test_cache_validation",
+                   "test_training", "test_regression_tables", "test_bench_sanity", "test_exercises",
+                   "test_bench_paper_profile", "test_chapter_layer")  # fmt: skip
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Group the clean-environment tests (see :data:`CLEAN_ENV_FIXTURES`) and put them first:
     they are the longest chain of the suite (every chapter, the book build, the browser test),
-    so under xdist one worker starts them at once while the other takes the rest."""
-    grouped = []
+    so under xdist one worker starts them at once while the other takes the rest.  Every other
+    test is grouped with its module (one worker per module: a module-scoped fixture, such as
+    the trained models of tests/test_replication_mnist.py, is then computed once, not once per
+    worker), the longest modules (:data:`LONGEST_MODULES`) first."""
+    grouped, rest = [], []
     for item in items:
         if CLEAN_ENV_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ == "test_site":
             item.add_marker(pytest.mark.xdist_group("clean_env"))
             grouped.append(item)
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            rest.append(item)
     if XDIST_WORKER or config.getoption("numprocesses", None):
-        ids = {id(item) for item in grouped}
-        items[:] = grouped + [item for item in items if id(item) not in ids]
+        rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+        rest.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable
+        items[:] = grouped + rest
 
 
 @pytest.fixture(scope="session", autouse=True)

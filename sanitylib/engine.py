@@ -76,7 +76,7 @@ from .randomize import ModelStates, Perturbation, evaluating, restore, snapshot
 from .registry import MethodSpec, resolve_methods
 from .replay import Recorder, ReplayMismatch
 
-__all__ = ["MAP_TOLERANCE", "CPU_BATCH_SIZE", "compute_maps", "iter_state_maps", "GroupMaps",
+__all__ = ["MAP_TOLERANCE", "CPU_BATCH_SIZE", "CPU_SMALL_INPUT_ROWS", "compute_maps", "iter_state_maps", "GroupMaps",
            "auto_batch_size", "rows_per_image", "AMP_DTYPES", "image_groups"]  # fmt: skip
 
 
@@ -102,6 +102,14 @@ REPLAY_ON_CPU = True
 #: backward to the input, freed memory kept): 39-40 ms per row from 8 to 32 rows, 42 at 4, 61 at
 #: 1; with glibc's default thresholds 16 rows stay at 39-51 ms but 32 rows cost 78-130 ms.
 CPU_BATCH_SIZE = 16
+#: Rows per chunk on the CPU for small inputs: the chunk grows so that it holds no more input
+#: elements than :data:`CPU_BATCH_SIZE` images of 3x224x224, up to this many rows.  Small models
+#: pay a per-call cost that 16 rows do not amortize: measured on the MNIST models (28x28, one
+#: thread, freed memory kept, a weight-noise cascade of 10 digits and 9 methods), 64-row chunks
+#: took 2.1x less time than 16-row chunks for the MLP (6.0 -> 2.9 s) and 1.2x less for the CNN
+#: (10.1 -> 8.4 s), 128 rows no less; the table values moved by 5e-6 (MLP) and 0 (CNN).
+CPU_SMALL_INPUT_ROWS = 64
+_CPU_REFERENCE_ELEMENTS = 3 * 224 * 224
 _CPU_GROUP_BYTES = 2 << 30  # results of one image group kept at once on the CPU
 _RELU_HOOK_TAG = "_sanitylib_guided"
 
@@ -247,11 +255,15 @@ class _NoiseJob(_Job):
 
 def auto_batch_size(model: nn.Module, x: Tensor, *, amp: str | None = None, factor: float = 2.0,
                     fraction: float = 0.6, cap: int = 1024) -> int:  # fmt: skip
-    """Rows per forward/backward chunk: :data:`CPU_BATCH_SIZE` on the CPU; on CUDA, as many rows
-    as fit in ``fraction`` of the free memory, from the peak memory of a probe pass on 2 rows
-    (``factor`` for the recorded graph kept across model states)."""
+    """Rows per forward/backward chunk.  On the CPU :data:`CPU_BATCH_SIZE` for images of
+    3x224x224 elements or more; for smaller inputs as many rows as hold the input elements of
+    that many such images, at most :data:`CPU_SMALL_INPUT_ROWS` (64 rows for 28x28 digits).  On
+    CUDA, as many rows as fit in ``fraction`` of the free memory, from the peak memory of a
+    probe pass on 2 rows (``factor`` for the recorded graph kept across model states)."""
     if x.device.type != "cuda":
-        return CPU_BATCH_SIZE
+        per_row = max(1, x[0].numel()) if x.ndim > 0 and len(x) else _CPU_REFERENCE_ELEMENTS
+        fit = CPU_BATCH_SIZE * _CPU_REFERENCE_ELEMENTS // per_row
+        return int(min(CPU_SMALL_INPUT_ROWS, max(CPU_BATCH_SIZE, fit)))
     dev = x.device
     torch.cuda.synchronize(dev)
     torch.cuda.empty_cache()

@@ -294,7 +294,12 @@ def test_bfloat16_autocast_runs_and_stays_close(tiny_, xt):
 
 
 def test_auto_sizes_on_cpu(xt, tiny_):
-    assert EN.auto_batch_size(tiny_, xt) == EN.CPU_BATCH_SIZE == 16
+    # 16 rows for ImageNet-sized inputs, more for small ones (at most CPU_SMALL_INPUT_ROWS)
+    assert EN.auto_batch_size(tiny_, torch.zeros(2, 3, 224, 224)) == EN.CPU_BATCH_SIZE == 16
+    assert EN.auto_batch_size(tiny_, torch.zeros(2, 3, 299, 299)) == 16
+    assert EN.auto_batch_size(tiny_, torch.zeros(2, 3, 112, 112)) == 64 == EN.CPU_SMALL_INPUT_ROWS
+    assert EN.auto_batch_size(tiny_, torch.zeros(2, 3, 160, 160)) == 31  # 16 x 3x224x224 elements
+    assert EN.auto_batch_size(tiny_, torch.zeros(2, 1, 28, 28)) == 64
     assert EN._auto_group_size(xt, 20, 8, 1 << 40) == len(xt)
     assert EN._auto_group_size(torch.zeros(8, 3, 224, 224), 20, 8, 1 << 28) == 2  # 113 MB per image
 

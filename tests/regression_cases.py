@@ -2,15 +2,26 @@
 
 Each case is a ``run_randomization`` call as a chapter's smoke profile or one of the benchmark's
 two workloads makes it (smaller: fewer images or blocks where the full run would cost minutes),
-on the real models and data.  ``python tests/regression_cases.py`` records every case's table and
-noise floor as CSV (17 significant digits) into ``tests/regression_data/``; the test reruns the
-cases and requires the same numbers bit for bit.  Re-record only for a change that is meant to
-change the numbers, and say so in the commit.
+on the real models and data.  ``python tests/regression_cases.py SET`` records every case's table
+and noise floor as CSV (17 significant digits) into ``tests/regression_data/SET/``, with the
+machine's arithmetic (:func:`arithmetic`) in ``arithmetic.json``; the test reruns the cases and
+requires the same numbers bit for bit on a machine whose arithmetic matches a set's.
+
+Bit for bit holds only for the same arithmetic: float32 kernels are chosen per CPU (MKL's code
+path by vendor and instruction set, oneDNN's and ATen's by instruction set), and another choice
+rounds differently.  Measured: the AMD EPYC recordings rerun on an Intel Xeon with AVX-512 and AMX
+(same torch, same code) differ by up to 1.6e-5 (chapter 6's MLP floor; ``MKL_CBWR=COMPATIBLE``
+removes that one, MKL's path); the EfficientNet-Lite0 cases by up to 4.8e-6.  On a machine that
+matches no set the test compares with the first set within :data:`OTHER_ARITHMETIC_TOLERANCE`.
+Re-record only for a change that is meant to change the numbers (every set, on its machine), or
+add a set for a new machine from code whose numbers a set already pins, and say so in the commit.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -30,12 +41,55 @@ MNIST_OPTIONS = {"integrated_gradients": {"n_steps": 5}, "smoothgrad": {"n_sampl
                  "ig_smoothgrad": {"n_samples": 2, "n_steps": 3}}
 
 
+#: The tolerance against a set recorded with another arithmetic (absolute, on every value of the
+#: tables and floors, whose values lie in [-1, 1]): about 6x the largest difference measured
+#: between two CPUs (1.6e-5, see the module docstring).
+OTHER_ARITHMETIC_TOLERANCE = 1e-4
+#: The CPU flags of the instruction sets the float32 kernels dispatch on.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "avx_vnni")
+
+
+def arithmetic() -> dict:
+    """What decides the rounding of this machine's float32 results: the CPU's vendor, the
+    instruction sets of :data:`ISA_FLAGS` it has, torch's version."""
+    vendor, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() == "vendor_id":
+                    vendor = val.strip()
+                elif key.strip() == "flags":
+                    flags = set(val.split())
+                    break
+    except OSError:
+        pass
+    return {"cpu_vendor": vendor, "isa": [f for f in ISA_FLAGS if f in flags],
+            "torch": torch.__version__}  # fmt: skip
+
+
+def recording_sets() -> list[tuple[Path, dict]]:
+    """Every recorded set (folder, its arithmetic), sorted by name."""
+    return [(p.parent, json.loads(p.read_text())) for p in sorted(DATA.glob("*/arithmetic.json"))]
+
+
+def matching_set() -> tuple[Path, bool]:
+    """The set recorded with this machine's arithmetic (every key the set's ``arithmetic.json``
+    names equal here) and ``True``; without one, the first set and ``False``."""
+    here = arithmetic()
+    sets = recording_sets()
+    for path, arith in sets:
+        if all(here.get(k) == v for k, v in arith.items() if k in here):
+            return path, True
+    return sets[0][0], False
+
+
 #: Cascades cut to their first blocks (top down) to keep the test short: a cascade's first k
 #: stages do not depend on the blocks after them (each block's weights are drawn from the run's
 #: seed and the block alone), so the cut run must give the first rows of the full recording bit
 #: for bit; ``test_regression_tables`` compares those rows and the noise floor.  The recordings
 #: hold the full runs (19 blocks, 5 coarse blocks, the first 40 of 99 Quantus steps).
-PREFIX = {"ch02_cascading": 4, "bench_quantus_task": 12, "bench_captum_task": 3}
+PREFIX = {"ch02_cascading": 2, "bench_quantus_task": 6, "bench_captum_task": 2}
 #: What :func:`record` runs: the full cascades (the Quantus task's first 40 steps).
 FULL = {"ch02_cascading": None, "bench_quantus_task": 40, "bench_captum_task": None}
 
@@ -136,8 +190,11 @@ def table_and_floor(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None
     return df.reset_index(drop=True), df.floor
 
 
-def record(names=None) -> None:
-    DATA.mkdir(parents=True, exist_ok=True)
+def record(set_name: str, names=None, note: str = "") -> None:
+    """Record the cases ``names`` (default all) into the set ``set_name`` with this machine's
+    arithmetic."""
+    out = DATA / set_name
+    out.mkdir(parents=True, exist_ok=True)
     os.environ["SANITYLIB_MEMORY_FORMAT"] = "contiguous"  # the format of the recordings
     PREFIX.update(FULL)  # the recordings hold the full runs; the test compares their first rows
     for name, fn in CASES.items():
@@ -145,12 +202,19 @@ def record(names=None) -> None:
             continue
         torch.manual_seed(12345)  # the runs must not depend on the global RNG: a canary
         table, floor = table_and_floor(fn())
-        table.to_csv(DATA / f"{name}.csv", index=False, float_format="%.17g")
+        table.to_csv(out / f"{name}.csv", index=False, float_format="%.17g")
         if floor is not None:
-            floor.to_csv(DATA / f"{name}.floor.csv", index=False, float_format="%.17g")
+            floor.to_csv(out / f"{name}.floor.csv", index=False, float_format="%.17g")
         print(name, len(table), "rows", "" if floor is None else f"+ floor {len(floor)}")
+    arith = arithmetic()
+    if note:
+        arith["recorded"] = note
+    (out / "arithmetic.json").write_text(json.dumps(arith, indent=2) + "\n")
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python tests/regression_cases.py SET [CASE ...]  (SET: a folder name "
+                 "under tests/regression_data/)")
     torch.set_num_threads(2)
-    record(sys.argv[1:])
+    record(sys.argv[1], sys.argv[2:], os.environ.get("RECORD_NOTE", ""))

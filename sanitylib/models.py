@@ -9,6 +9,7 @@ their input convention and their preprocessing.  Every other function of sanityl
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from efficientnet_lite_pytorch import EfficientNet as _EfficientNet
 from torch import nn
-from torchvision.models.inception import BasicConv2d as _TVBasicConv2d
 
 __all__ = [
     "MODELS",
@@ -393,12 +393,29 @@ def preprocess_efficientnet(img) -> torch.Tensor:
     return (_resize_uint8(img, 224) / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
 
 
-class SanityBasicConv2d(_TVBasicConv2d):
-    """torchvision's ``BasicConv2d`` with its ``F.relu`` turned into an ``nn.ReLU`` module
-    (captum's modified-backprop rules only hook ``nn.ReLU`` modules)."""
+@functools.cache
+def _basic_conv2d() -> tuple[type, type]:
+    """torchvision's Inception ``BasicConv2d`` and :class:`SanityBasicConv2d`, made on first use:
+    importing torchvision takes about a second (it loads ``torch._dynamo``), which every process
+    that imports sanitylib but never builds an Inception v3 would pay."""
+    from torchvision.models.inception import BasicConv2d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.relu(self.bn(self.conv(x)))
+    class SanityBasicConv2d(BasicConv2d):
+        """torchvision's ``BasicConv2d`` with its ``F.relu`` turned into an ``nn.ReLU`` module
+        (captum's modified-backprop rules only hook ``nn.ReLU`` modules)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+            return self.relu(self.bn(self.conv(x)))
+
+    SanityBasicConv2d.__module__, SanityBasicConv2d.__qualname__ = __name__, "SanityBasicConv2d"
+    return BasicConv2d, SanityBasicConv2d
+
+
+def __getattr__(name: str):
+    """``SanityBasicConv2d`` on first access (see :func:`_basic_conv2d`)."""
+    if name == "SanityBasicConv2d":
+        return _basic_conv2d()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class GlobalMeanPool(nn.Module):
@@ -439,10 +456,11 @@ def _inception_v3(pretrained: bool) -> nn.Module:
         ) from err
     # transform_input=False: the weights expect x in [-1, 1] (the paper's convention).
     model.transform_input = False
+    basic, sanity_basic = _basic_conv2d()
     for m in model.modules():
-        if type(m) is _TVBasicConv2d:
+        if type(m) is basic:
             m.relu = nn.ReLU(inplace=False)
-            m.__class__ = SanityBasicConv2d
+            m.__class__ = sanity_basic
     model.avgpool = GlobalMeanPool()  # deterministic CUDA backward (no parameters change)
     return model
 

@@ -723,6 +723,9 @@ def main(argv=None) -> int:
                     help="images of workload 1 (default 8: 792 values; 16: 1,584)")
     ap.add_argument("--captum-images", type=int, default=3,
                     help="images of workload 2 (default 3: 540 values; 8: 1,440)")
+    ap.add_argument("--captum-blocks", type=int, default=len(CAPTUM_BLOCKS),
+                    help=f"coarse blocks of workload 2's cascade, from the top (default all "
+                         f"{len(CAPTUM_BLOCKS)}; fewer only to check the script quickly)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3,
                     help="repetitions of each side, interleaved in ABBA order (median, range)")
     ap.add_argument("--bare-states", type=int, default=0,
@@ -753,6 +756,8 @@ def main(argv=None) -> int:
     for name in ("repeats", "quantus_images", "captum_images", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.captum_blocks <= len(CAPTUM_BLOCKS):
+        ap.error(f"--captum-blocks must be between 1 and {len(CAPTUM_BLOCKS)}, got {args.captum_blocks}")
     if args.bare_states < 0:
         ap.error(f"--bare-states must be >= 0, got {args.bare_states}")
     if args.smoke:
@@ -898,7 +903,7 @@ def _main(args, sl) -> int:
     # -- 2: plain captum loop vs sanitylib ------------------------------------------------
     if not args.skip_captum:
         x = load_batch(model, args.captum_images)
-        blocks = [Block(n, m) for n, m in CAPTUM_BLOCKS]
+        blocks = [Block(n, m) for n, m in CAPTUM_BLOCKS[:args.captum_blocks]]
         stages = cascading_stages(blocks)
         pert = sl.Perturbation()  # the paper's re-initialization
         n_states = len(stages) + 1

@@ -4,8 +4,17 @@ tests/test_notebooks.py and tests/test_site.py."""
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning (read when torch loads its OpenMP runtime, so set
+# before the import; inherited by every subprocess and kernel of the session).  The tests that
+# compute with the 2 threads their recordings were made with (tests/test_regression_tables.py,
+# the bench test's subprocess) run next to the other pytest-xdist worker: with spinning threads
+# that oversubscription made them 5-8x slower (measured: the bench_captum_task case 44.6 s with
+# one core busy vs 5.7 s idle; with PASSIVE 10.0 s busy, 6.2 s idle).  The numbers are the same:
+# the wait policy is not the arithmetic.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -109,3 +109,15 @@ def test_importing_sanitylib_leaves_the_chapter_layer_unloaded():
     code = "import sys, sanitylib; print(sorted(m for m in sys.modules if m.startswith('sanitylib.book')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_importing_sanitylib_leaves_torchvision_unloaded_until_inception_is_built():
+    """torchvision (and the ``torch._dynamo`` it loads, ~1 s of every process) is imported when a
+    model needs it; building Inception v3 still swaps in the ``nn.ReLU`` form of its blocks."""
+    code = ("import sys, sanitylib as sl; before = 'torchvision' in sys.modules; "
+            "m = sl.load_model('inception_v3', pretrained=False); "
+            "from sanitylib.models import SanityBasicConv2d as S; "
+            "print(before, isinstance(m.Conv2d_1a_3x3, S), type(m.Conv2d_1a_3x3.relu).__name__, "
+            "S.__module__, S.__qualname__)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "ReLU", "sanitylib.models", "SanityBasicConv2d"]

@@ -13,6 +13,7 @@ value per image. Reference equivalences (checked in tests/test_metrics.py):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Sequence
@@ -509,16 +510,27 @@ _SSIM_COV_NORM = _SSIM_WIN**2 / (_SSIM_WIN**2 - 1)  # sample covariance
 
 def _gauss_valid(u: Tensor, sigma: float = 1.5) -> Tensor:
     """SSIM's Gaussian window (11 taps, truncate 3.5) over ``(M, H, W)`` float64 maps, 'valid'
-    region; scipy's C filter on the CPU (much faster than float64 convolutions in torch)."""
+    region; scipy's C filter on the CPU (much faster than float64 convolutions in torch), the
+    maps split over the torch threads (scipy's filter runs without the GIL; each map is filtered
+    alone, so the values do not depend on the split: 2 threads halved the time of 27 maps of
+    224x224)."""
     win = _gaussian_window(sigma, 3.5, u.device)
     k, r = win.numel(), win.numel() // 2
     if u.device.type == "cpu":
-        from scipy.ndimage import correlate1d
-
-        a = correlate1d(u.numpy(), win.numpy(), axis=1, mode="constant")[:, r:-r]
-        a = correlate1d(a, win.numpy(), axis=2, mode="constant")[:, :, r:-r]
-        return torch.from_numpy(a.copy())  # contiguous: strided torch ops are slow
+        un = u.contiguous().numpy()
+        out = np.empty((un.shape[0], un.shape[1] - 2 * r, un.shape[2] - 2 * r), dtype=un.dtype)
+        _by_rows(functools.partial(_gauss_rows, win=win.numpy()), un, out)
+        return torch.from_numpy(out)
     return F.conv2d(F.conv2d(u[:, None], win.view(1, 1, k, 1)), win.view(1, 1, 1, k))[:, 0]
+
+
+def _gauss_rows(u: np.ndarray, out: np.ndarray, win: np.ndarray) -> None:
+    """:func:`_gauss_valid` of the maps ``u`` (M, H, W) into ``out`` (one block of rows)."""
+    from scipy.ndimage import correlate1d
+
+    r = len(win) // 2
+    a = correlate1d(u, win, axis=1, mode="constant")[:, r:-r]
+    out[...] = correlate1d(a, win, axis=2, mode="constant")[:, :, r:-r]
 
 
 def ssim_features(fa: MapFeatures, fb: MapFeatures, data_range: float = 2.0) -> Tensor:

@@ -187,14 +187,9 @@ def sync(dev: torch.device) -> None:
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from sanitylib.utils import cpu_info
+
+    return cpu_info()["model"]
 
 
 def fmt_s(s: float) -> str:

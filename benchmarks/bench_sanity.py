@@ -698,15 +698,9 @@ def versions() -> dict[str, str]:
 
 
 def device_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from sanitylib.utils import cpu_info
+
+    cpu = cpu_info()["model"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     gpu = ""
     if DEVICE.type == "cuda":

@@ -3,8 +3,10 @@ content hashes.  This module imports nothing from sanitylib."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import platform
 import secrets
 import warnings
 from pathlib import Path
@@ -14,10 +16,32 @@ import torch
 from torch import Tensor
 
 __all__ = ["__version__", "derive_seed", "cache_dir", "atomic_write", "atomic_save", "tensor_hash",
-           "source_hash", "load_cached"]  # fmt: skip
+           "source_hash", "load_cached", "cpu_info"]  # fmt: skip
 
 #: The package version (also ``sanitylib.__version__``).
 __version__ = "0.1.0"
+
+
+@functools.cache
+def cpu_info() -> dict:
+    """The CPU this process runs on: ``{"model": str, "vendor": str, "flags": frozenset}`` from
+    ``/proc/cpuinfo`` (its first processor), read once; where there is no such file, the model
+    and vendor are :func:`platform.processor` (or the machine's architecture) and no flags."""
+    fallback = platform.processor() or platform.machine()
+    info = {"model": fallback, "vendor": fallback, "flags": frozenset()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = (part.strip() for part in line.partition(":"))
+                if not key and info["flags"]:
+                    break  # the end of the first processor's block
+                if key in ("model name", "vendor_id"):
+                    info["model" if key == "model name" else "vendor"] = val
+                elif key == "flags":
+                    info["flags"] = frozenset(val.split())
+    except OSError:
+        pass
+    return info
 
 
 def derive_seed(*parts: object) -> int:

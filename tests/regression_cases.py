@@ -4,7 +4,8 @@ Each case is a ``run_randomization`` call as a chapter's smoke profile or one of
 two workloads makes it (smaller: fewer images or blocks where the full run would cost minutes),
 on the real models and data.  ``python tests/regression_cases.py SET`` records every case's table
 and noise floor as CSV (17 significant digits) into ``tests/regression_data/SET/``, with the
-machine's arithmetic (:func:`arithmetic`) in ``arithmetic.json``; the test reruns the cases and
+machine's arithmetic (:func:`arithmetic`, and ``$RECORD_NOTE``: how and with which code it was
+recorded) in ``arithmetic.json``; the test reruns the cases and
 requires the same numbers bit for bit on a machine whose arithmetic matches a set's.
 
 Bit for bit holds only for the same arithmetic: float32 kernels are chosen per CPU (MKL's code
@@ -21,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -52,19 +52,8 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "am
 def arithmetic() -> dict:
     """What decides the rounding of this machine's float32 results: the CPU's vendor, the
     instruction sets of :data:`ISA_FLAGS` it has, torch's version."""
-    vendor, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                if key.strip() == "vendor_id":
-                    vendor = val.strip()
-                elif key.strip() == "flags":
-                    flags = set(val.split())
-                    break
-    except OSError:
-        pass
-    return {"cpu_vendor": vendor, "isa": [f for f in ISA_FLAGS if f in flags],
+    cpu = sl.utils.cpu_info()
+    return {"cpu_vendor": cpu["vendor"], "isa": [f for f in ISA_FLAGS if f in cpu["flags"]],
             "torch": torch.__version__}  # fmt: skip
 
 

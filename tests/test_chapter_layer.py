@@ -303,3 +303,36 @@ def test_cascade_and_data_randomization_summaries(quick_models, small):
            & (fl["metric"] == "spearman_abs")]["value"]  # fmt: skip
     assert s.loc[0, "absolute: floor"] == pytest.approx(f.mean())
     assert s[[c for c in s.columns if ":" in c]].abs().le(1).all().all()
+
+
+def test_cpu_info_reads_the_first_processor_and_falls_back_without_proc(monkeypatch, tmp_path):
+    from sanitylib.utils import cpu_info
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon X\n"
+                    "flags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nvendor_id\t: Other\n"
+                    "model name\t: Not this one\nflags\t\t: fpu\n")  # fmt: skip
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(fake if p == "/proc/cpuinfo" else p, *a, **k))
+    assert cpu_info.__wrapped__() == {"model": "Xeon X", "vendor": "GenuineIntel",
+                                      "flags": frozenset({"fpu", "avx2", "avx512f"})}  # fmt: skip
+
+    def no_proc(p, *a, **k):
+        if p == "/proc/cpuinfo":
+            raise OSError("no such file")
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    monkeypatch.setattr("platform.processor", lambda: "")
+    monkeypatch.setattr("platform.machine", lambda: "riscv64")
+    assert cpu_info.__wrapped__() == {"model": "riscv64", "vendor": "riscv64", "flags": frozenset()}
+
+
+def test_execution_statistics_name_the_cpu():
+    from sanitylib.book.runinfo import describe_device
+    from sanitylib.utils import cpu_info
+
+    n = torch.get_num_threads()
+    assert describe_device(torch.nn.Linear(2, 2)) == \
+        f"CPU ({n} thread{'' if n == 1 else 's'}; {cpu_info()['model']})"
+    assert cpu_info()["model"]  # this machine's model name, never empty

@@ -14,6 +14,7 @@ import json
 import torch
 from torch import nn
 
+from ..utils import cpu_info
 from .notebook import glue
 
 __all__ = ["RUN_INFO_KEY", "record_run", "describe_device", "describe_model"]
@@ -40,13 +41,15 @@ def describe_model(model: nn.Module) -> str:
 
 
 def describe_device(model: nn.Module | None = None) -> str:
-    """Where ``model`` runs: ``"CPU (2 threads)"`` or the GPU's name (``"cuda: NVIDIA H200"``)."""
+    """Where ``model`` runs: ``"CPU (2 threads; Intel(R) Xeon(R) Processor)"``, with the CPU's
+    model name (float32 results and times depend on it), or the GPU's name
+    (``"cuda: NVIDIA H200"``)."""
     param = next(model.parameters(), None) if model is not None else None
     device = param.device if param is not None else torch.device("cpu")
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     n = torch.get_num_threads()
-    return f"{device.type.upper()} ({n} thread{'' if n == 1 else 's'})"
+    return f"{device.type.upper()} ({n} thread{'' if n == 1 else 's'}; {cpu_info()['model']})"
 
 
 def record_run(profile, *models: nn.Module) -> dict:

@@ -167,6 +167,18 @@ def run(spec: RunSpec, model: nn.Module, x: Tensor, settings: RunSettings | None
         return runner.result()
 
 
+#: Map values of the stages whose maps :meth:`_Runner.rows` post-processes together (the raw
+#: maps of one method; their features take about 15 times as much memory, transient).
+_STAGE_BATCH_ELEMS = 1 << 22
+
+
+def _stage_batches(n_stages: int, group_elems: int) -> list[list[int]]:
+    """The stages ``1..n_stages`` in consecutive batches of at most ``_STAGE_BATCH_ELEMS``
+    map values (a group's maps of one method hold ``group_elems``); at least one per batch."""
+    step = max(1, _STAGE_BATCH_ELEMS // max(1, group_elems))
+    return [list(range(lo, min(n_stages, lo + step - 1) + 1)) for lo in range(1, n_stages + 1, step)]
+
+
 class _Runner:
     """One run of a :class:`RunSpec`: the maps per group of images (through the cache when it is
     on), the table rows, the kept maps, the noise floors and the activation scales."""
@@ -271,30 +283,47 @@ class _Runner:
         """Table rows of one group of images: every stage, method, metric and image
         (``gm.maps[0]`` the trained model's maps, ``gm.maps[k]`` those of ``stages[k - 1]``, the
         schedule's stage ``first + k - 1``).  The trained model's maps are post-processed once
-        (:class:`sanitylib.metrics.MapFeatures`; ``orig`` when already done)."""
+        (:class:`sanitylib.metrics.MapFeatures`; ``orig`` when already done).  The built-in
+        metrics compare several stages' maps at once (:func:`_stage_batches`): every map is
+        post-processed and compared on its own, so the values are those of one stage at a time,
+        bit for bit, with fewer and larger operations (split better over the threads).  A user's
+        metric is called once per stage, on the group's maps, as before."""
         spec, out = self.spec, []
         G = len(gm.images)
         orig = orig or self.features(gm.maps[0])
+        builtin = [f.name for f in spec.metrics if f.builtin]
         prepared = {(m, f.name): (f.prepare or (lambda v: v))(orig[m].maps) for m in self.methods
                     for f in spec.metrics if not f.builtin}  # fmt: skip
+        values: dict[tuple[int, str, str], list] = {}  # (stage k, method, metric) -> G values
+        const: dict[tuple[int, str], list] = {}
+        for meth in self.methods:
+            ref = orig[meth].prepare(builtin)
+            for ks in _stage_batches(len(stages), gm.maps[0][meth].numel()):
+                n = len(ks)
+                feats = MapFeatures(torch.cat([gm.maps[k][meth] for k in ks]) if n > 1 else gm.maps[ks[0]][meth])
+                tiled = ref.repeat(n)
+                c = (feats.abs_constant() | tiled.abs_constant()).view(n, G).tolist()
+                const.update({(k, meth): c[j] for j, k in enumerate(ks)})
+                for name in builtin:
+                    v = compare(name, tiled, feats).view(n, G).tolist()
+                    values.update({(k, meth, name): v[j] for j, k in enumerate(ks)})
+            for fn in spec.metrics:
+                if not fn.builtin:
+                    for k in range(1, len(stages) + 1):
+                        b = (fn.prepare or (lambda v: v))(gm.maps[k][meth])
+                        values[k, meth, fn.name] = fn.values(prepared[(meth, fn.name)], b, G).tolist()
         targets = gm.targets.tolist()
         describe = spec.perturbation.describe()
         for k, stage in enumerate(stages, start=1):
             for meth in self.methods:
-                feats = MapFeatures(gm.maps[k][meth])
-                const = (feats.abs_constant() | orig[meth].abs_constant()).tolist()
                 for fn in spec.metrics:
-                    if fn.builtin:
-                        vals = compare(fn.name, orig[meth], feats)
-                    else:
-                        vals = fn.values(prepared[(meth, fn.name)], (fn.prepare or (lambda v: v))(feats.maps), G)
-                    vals = vals.tolist()
+                    vals = values[k, meth, fn.name]
                     for g in range(G):
                         i = gm.images[g]
                         out.append({
                             "schedule": spec.schedule, "stage_index": first + k - 1, "stage": stage.name,
                             "method": meth, "image": spec.image_ids[i], "image_name": spec.image_names[i],
-                            "metric": fn.name, "value": float(vals[g]), "constant": bool(const[g]),
+                            "metric": fn.name, "value": float(vals[g]), "constant": bool(const[k, meth][g]),
                             "target": int(targets[k][g]), "original_target": int(targets[0][g]),
                             "perturbation": describe, "model": spec.label,
                         })  # fmt: skip

@@ -479,6 +479,40 @@ class MapFeatures:
     def hog_ranks(self) -> Tensor:
         return self._get("hog_ranks", lambda: rankdata(self.hog()))
 
+    def prepare(self, metrics: Sequence[str]) -> "MapFeatures":
+        """Compute now what :func:`compare` needs for the built-in ``metrics`` (and the ABS
+        maps' constancy); other names are skipped.  Returns ``self``."""
+        self.abs_constant()
+        for name in metrics:
+            if name in _FEATURES_OF:
+                _FEATURES_OF[name](self)
+        return self
+
+    def repeat(self, n: int) -> "MapFeatures":
+        """The features of ``n`` copies of the maps one after the other, ``(n * N, C, H, W)``:
+        the maps and every feature computed so far tiled (copied), not computed again; a
+        feature not computed yet is computed on the tiled maps.  ``n == 1`` returns ``self``."""
+        if n == 1:
+            return self
+
+        def tiled(v):
+            if isinstance(v, tuple):
+                return tuple(tiled(t) for t in v)
+            return v.repeat(n, *([1] * (v.ndim - 1)))
+
+        out = MapFeatures.__new__(MapFeatures)  # the maps were checked when self was made
+        out.maps = tiled(self.maps)
+        out._cache = {key: tiled(v) for key, v in self._cache.items()}
+        return out
+
+
+#: What each built-in metric reads from :class:`MapFeatures` (:meth:`MapFeatures.prepare`).
+_FEATURES_OF: dict[str, Callable[[MapFeatures], object]] = {
+    "spearman_abs": MapFeatures.abs_ranks, "spearman": MapFeatures.div_ranks,
+    "ssim": MapFeatures.ssim_stats, "hog_pearson": MapFeatures.hog,
+    "hog_spearman": MapFeatures.hog_ranks,
+}  # fmt: skip
+
 
 def _normalized_ranks(maps: Tensor, kind: str, percentile: float = 99.0) -> tuple[Tensor, Tensor]:
     """One sort per map: the ``abs`` or diverging normalization of

@@ -21,6 +21,7 @@ import sanitylib.experiment as E
 from sanitylib.attribution import explain as real_explain
 from sanitylib.attribution import predict
 from sanitylib.data import load_photos
+from sanitylib.metrics import METRICS as BUILTIN_METRICS
 from sanitylib.metrics import noise_floor, similarity
 from sanitylib.randomize import Perturbation, get_blocks, randomized
 from reference import TinyCNN
@@ -484,6 +485,44 @@ def test_efficientnet_cascading_table(effnet, photos):
     again = E.cascading_randomization(effnet, x, methods, blocks=blocks, cache=False,
                                       progress=False, image_names=photos.names[:1])  # fmt: skip
     assert again.equals(df)
+
+
+def test_stage_batches_cover_every_stage_once_in_order():
+    assert E._stage_batches(5, E._STAGE_BATCH_ELEMS // 2) == [[1, 2], [3, 4], [5]]
+    assert E._stage_batches(3, E._STAGE_BATCH_ELEMS * 4) == [[1], [2], [3]]  # at least one
+    assert E._stage_batches(4, 1) == [[1, 2, 3, 4]]
+    assert E._stage_batches(0, 1) == []
+
+
+def _user_ssim(a, b):  # a user's metric: called once per stage, on the group's raw maps
+    return similarity(a, b, "ssim", ssim_data_range=1.0)
+
+
+@pytest.mark.parametrize("case", ["tiny", "efficientnet_1", "efficientnet_2"])
+def test_stages_compared_together_equal_one_stage_at_a_time(case, tiny, xt, effnet, photos, monkeypatch):
+    """The runner post-processes and compares several stages' maps at once
+    (``experiment._stage_batches``): every value, constant flag and target is that of one stage
+    at a time, bit for bit, also with one image (a single output per reduction) and for a
+    user's metric."""
+    if case == "tiny":
+        model, x, methods, metrics, blocks = tiny, xt, METHODS, METRICS + [_user_ssim], None
+        kw = dict(method_options=OPTIONS)
+    else:
+        n = int(case[-1])
+        model, x, methods, blocks = effnet, photos.x[:n], ["gradient", "guided_backprop"], ["logits", "conv_head", "block15"]
+        metrics, kw = list(BUILTIN_METRICS) + [_user_ssim], {}
+    elems = x[:1].numel() * len(x)  # one method's maps of the group
+    tables = {}
+    for label, limit in (("one", 1), ("pairs", 2 * elems), ("all", E._STAGE_BATCH_ELEMS)):
+        monkeypatch.setattr(E, "_STAGE_BATCH_ELEMS", limit)
+        tables[label] = E.cascading_randomization(model, x, methods, blocks=blocks, metrics=metrics,
+                                                  cache=False, progress=False, **kw)  # fmt: skip
+    n_stages = len(tables["one"].stages)
+    assert n_stages >= 3 and len(E._stage_batches(n_stages, elems)) == 1  # the default: all at once
+    monkeypatch.setattr(E, "_STAGE_BATCH_ELEMS", 2 * elems)
+    assert len(E._stage_batches(n_stages, elems)) == (n_stages + 1) // 2
+    assert tables["pairs"].equals(tables["one"]) and tables["all"].equals(tables["one"])
+    assert tables["one"]["value"].notna().all()
 
 
 def test_efficientnet_gbp_barely_changes_when_logits_are_randomized(effnet, photos):

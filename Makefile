@@ -17,10 +17,18 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install book test bench clean assignments lab lab-assignments
 
+# pip compiles what it installs to bytecode one file at a time: install with --no-compile, then
+# compile the venv's site-packages on every core (compileall -j 0; files already compiled are
+# skipped).  The same bytecode, about 10 s sooner on 2 cores.  Like pip, it goes on past the
+# few files in the packages that are not Python 3 (their errors are silenced).
+SITE = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+COMPILE = $(BIN)/python -m compileall -qq -j 0 "$(SITE)" >/dev/null || true
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install -q -e ".[book,test]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q --no-compile -e ".[book,test]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(COMPILE)
 	$(BIN)/python -c "import sanitylib, captum, jupyter_book, papermill, pytest" 
 	touch $(STAMP)
 
@@ -64,7 +72,8 @@ lab-assignments: $(STAMP)
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 $(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[bench]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q --no-compile -e ".[bench]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(COMPILE)
 	$(BIN)/python -c "import quantus, captum, sanitylib"
 	touch $(BENCH_STAMP)
 

@@ -99,6 +99,17 @@ def test_bad_input(fn):
         fn(x)
 
 
+def test_check_maps_accepts_finite_values_whose_sum_overflows():
+    """The check sums the maps first (a finite sum proves every value finite); a sum that
+    overflows is not taken for a bad value: the value-by-value check decides."""
+    big = torch.full((2, 3, 8, 8), 3e38)  # float32: the sum is inf, every value finite
+    assert not torch.isfinite(big.sum())
+    P.check_maps(big)
+    big[1, 2, 0, 0] = -float("inf")
+    with pytest.raises(ValueError, match=r"contains inf values: 1 of 2 images \(indices \[1\]\)"):
+        P.check_maps(big)
+
+
 def test_check_maps_name_and_ndims():
     with pytest.raises(ValueError, match=r"^b must be 3-D or 4-D .*got shape \(8, 8\)"):
         P.check_maps(torch.zeros(8, 8), "b", (3, 4))

@@ -522,7 +522,8 @@ def histogram_entropy(maps: Tensor, n_bins: int = 100) -> Tensor:
 
 
 def emprt(model: nn.Module, x: Tensor, methods: Sequence, blocks=None, *, n_bins: int = 100,
-          seed: int = 0, perturbation: Perturbation | None = None, target: str = "original",
+          seed: int = 0, perturbation: Perturbation | Sequence[Perturbation] | None = None,
+          target: str = "original",
           method_options: dict | None = None, image_names: Sequence[str] | None = None,
           batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> pd.DataFrame:  # fmt: skip
     """Efficient MPRT (Hedström et al. 2023): the relative rise of the explanation's
@@ -532,10 +533,14 @@ def emprt(model: nn.Module, x: Tensor, methods: Sequence, blocks=None, *, n_bins
 
     Every block is randomized (the end of a cascade in either order).  ``target``:
     ``"original"`` (the trained model's class, as in the paper) or ``"current"``.
+    ``perturbation``: one :class:`~sanitylib.Perturbation` (default: the paper's
+    re-initialization) or several, each scored against the same trained model's maps
+    (computed once).
 
     Returns:
         Columns ``test, method, image, image_name, metric, value, entropy_trained,
-        entropy_random`` with ``metric = "emprt"``.
+        entropy_random, perturbation`` with ``metric = "emprt"`` and ``perturbation`` the
+        perturbation's :meth:`~sanitylib.Perturbation.describe`, in the order given.
     """
     _check_model(model)
     batch_size = _check_int("batch_size", batch_size)
@@ -543,8 +548,7 @@ def emprt(model: nn.Module, x: Tensor, methods: Sequence, blocks=None, *, n_bins
     check_seed(seed)
     if target not in ("original", "current"):
         raise ValueError(f"target must be 'original' or 'current', got {target!r}")
-    if perturbation is not None and not isinstance(perturbation, Perturbation):
-        raise ValueError(f"perturbation must be a sanitylib.Perturbation or None, got {perturbation!r}")
+    perturbations = _perturbations(perturbation)
     specs, method_options, names = _methods(methods, method_options, image_names, len(x))
     n_bins = _check_int("n_bins", n_bins, 2)
     x = _device_x(model, x)
@@ -555,18 +559,33 @@ def emprt(model: nn.Module, x: Tensor, methods: Sequence, blocks=None, *, n_bins
         h0 = {sp.name: histogram_entropy(explain(model, x, sp, t, seed=seed, batch_size=batch_size,
                                                  **method_options.get(sp.name, {})), n_bins)
               for sp in tqdm(specs, desc="eMPRT (trained)", disable=not progress)}  # fmt: skip
-        with randomized(model, blocks_, perturbation, seed) as rm:
-            tr = t if target == "original" else predict(rm, x, batch_size).argmax(1)
-            for sp in tqdm(specs, desc="eMPRT (random)", disable=not progress):
-                h1 = histogram_entropy(explain(rm, x, sp, tr, seed=seed, batch_size=batch_size,
-                                               **method_options.get(sp.name, {})), n_bins)  # fmt: skip
-                for i in range(len(x)):
-                    e0, e1 = float(h0[sp.name][i]), float(h1[i])
-                    rows.append({"test": "emprt", "method": sp.name, "image": i,
-                                 "image_name": names[i], "metric": "emprt",
-                                 "value": (e1 - e0) / e0 if e0 > 0 else math.nan,
-                                 "entropy_trained": e0, "entropy_random": e1})  # fmt: skip
+        for pert in perturbations:
+            with randomized(model, blocks_, pert, seed) as rm:
+                tr = t if target == "original" else predict(rm, x, batch_size).argmax(1)
+                for sp in tqdm(specs, desc="eMPRT (random)", disable=not progress):
+                    h1 = histogram_entropy(explain(rm, x, sp, tr, seed=seed, batch_size=batch_size,
+                                                   **method_options.get(sp.name, {})), n_bins)  # fmt: skip
+                    for i in range(len(x)):
+                        e0, e1 = float(h0[sp.name][i]), float(h1[i])
+                        rows.append({"test": "emprt", "method": sp.name, "image": i,
+                                     "image_name": names[i], "metric": "emprt",
+                                     "value": (e1 - e0) / e0 if e0 > 0 else math.nan,
+                                     "entropy_trained": e0, "entropy_random": e1,
+                                     "perturbation": pert.describe()})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _perturbations(perturbation) -> list[Perturbation]:
+    """``emprt``'s ``perturbation`` as a non-empty list (``None``: the paper's re-initialization)."""
+    one = perturbation is None or isinstance(perturbation, Perturbation)
+    items = [perturbation] if one else perturbation
+    if not one and not (isinstance(items, (list, tuple)) and items):
+        raise ValueError("perturbation must be a sanitylib.Perturbation, a non-empty list or tuple "
+                         f"of them, or None, got {perturbation!r}")
+    for p in items:
+        if p is not None and not isinstance(p, Perturbation):
+            raise ValueError(f"perturbation must be a sanitylib.Perturbation or None, got {p!r}")
+    return [p or Perturbation() for p in items]
 
 
 # ----------------------------------------------------------------------------- section 5.2

@@ -4,6 +4,7 @@ Margins were measured on this machine (CPU, torch 2.x) and are noted next to eac
 """
 import copy
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -268,6 +269,34 @@ def test_histogram_entropy_and_emprt_properties():
         sl.emprt(model, x, ["gradient"], n_bins=1)
     with pytest.raises(ValueError, match="target"):
         sl.emprt(model, x, ["gradient"], target="other")
+
+
+def test_emprt_with_several_perturbations_equals_one_call_each_and_explains_the_trained_model_once(monkeypatch):
+    import sanitylib.followup as FU
+
+    model, x = _small_cnn(), _x()
+    perts = [sl.Perturbation(), sl.Perturbation(init="pytorch")]
+    single = [sl.emprt(model, x, ["gradient", "smoothgrad"], perturbation=p,
+                       method_options={"smoothgrad": {"n_samples": 3}}) for p in perts]  # fmt: skip
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[3].tolist())  # the target classes
+        return real(*args, **kwargs)
+
+    real = FU.explain
+    monkeypatch.setattr(FU, "explain", counting)
+    both = sl.emprt(model, x, ["gradient", "smoothgrad"], perturbation=perts,
+                    method_options={"smoothgrad": {"n_samples": 3}})  # fmt: skip
+    assert len(calls) == 2 + 2 * 2  # the trained maps once per method, then per perturbation
+    assert both.perturbation.unique().tolist() == [p.describe() for p in perts]
+    for p, one in zip(perts, single):
+        part = both[both.perturbation == p.describe()].reset_index(drop=True)
+        pd.testing.assert_frame_equal(part, one)
+    assert (single[0].value != single[1].value).any()  # the two initializations differ
+    for bad in ([], (sl.Perturbation(), "pytorch"), "pytorch"):
+        with pytest.raises(ValueError, match="perturbation must be"):
+            sl.emprt(model, x, ["gradient"], perturbation=bad)
 
 
 # ----------------------------------------------------------------------------- section 5.2

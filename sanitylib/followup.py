@@ -585,7 +585,12 @@ def _perturbations(perturbation) -> list[Perturbation]:
     for p in items:
         if p is not None and not isinstance(p, Perturbation):
             raise ValueError(f"perturbation must be a sanitylib.Perturbation or None, got {p!r}")
-    return [p or Perturbation() for p in items]
+    out = [Perturbation() if p is None else p for p in items]
+    labels = [p.describe() for p in out]  # the rows' perturbation column tells them apart
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"perturbation: two of them have the same description {labels}; give "
+                         "custom initializers distinct function names")
+    return out
 
 
 # ----------------------------------------------------------------------------- section 5.2

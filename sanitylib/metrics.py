@@ -484,8 +484,8 @@ class MapFeatures:
         maps' constancy); other names are skipped.  Returns ``self``."""
         self.abs_constant()
         for name in metrics:
-            if name in _FEATURES_OF:
-                _FEATURES_OF[name](self)
+            if name in _FEATURE_OF:
+                _FEATURE_OF[name](self)
         return self
 
     def repeat(self, n: int) -> "MapFeatures":
@@ -506,9 +506,10 @@ class MapFeatures:
         return out
 
 
-#: What each built-in metric reads from :class:`MapFeatures` (:meth:`MapFeatures.prepare`).
-_FEATURES_OF: dict[str, Callable[[MapFeatures], object]] = {
-    "spearman_abs": MapFeatures.abs_ranks, "spearman": MapFeatures.div_ranks,
+#: What each built-in metric reads from :class:`MapFeatures`: :func:`compare` correlates it
+#: (Pearson; SSIM combines its terms instead) and :meth:`MapFeatures.prepare` computes it.
+_FEATURE_OF: dict[str, Callable[[MapFeatures], object]] = {
+    "spearman_abs": lambda f: f.abs_ranks()[0], "spearman": MapFeatures.div_ranks,
     "ssim": MapFeatures.ssim_stats, "hog_pearson": MapFeatures.hog,
     "hog_spearman": MapFeatures.hog_ranks,
 }  # fmt: skip
@@ -584,16 +585,11 @@ def ssim_features(fa: MapFeatures, fb: MapFeatures, data_range: float = 2.0) -> 
 def compare(metric: str, fa: MapFeatures, fb: MapFeatures) -> Tensor:
     """:func:`similarity` ``(a, b, metric)`` (defaults) of a built-in metric from the maps'
     :class:`MapFeatures` -> (N,) float64."""
-    if metric == "spearman_abs":
-        return pearson(fa.abs_ranks()[0], fb.abs_ranks()[0], on_constant="zero")
-    if metric == "spearman":
-        return pearson(fa.div_ranks(), fb.div_ranks(), on_constant="zero")
     if metric == "ssim":
         return ssim_features(fa, fb)
-    if metric == "hog_spearman":
-        return pearson(fa.hog_ranks(), fb.hog_ranks(), on_constant="zero")
-    if metric == "hog_pearson":
-        return pearson(fa.hog(), fb.hog(), on_constant="zero")
+    if metric in _FEATURE_OF:  # Spearman of the ranks, or Pearson / Spearman of the HOG vectors
+        feature = _FEATURE_OF[metric]
+        return pearson(feature(fa), feature(fb), on_constant="zero")
     raise ValueError(f"compare() takes a built-in metric ({', '.join(METRICS)}), got {metric!r}")
 
 

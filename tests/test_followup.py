@@ -297,6 +297,8 @@ def test_emprt_with_several_perturbations_equals_one_call_each_and_explains_the_
     for bad in ([], (sl.Perturbation(), "pytorch"), "pytorch"):
         with pytest.raises(ValueError, match="perturbation must be"):
             sl.emprt(model, x, ["gradient"], perturbation=bad)
+    with pytest.raises(ValueError, match="same description"):  # rows that could not be told apart
+        sl.emprt(model, x, ["gradient"], perturbation=[None, sl.Perturbation()])
 
 
 # ----------------------------------------------------------------------------- section 5.2

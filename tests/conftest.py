@@ -38,6 +38,13 @@ def pytest_configure(config):
         raise pytest.UsageError("tests/conftest.py: run pytest-xdist with --dist loadgroup "
                                 f"(got -n {workers} with --dist {config.getoption('dist')}): the "
                                 "clean-environment tests must run on one worker, as `make test` does")
+    if workers and hasattr(config.option, "loadscopereorder"):
+        # pytest-xdist's default (--loadscope-reorder) hands the groups out by their number of
+        # tests, most first: the clean-environment chain (29 tests, about 500 s) then started
+        # 11th and test_replication_mnist (4 tests, about 150 s) next to last, leaving one
+        # worker alone for the last minutes.  Keep the order of pytest_collection_modifyitems
+        # (longest first), which is measured in seconds, not tests.
+        config.option.loadscopereorder = False
     if workers and int(pytest.__version__.split(".")[0]) >= 9:
         raise pytest.UsageError(f"tests/conftest.py: pytest {pytest.__version__} ignores pytest-xdist's "
                                 "groups (--dist loadgroup); install the test extra (pytest<9) or run "
@@ -46,9 +53,11 @@ def pytest_configure(config):
 
 #: Modules whose tests take longest (measured with ``--durations``, longest first): under xdist
 #: they are handed out first, so that no long module starts last and leaves one worker idle.
-LONGEST_MODULES = ("test_replication_mnist", "test_vit", "test_cli", "test_cache_validation",
-                   "test_training", "test_regression_tables", "test_bench_sanity", "test_exercises",
-                   "test_bench_paper_profile", "test_chapter_layer")  # fmt: skip
+LONGEST_MODULES = ("test_replication_mnist", "test_vit", "test_bench_sanity", "test_cli",
+                   "test_cache_validation", "test_training", "test_regression_tables",
+                   "test_exercises", "test_experiment", "test_bench_paper_profile",
+                   "test_chapter_layer", "test_data", "test_commands", "test_attribution",
+                   "test_sensitivity", "test_memory_format", "test_engine")  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into the test ids

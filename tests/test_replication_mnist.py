@@ -32,6 +32,8 @@ SEED = 0
 N_TRAIN = 1000
 N_DIGITS = 10
 RECIPE = {"lr": 1e-3, "schedule": "cosine"}
+#: trained as the book trains them: with its allocator opt-in (the same weights, sooner)
+pytestmark = pytest.mark.usefixtures("book_allocator")
 
 
 @pytest.fixture(scope="module")

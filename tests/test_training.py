@@ -59,6 +59,31 @@ def test_bad_training_arguments_raise(small):
         T.train_mnist_model("resnet", small, progress=False)
 
 
+def test_training_keeps_freed_memory_only_where_opted_in_with_the_same_weights(small, monkeypatch):
+    """Training changes no process-global state by default; with SANITYLIB_KEEP_FREED_MEMORY=1
+    (the book build's opt-in) it keeps freed memory between steps, as the engine does, and
+    trains the same weights bit for bit."""
+    from sanitylib import allocator
+
+    entered = []
+    real = allocator.keep_freed_memory
+
+    def spy():
+        entered.append(True)
+        return real()
+
+    monkeypatch.setattr(allocator, "keep_freed_memory", spy)
+    monkeypatch.delenv("SANITYLIB_KEEP_FREED_MEMORY", raising=False)
+    plain, _ = T.train_mnist_model("mnist_cnn", small, epochs=1, seed=5, progress=False)
+    assert entered == [] and allocator._depth == 0
+    monkeypatch.setenv("SANITYLIB_KEEP_FREED_MEMORY", "1")
+    kept, _ = T.train_mnist_model("mnist_cnn", small, epochs=1, seed=5, progress=False)
+    assert entered == [True] and allocator._depth == 0  # entered, and left on return
+    assert allocator.keeps_freed_memory()  # glibc here: the memory really was kept
+    for (name, a), (_, b) in zip(plain.state_dict().items(), kept.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_training_is_seeded_and_reports_its_statistics(small):
     m1, s1 = T.train_mnist_model("mnist_mlp", small, epochs=1, seed=3, progress=False)
     m2, _ = T.train_mnist_model("mnist_mlp", small, epochs=1, seed=3, progress=False)

@@ -20,6 +20,9 @@ from sanitylib import randomize as R
 from sanitylib import training as T
 from sanitylib.data import MnistData
 
+#: the transformers trained as the book trains them: with its allocator opt-in (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("book_allocator")
+
 
 def _small_vit():
     with torch.random.fork_rng(devices=[]):

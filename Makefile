@@ -20,9 +20,11 @@ STAMP  := $(VENV)/.installed-stamp
 # pip compiles what it installs to bytecode one file at a time: install with --no-compile, then
 # compile the venv's site-packages on every core (compileall -j 0; files already compiled are
 # skipped).  The same bytecode, about 10 s sooner on 2 cores.  Like pip, it goes on past the
-# few files in the packages that are not Python 3 (their errors are silenced).
+# few files in the packages that are not Python 3 (their errors are silenced).  The packages' own
+# test suites (folders named test or tests: 3,500 of the 15,000 files, never imported here) are
+# left out: 19.5-20.4 s instead of 26.4-26.5 s, alternated.
 SITE = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-COMPILE = $(BIN)/python -m compileall -qq -j 0 "$(SITE)" >/dev/null || true
+COMPILE = $(BIN)/python -m compileall -qq -j 0 -x '[/\\]tests?[/\\]' "$(SITE)" >/dev/null || true
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

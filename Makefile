@@ -2,7 +2,8 @@
 #   make book   set up .venv, execute every chapter (offline defaults) and build the HTML book strictly
 #   make test   set up .venv and run the whole test suite (unit tests, notebooks, strict book build);
 #               the chapters run in .venv-clean, a venv with only the package (no extras),
-#               papermill and ipykernel, built on first use and kept while pyproject.toml is unchanged;
+#               papermill and ipykernel, built next to .venv on first use and kept while
+#               pyproject.toml is unchanged;
 #               tests/test_site.py opens the built book in headless Chromium (Debian's `chromium`,
 #               installed by .ci/run) and is skipped, with the reason, where there is none
 #   make assignments  write the student notebooks assignments/*.ipynb from the chapters
@@ -15,7 +16,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install book test bench clean assignments lab lab-assignments
+.PHONY: install book test venv-clean bench clean assignments lab lab-assignments
 
 # pip compiles what it installs to bytecode one file at a time: install with --no-compile, then
 # compile the venv's site-packages on every core (compileall -j 0; files already compiled are
@@ -50,9 +51,16 @@ book: $(STAMP)
 # Two pytest-xdist workers (one thread each): the chapters' papermill runs, the book build and
 # the browser test (one worker, the "clean_env" group of tests/conftest.py) run next to the rest
 # of the suite.  TEST_WORKERS=0 runs everything in one process.
+# The package-only venv of the chapters' tests (.venv-clean, tests/clean_env.py) is built, where
+# it is missing or out of date, next to .venv's install: each is mostly one pip process on one
+# core, so on two cores the pair takes about as long as .venv alone, and pytest starts with both.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test:
+	$(MAKE) --no-print-directory -j 2 $(STAMP) venv-clean
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+venv-clean:
+	$(PYTHON) tests/clean_env.py
 
 # Student notebooks assignments/*.ipynb (no solutions, smoke profile, install pinned to
 # sanitylib.book.assignments.ASSIGNMENT_REF) from the chapters' Exercises sections; deterministic.

@@ -57,26 +57,64 @@ def _snapshot(dst: Path) -> Path:
     return dst
 
 
+def _key() -> str:
+    """What the installed dependencies depend on: pyproject.toml, the tools and the Python."""
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + " ".join(TOOLS).encode()
+                          + sys.version.encode()).hexdigest()  # fmt: skip
+
+
+def _build(src: Path, env: dict) -> None:
+    """A new clean venv with ``src`` (a snapshot of the working tree), its dependencies and the
+    tools installed, and its Jupyter kernel."""
+    py = CLEAN / "bin" / "python"
+    shutil.rmtree(CLEAN, ignore_errors=True)
+    _run([sys.executable, "-m", "venv", CLEAN], env=env)
+    _run([py, "-m", "pip", "install", "-q", "--no-compile", src, *TOOLS], env=env)
+    _run([py, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL,
+          "--display-name", "sanitylib (clean)"], env=env)  # fmt: skip
+    (CLEAN / ".deps-stamp").write_text(_key())
+
+
+def _current() -> bool:
+    stamp = CLEAN / ".deps-stamp"
+    return (CLEAN / "bin" / "python").exists() and stamp.exists() and stamp.read_text() == _key()
+
+
 def clean_python_env(tmp_path_factory):
     """The Python of the clean environment, with this working tree's sanitylib installed."""
     t0 = time.perf_counter()
     CLEAN.parent.mkdir(exist_ok=True)
     with open(ROOT / ".venv-clean.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one test session at a time builds or uses it
-        py, stamp = CLEAN / "bin" / "python", CLEAN / ".deps-stamp"
-        key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + " ".join(TOOLS).encode()
-                             + sys.version.encode()).hexdigest()  # fmt: skip
+        py = CLEAN / "bin" / "python"
         src = _snapshot(tmp_path_factory.mktemp("sanitylib-src"))
         env = _clean_env()
-        pip = [py, "-m", "pip", "install", "-q"]
-        if py.exists() and stamp.exists() and stamp.read_text() == key:
-            _run([*pip, "--no-deps", "--force-reinstall", src], env=env)
+        if _current():
+            _run([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", src], env=env)
         else:
-            shutil.rmtree(CLEAN, ignore_errors=True)
-            _run([sys.executable, "-m", "venv", CLEAN], env=env)
-            _run([*pip, "--no-compile", src, *TOOLS], env=env)
-            _run([py, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL,
-                  "--display-name", "sanitylib (clean)"], env=env)  # fmt: skip
-            stamp.write_text(key)
+            _build(src, env)
         print(f"\nclean environment ready in {time.perf_counter() - t0:.0f} s")
         yield py
+
+
+def main() -> int:
+    """``python tests/clean_env.py``: build the clean environment now, where it is missing or out
+    of date, outside pytest (stdlib only, any Python of the venv's version).  `make test` runs it
+    next to the main venv's install: both are mostly one pip process on one core, so on two
+    cores the clean venv is ready when pytest starts, and the tests' fixture then only reinstalls
+    the working tree's sanitylib into it."""
+    import tempfile
+
+    t0 = time.perf_counter()
+    with open(ROOT / ".venv-clean.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _current():
+            return 0
+        with tempfile.TemporaryDirectory() as tmp:
+            _build(_snapshot(Path(tmp)), _clean_env())
+    print(f"clean environment (.venv-clean) built in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

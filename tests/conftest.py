@@ -2,6 +2,7 @@
 once per session (``executed``) and the book built strictly from them (``built_book``), shared by
 tests/test_notebooks.py and tests/test_site.py."""
 import os
+import time
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning (read when torch loads its OpenMP runtime, so set
@@ -30,9 +31,34 @@ torch.set_num_threads(1 if XDIST_WORKER else min(2, os.cpu_count() or 1))
 CLEAN_ENV_FIXTURES = {"clean_python", "executed", "built_book"}
 
 
+#: ``--timeline PATH``: the file and the start time (set in the process that sees every report).
+_TIMELINE: dict = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--timeline", metavar="PATH", default=None,
+                     help="write when each test ended (seconds from the start), on which xdist "
+                          "worker, and its id to PATH (tab-separated): how the suite's schedule "
+                          "spreads over the workers")  # fmt: skip
+
+
+def pytest_runtest_logreport(report):
+    """With ``--timeline``: one line per test, written by the xdist controller (or the only
+    process without xdist), which receives every worker's reports."""
+    if not _TIMELINE or report.when != "teardown":
+        return
+    node = getattr(report, "node", None)  # the worker that ran it, under xdist
+    worker = node.gateway.id if node is not None else "main"
+    with open(_TIMELINE["path"], "a") as f:
+        f.write(f"{time.perf_counter() - _TIMELINE['t0']:.1f}\t{worker}\t{report.nodeid}\n")
+
+
 def pytest_configure(config):
     """With pytest-xdist, the clean-environment tests must share one worker (its venv's lock is
     held for the whole session): refuse ``-n`` without ``--dist loadgroup`` instead of hanging."""
+    if config.getoption("timeline") and not XDIST_WORKER:
+        Path(config.getoption("timeline")).write_text("")
+        _TIMELINE.update(path=config.getoption("timeline"), t0=time.perf_counter())
     workers = config.getoption("numprocesses", None) if config.pluginmanager.hasplugin("xdist") else None
     if workers and not XDIST_WORKER and config.getoption("dist", "no") != "loadgroup":
         raise pytest.UsageError("tests/conftest.py: run pytest-xdist with --dist loadgroup "

@@ -123,8 +123,8 @@ def _private_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def book_allocator():
     """The book build's opt-in for a module (``SANITYLIB_KEEP_FREED_MEMORY=1``, see
-    sanitylib.allocator): the same numbers bit for bit (tests/test_training.py,
-    tests/test_allocator.py), training about 8 % sooner.  Use it with
+    sanitylib.allocator): the same weights bit for bit (tests/test_training.py) and the same
+    maps (tests/test_engine.py), training about 8 % sooner.  Use it with
     ``pytestmark = pytest.mark.usefixtures("book_allocator")``."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SANITYLIB_KEEP_FREED_MEMORY", "1")

@@ -36,7 +36,7 @@ import sys
 import threading
 from typing import Iterator
 
-__all__ = ["keep_freed_memory", "keeps_freed_memory", "opted_in", "active"]
+__all__ = ["keep_freed_memory", "keeps_freed_memory", "opted_in", "active", "if_opted_in"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 _KEEP_MMAP = 1 << 30  # requests up to 1 GiB from the heap, not from fresh mappings
@@ -112,3 +112,16 @@ def keep_freed_memory() -> Iterator[bool]:
                 libc.mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP)
                 libc.mallopt(_M_TRIM_THRESHOLD, _STEADY_TRIM)
                 libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def if_opted_in() -> Iterator[bool]:
+    """What sanitylib's own CPU work (the engine's passes, training) does about freed memory:
+    :func:`keep_freed_memory` where the environment opts in (:func:`opted_in`), nothing
+    otherwise (a library changes no process-global state on its own).  Yields whether freed
+    memory is kept inside (also when the user's own :func:`keep_freed_memory` block is)."""
+    if active() or not opted_in():
+        yield active()
+        return
+    with keep_freed_memory() as kept:
+        yield kept

@@ -701,8 +701,7 @@ def iter_state_maps(
     memory.enter_context(evaluating(model, buffers=False))
     kept = False
     if dev.type == "cpu":  # freed memory kept only where the user opted in (process-global)
-        kept = allocator.active() or (allocator.opted_in()
-                                      and memory.enter_context(allocator.keep_freed_memory()))
+        kept = memory.enter_context(allocator.if_opted_in())
     switch = None
     try:
         switch = ModelStates(model, states, perturbation, seed)

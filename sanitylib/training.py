@@ -189,8 +189,7 @@ def train_mnist_model(name: str, data: MnistData, labels: str = "true",
     bar = tqdm(total=epochs * n_batches, disable=not progress, unit="batch", mininterval=1.0,
                desc=f"training {name} ({labels} labels, {data.source.split(' (')[0]})")  # fmt: skip
     memory = contextlib.ExitStack()
-    if allocator.opted_in():  # process-global: only where the user opted in, as the engine does
-        memory.enter_context(allocator.keep_freed_memory())
+    memory.enter_context(allocator.if_opted_in())  # process-global: only where the user opted in
     try:
         for epoch in range(1, epochs + 1):
             model.train()

@@ -12,7 +12,15 @@ machine): with the setting ``"auto"`` (the default) the passes run channels-last
 * the images are 4-D ``(N, C, H, W)`` floating-point tensors,
 * the model has at least one ``nn.Conv2d`` and no ``nn.MultiheadAttention`` (a vision
   transformer's patch embedding is one convolution; the rest of it is matrix products), and
-* the model runs on the CPU or on CUDA;
+* the model runs on the CPU or on CUDA, and
+* its forward pass works on channels-last activations: one pass of the first image in each
+  format, without gradients, in eval mode (:func:`channels_last_failure`, cached per model,
+  forward code, device and input shape), must succeed and give the same logits up to rounding.
+  A user's model may not: ``x.view(-1, 320)`` after a convolution (the classic PyTorch MNIST
+  example) raises on a channels-last tensor, and code that reads storage by hand
+  (``as_strided``, ``data_ptr``) would silently compute something else.  Such a model runs in
+  the default format, announced once per model with a :class:`MemoryFormatWarning` that says
+  why; forcing ``"channels_last"`` on it raises ``ValueError`` before any work starts;
 
 otherwise (MLPs, transformers, other devices) in the default format.  Measured on the
 project's 2-core machine (torch 2.14, 16 rows, forward and backward to the input, process CPU
@@ -55,14 +63,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
+import weakref
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from .guard import _fingerprint
+from .randomize import evaluating
+
 __all__ = ["FORMATS", "ENV_VAR", "MAP_TOLERANCE", "METRIC_TOLERANCE", "METRIC_QUANTILE",
-           "METRIC_TOLERANCE_MAX", "check_memory_format", "setting", "choose", "torch_format",
-           "converted", "as_format", "agreement"]  # fmt: skip
+           "METRIC_TOLERANCE_MAX", "MemoryFormatWarning", "check_memory_format", "setting",
+           "choose", "channels_last_failure", "torch_format", "converted", "as_format",
+           "agreement"]  # fmt: skip
 
 #: Documented agreement of the two formats, per map: max |channels_last - contiguous| <=
 #: MAP_TOLERANCE * max |contiguous| for every built-in method, model state and image.  Measured
@@ -90,6 +104,19 @@ FORMATS = ("auto", "contiguous", "channels_last")
 ENV_VAR = "SANITYLIB_MEMORY_FORMAT"
 _DEVICES = ("cpu", "cuda")
 _TORCH = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+#: How far the probe's channels-last logits may be from the default format's, relative to the
+#: largest logit: rounding moves them by ~1e-6 in float32 (1e-3 in half precision); reading
+#: the storage in the wrong order moves them by the size of the logits.
+_PROBE_RTOL = {torch.float16: 3e-2, torch.bfloat16: 3e-2}
+_PROBE_RTOL_DEFAULT = 1e-3
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+class MemoryFormatWarning(UserWarning):
+    """The ``"auto"`` rule would run the passes channels-last, but the model's forward pass does
+    not work on channels-last activations: its passes run in the default format (slower, the
+    numbers unaffected).  The message says why."""
 
 
 def check_memory_format(value, name: str = "memory_format") -> str | None:
@@ -124,14 +151,85 @@ def choose(model: nn.Module, x: Tensor, value: str | None = None) -> str:
     s = setting(value)
     if not isinstance(x, Tensor) or x.ndim != 4:
         return "contiguous"
-    if s != "auto":
+    if s == "contiguous":
+        return s
+    if s == "channels_last":
+        why = channels_last_failure(model, x)
+        if why is not None:
+            source = "memory_format" if value is not None else f"the environment variable {ENV_VAR}"
+            raise ValueError(f"{source} is 'channels_last', but the model cannot run channels-last: "
+                             f"{why}. Use 'auto' or 'contiguous'.")  # fmt: skip
         return s
     if not x.is_floating_point() or _device(model, x).type not in _DEVICES:
         return "contiguous"
     modules = list(model.modules())
     has_conv = any(isinstance(m, nn.Conv2d) for m in modules)
     attention = any(isinstance(m, nn.MultiheadAttention) for m in modules)
-    return "channels_last" if has_conv and not attention else "contiguous"
+    if not has_conv or attention:
+        return "contiguous"
+    why = channels_last_failure(model, x)
+    if why is not None:
+        if model not in _WARNED:
+            _WARNED.add(model)
+            warnings.warn(f"{type(model).__name__} runs in the default (contiguous) memory format, "
+                          f"not channels-last: {why}. The numbers are unaffected; the passes are "
+                          "slower (sanitylib.memory_format).", MemoryFormatWarning, stacklevel=3)  # fmt: skip
+        return "contiguous"
+    return "channels_last"
+
+
+def channels_last_failure(model: nn.Module, x: Tensor) -> str | None:
+    """Why ``model``'s forward pass does not work on channels-last activations, or ``None``
+    when it does.
+
+    One forward pass of ``x[:1]`` in each format (without gradients, in eval mode, the model
+    converted by :func:`converted` for the channels-last one; every mode, parameter and buffer
+    comes back as it was) must succeed and give the same logits up to rounding.  A pass that
+    fails in the default format too says nothing about the format (``None``: the runners' own
+    input check reports it).  Cached per model instance, forward code, submodules, device, input
+    shape and dtype, like :func:`sanitylib.attribution.probe_model`.
+
+    Returns:
+        ``None``, or a sentence: the channels-last pass's error (e.g. ``x.view`` on a
+        non-contiguous tensor) or how far its logits were from the default format's.
+    """
+    dev = _device(model, x)
+    key = (_fingerprint(model, x), str(dev))
+    hit = _PROBED.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    xp = x[:1].detach().to(dev)
+    try:
+        with evaluating(model), torch.no_grad():
+            ref = model(xp)
+    except Exception:  # noqa: BLE001 - the model's own failure, not the format's
+        return None
+    try:
+        with evaluating(model), torch.no_grad(), converted(model, "channels_last"):
+            out = model(as_format(xp, "channels_last"))
+    except Exception as err:  # noqa: BLE001 - any failure here is the format's
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        why = f"its forward pass fails on channels-last activations ({type(err).__name__}: {first})"
+        if "view" in first:
+            why += "; a .reshape (or torch.flatten) instead of the .view would let it run channels-last"
+    else:
+        why = None
+        if (isinstance(ref, Tensor) and isinstance(out, Tensor) and ref.is_floating_point()
+                and bool(torch.isfinite(ref).all())):
+            if out.shape != ref.shape:
+                why = (f"its output has shape {tuple(out.shape)} on channels-last activations, "
+                       f"{tuple(ref.shape)} in the default format")  # fmt: skip
+            else:
+                r, o = ref.double(), out.double()
+                scale = float(r.abs().max()) if r.numel() else 0.0
+                diff = float((o - r).abs().max()) if r.numel() else 0.0
+                rtol = _PROBE_RTOL.get(ref.dtype, _PROBE_RTOL_DEFAULT)
+                if not diff <= rtol * max(scale, 1e-12):
+                    why = (f"its logits on channels-last activations differ from the default "
+                           f"format's by {diff:.3g} (largest logit {scale:.3g}): it reads the "
+                           "activations' storage in a fixed order (as_strided, data_ptr, ...)")  # fmt: skip
+    _PROBED[model] = (key, why)
+    return why
 
 
 def torch_format(fmt: str) -> torch.memory_format:

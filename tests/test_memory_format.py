@@ -99,6 +99,85 @@ def test_setting_from_the_environment_and_bad_values_named(monkeypatch):
     assert sl.RunSettings(memory_format="channels_last").memory_format == "channels_last"
 
 
+class ViewNet(nn.Module):
+    """The classic PyTorch MNIST example's network (pytorch/examples, 2017), with nn.ReLU
+    modules: ``x.view(-1, 320)`` after the convolutions, which fails on channels-last
+    activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 10, kernel_size=5), nn.Conv2d(10, 20, kernel_size=5)
+        self.pool1, self.pool2 = nn.MaxPool2d(2), nn.MaxPool2d(2)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc1, self.fc2 = nn.Linear(320, 50), nn.Linear(50, 10)
+
+    def forward(self, x):
+        x = self.relu1(self.pool1(self.conv1(x)))
+        x = self.relu2(self.pool2(self.conv2(x)))
+        return self.fc2(self.relu3(self.fc1(x.view(-1, 320))))
+
+
+class StridedNet(nn.Module):
+    """Reads its activations' storage in a fixed (NCHW) order with ``as_strided``: on
+    channels-last activations it runs, and silently computes something else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Linear(4 * 16 * 16, 5)
+
+    def forward(self, x):
+        h = self.relu(self.conv(x))
+        n = h[0].numel()
+        return self.fc(torch.as_strided(h, (h.shape[0], n), (n, 1), h.storage_offset()))
+
+
+def test_a_model_that_cannot_run_channels_last_runs_in_the_default_format(monkeypatch):
+    """``auto`` falls back, announced once per model with the reason; the table is the default
+    format's bit for bit; forcing channels-last on such a model is refused before any pass
+    (argument or environment variable named), and the model comes back as it was."""
+    import warnings
+
+    monkeypatch.delenv(mf.ENV_VAR, raising=False)
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    model = _seeded(ViewNet)
+    model.train()  # a training-mode model: the probes must not change its mode or buffers
+    before = _fingerprint(model)
+    with pytest.warns(mf.MemoryFormatWarning, match=r"ViewNet runs in the default.*view.*\.reshape"):
+        assert mf.choose(model, x) == "contiguous"
+    _assert_same(before, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model; a model that can runs channels-last
+        assert mf.choose(model, x) == "contiguous"
+        assert mf.choose(TinyCNN(), torch.rand(2, 1, 16, 16)) == "channels_last"
+    kw = dict(metrics=["spearman_abs", "spearman", "ssim"], progress=False, cache=False)
+    auto = sl.cascading_randomization(model, x, ["gradient", "guided_backprop", "smoothgrad"], **kw)
+    default = sl.cascading_randomization(model, x, ["gradient", "guided_backprop", "smoothgrad"],
+                                         memory_format="contiguous", **kw)  # fmt: skip
+    pd_testing = pytest.importorskip("pandas").testing
+    pd_testing.assert_frame_equal(auto, default)
+    _assert_same(before, model)
+    with pytest.raises(ValueError, match="memory_format is 'channels_last'.*view"):
+        sl.cascading_randomization(model, x, ["gradient"], memory_format="channels_last", **kw)
+    monkeypatch.setenv(mf.ENV_VAR, "channels_last")
+    with pytest.raises(ValueError, match=f"the environment variable {mf.ENV_VAR}"):
+        list(iter_state_maps(model, x, ["gradient"], [()]))
+    _assert_same(before, model)
+
+
+def test_a_model_reading_storage_in_a_fixed_order_is_caught_by_its_logits(monkeypatch):
+    monkeypatch.delenv(mf.ENV_VAR, raising=False)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = _seeded(StridedNet).eval()
+    with torch.no_grad(), mf.converted(model, "channels_last"):  # it runs, wrongly
+        wrong = model(mf.as_format(x, "channels_last"))
+    assert not torch.allclose(wrong, model(x).detach(), atol=1e-3)
+    with pytest.warns(mf.MemoryFormatWarning, match="logits on channels-last activations differ"):
+        assert mf.choose(model, x) == "contiguous"
+    assert "differ" in mf.channels_last_failure(model, x)
+    # a model failing in the default format too says nothing about the format
+    assert mf.channels_last_failure(TinyCNN(), torch.rand(2, 2, 16, 16)) is None
+
+
 # ---------------------------------------------------------------- the user's model comes back
 
 
@@ -113,9 +192,10 @@ def _fingerprint(model: nn.Module) -> dict:
 def _assert_same(before: dict, model: nn.Module) -> None:
     after = _fingerprint(model)
     assert before["modes"] == after["modes"]
-    for k, (i, ptr, stride, val, rg, dt) in before.items():
+    for k, entry in before.items():
         if k == "modes":
             continue
+        i, ptr, stride, val, rg, dt = entry
         j, ptr2, stride2, val2, rg2, dt2 = after[k]
         assert (i, ptr, stride, rg, dt) == (j, ptr2, stride2, rg2, dt2), k
         assert torch.equal(val, val2), k

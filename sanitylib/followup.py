@@ -43,7 +43,7 @@ from .experiment import run_randomization
 from .metrics import similarity
 from .models import get_info, get_submodule
 from .randomize import Perturbation, evaluating, get_blocks, randomized
-from .registry import MethodSpec, resolve_methods, resolve_metrics
+from .registry import MethodSpec, check_map_size, resolve_methods, resolve_metrics
 from .utils import derive_seed
 
 __all__ = ["random_logit", "random_targets", "backward_convergence", "input_invariance",
@@ -157,6 +157,7 @@ def random_logit(model: nn.Module, x: Tensor, methods: Sequence,
     check_seed(seed)
     specs, method_options, names = _methods(methods, method_options, image_names, len(x))
     fns = resolve_metrics(metrics)
+    check_map_size(fns, x)
     x = _device_x(model, x)
     n_classes = probe_model(model, x).n_classes
     with evaluating(model):
@@ -389,6 +390,7 @@ def input_invariance(model: nn.Module, x: Tensor, methods: Sequence, shift=1.0,
     _check_shift(shift)
     specs, method_options, names = _methods(methods, method_options, image_names, len(x))
     fns = resolve_metrics(metrics)
+    check_map_size(fns, x)
     tolerance = _check_float("tolerance", tolerance, 0.0)
     x = _device_x(model, x)
     shifted, xs = shift_compensated(model, x, shift)
@@ -612,6 +614,7 @@ def input_times_random(x: Tensor, metrics: Sequence = ("spearman_abs", "spearman
     if distribution not in ("normal", "uniform"):
         raise ValueError(f"distribution must be 'normal' or 'uniform', got {distribution!r}")
     fns = resolve_metrics(metrics)
+    check_map_size(fns, x)
 
     def draw(tag: str, i: int) -> Tensor:
         gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, "input_x_random", tag, i))

@@ -598,7 +598,13 @@ def _builtin_metric(name: str) -> Metric:
         return similarity(a, b, name)
 
     compare_maps.__qualname__ = f"similarity[{name}]"
-    return _register_builtin_metric(Metric(name, None, compare_maps, METRIC_LABELS[name], True))
+    return _register_builtin_metric(Metric(name, None, compare_maps, METRIC_LABELS[name], True,
+                                           min_size=_MIN_SIZE.get(name, 0)))
+
+
+#: The smallest maps each built-in metric takes: HOG's default 3x3-cell blocks of 16-pixel cells
+#: (:func:`hog`), SSIM's 11-pixel Gaussian window (:func:`ssim`).
+_MIN_SIZE = {"hog_pearson": 3 * 16, "hog_spearman": 3 * 16, "ssim": _SSIM_WIN}
 
 
 for _name in METRICS:

@@ -31,7 +31,7 @@ from .experiment import explain_methods
 from .metrics import noise_floor, similarity, spearman
 from .models import get_info
 from .randomize import evaluating
-from .registry import resolve_methods, resolve_metrics
+from .registry import check_map_size, resolve_methods, resolve_metrics
 from .result import parts_of, stage_order
 from .postprocess import abs_normalize, diverging_normalize
 
@@ -183,7 +183,9 @@ def data_randomization(model_true: nn.Module, model_random: nn.Module, x: Tensor
         true-label model's maps (:func:`sanitylib.metrics.noise_floor`; ``None`` for one
         image).
     """
-    metric_names = [mt.name for mt in resolve_metrics(metrics)]
+    fns = resolve_metrics(metrics)
+    check_map_size(fns, x)
+    metric_names = [mt.name for mt in fns]
     methods = methods_for(model_true, methods, verbose=progress)
     info = get_info(model_true)
     label = label or (info.name if info else type(model_true).__name__)

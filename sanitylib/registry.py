@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MethodSpec", "Passes", "Metric", "register_method", "unregister_method", "get_method",
-           "resolve_method", "resolve_methods", "method_names", "method_label", "register_metric",
+__all__ = ["MethodSpec", "Passes", "Metric", "check_map_size", "register_method",
+           "unregister_method", "get_method", "resolve_method", "resolve_methods", "method_names", "method_label", "register_metric",
            "unregister_metric", "get_metric", "resolve_metric", "resolve_metrics", "metric_names",
            "metric_label", "LabelView"]  # fmt: skip
 
@@ -326,7 +326,9 @@ class Metric:
 
     ``prepare`` maps raw maps to anything (computed once for the trained model's maps, default:
     the maps themselves), ``compare`` two prepared batches to ``(N,)`` values.  A plain callable
-    ``metric(a, b) -> (N,)`` is a Metric with ``prepare=None``.
+    ``metric(a, b) -> (N,)`` is a Metric with ``prepare=None``.  ``min_size``: the smallest
+    height and width of the maps it takes (0: any); the runners check it against the images
+    before any pass (the maps have the images' height and width).
     """
 
     name: str
@@ -335,6 +337,11 @@ class Metric:
     label: str | None = None
     builtin: bool = False
     origin: Any = None
+    min_size: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
+            raise ValueError(f"min_size must be an int >= 0 (pixels; 0: any size), got {self.min_size!r}")
 
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:
         """Values ``(N,)`` for raw maps ``a``, ``b``."""
@@ -362,7 +369,8 @@ def register_metric(name: str, fn: Callable[[Tensor, Tensor], Tensor] | Metric,
     if old is not None and old.builtin:
         raise ValueError(f"{name!r} is a built-in metric; register yours under another name")
     if isinstance(fn, Metric):
-        spec = Metric(name, fn.prepare, fn.compare, label or fn.label or name, False, fn.origin or fn)
+        spec = Metric(name, fn.prepare, fn.compare, label or fn.label or name, False, fn.origin or fn,
+                      fn.min_size)  # fmt: skip
     elif callable(fn) and not isinstance(fn, type):
         spec = Metric(name, None, fn, label or name, False, fn)
     else:
@@ -389,10 +397,29 @@ def get_metric(name: str) -> Metric:
                          "(or pass a callable metric(a, b) -> (N,) or a sanitylib.Metric)") from None
 
 
+def check_map_size(metrics: Sequence[Metric], x: Tensor, name: str = "metrics") -> None:
+    """``ValueError`` naming ``name`` when a metric needs larger maps than ``x``'s images
+    (:attr:`sanitylib.Metric.min_size`; the maps have the images' height and width), before
+    any pass is run."""
+    if not isinstance(x, Tensor) or x.ndim < 2:
+        return  # not images: the input checks say so
+    h, w = (int(v) for v in x.shape[-2:])
+    small = [m for m in metrics if m.min_size and min(h, w) < m.min_size]
+    if small:
+        fit = [m.name for m in metrics if m not in small]
+        raise ValueError(
+            f"{name}: " + "; ".join(f"{m.name!r} needs maps of at least {m.min_size}x{m.min_size} "
+                                    "pixels" for m in small)
+            + f", and the maps have the images' size, {h}x{w}. Leave "
+            + ("it" if len(small) == 1 else "them") + " out"
+            + (f", e.g. {name}={fit}" if fit else f" ({name}=['spearman_abs', 'spearman'])"))
+
+
 def resolve_metric(metric: str | Callable | Metric) -> Metric:
     if isinstance(metric, Metric):
         return metric if metric.label else Metric(metric.name, metric.prepare, metric.compare,
-                                                  metric.name, metric.builtin, metric.origin)
+                                                  metric.name, metric.builtin, metric.origin,
+                                                  metric.min_size)  # fmt: skip
     if isinstance(metric, str):
         return get_metric(metric)
     if callable(metric) and not isinstance(metric, type):

@@ -32,7 +32,7 @@ from .engine import AMP_DTYPES
 from .memory_format import check_memory_format
 from .models import Block, get_info
 from .randomize import Perturbation, Stage, check_schedule, get_blocks, schedule_stages
-from .registry import Metric, MethodSpec, method_names, resolve_methods, resolve_metrics
+from .registry import Metric, MethodSpec, check_map_size, method_names, resolve_methods, resolve_metrics
 
 __all__ = ["RunSpec", "RunSettings", "DEFAULT_METRICS", "MAX_SEED", "normalize_seed",
            "check_method_options"]
@@ -214,6 +214,7 @@ class RunSpec:
             if sp.model_check is not None:
                 sp.model_check(model)
         check_input(model, x)
+        check_map_size(fns, x)
         seed = normalize_seed(seed)
         check_schedule(schedule, order)
         _check_choice("target", target, ("current", "original"))

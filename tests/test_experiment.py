@@ -426,6 +426,34 @@ def test_bad_inputs(tiny, xt, kwargs, match):
         run_tiny(tiny, xt, **kwargs)
 
 
+def test_a_metric_needing_larger_maps_is_refused_before_any_pass(tiny, xt, monkeypatch):
+    """16x16 images: HOG (maps of 48x48 at least) is refused by name, with the metrics that fit,
+    before the engine computes a map (it used to fail after the first group's passes); SSIM
+    (11x11) is kept; a user's Metric declares its own minimum; the follow-up tests and the data
+    randomization test check the same."""
+    from sanitylib import followup, mnist
+    from sanitylib.registry import Metric
+
+    monkeypatch.setattr(E, "iter_state_maps", _never)
+    with pytest.raises(ValueError, match=r"metrics: 'hog_spearman' needs maps of at least 48x48 "
+                                         r"pixels.*16x16.*metrics=\['spearman', 'ssim'\]"):
+        run_tiny(tiny, xt, methods=["gradient"], metrics=["spearman", "ssim", "hog_spearman"])
+    coarse = Metric("coarse", None, lambda a, b: torch.zeros(len(a)), min_size=17)
+    with pytest.raises(ValueError, match=r"'coarse' needs maps of at least 17x17.*\(metrics="):
+        run_tiny(tiny, xt, methods=["gradient"], metrics=[coarse])
+    with pytest.raises(ValueError, match="min_size must be an int"):
+        Metric("coarse", None, lambda a, b: a, min_size=-1)
+    with pytest.raises(ValueError, match="'hog_pearson' needs maps"):
+        followup.input_times_random(xt, metrics=["spearman", "hog_pearson"])
+    with pytest.raises(ValueError, match="'hog_spearman' needs maps"):
+        mnist.data_randomization(tiny, tiny, xt, ["gradient"], metrics=["hog_spearman"],
+                                 progress=False)  # fmt: skip
+    monkeypatch.undo()
+    fits = run_tiny(tiny, xt, methods=["gradient"], metrics=["ssim", Metric("c", None, lambda a, b:
+                    torch.zeros(len(a)), min_size=16)])  # fmt: skip
+    assert set(fits["metric"]) == {"ssim", "c"}
+
+
 def test_image_names_are_used(tiny, xt):
     df = run_tiny(tiny, xt, methods=["gradient"], metrics=["spearman"], image_names=["a", "b", "c"])
     assert dict(zip(df["image"], df["image_name"])) == {0: "a", 1: "b", 2: "c"}

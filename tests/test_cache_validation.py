@@ -435,7 +435,8 @@ def test_spec_describes_the_run_and_its_key_is_pinned(x16):
 
 def test_options_for_registered_methods_outside_the_run_are_dropped(x16):
     model = seeded()
-    spec = sl.RunSpec.build(model, x16, ["gradient"], method_options={"smoothgrad": {"n_samples": 3}})
+    spec = sl.RunSpec.build(model, x16, ["gradient"], metrics=["spearman"],
+                            method_options={"smoothgrad": {"n_samples": 3}})
     assert spec.options() == {}
 
 

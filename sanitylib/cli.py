@@ -211,7 +211,7 @@ def _resolve(args) -> dict:
     before any model or image is loaded."""
     from .book.profiles import get_profile  # the chapter layer's profiles (entry point only)
     from .data import _IMAGE_SUFFIXES, PHOTOS
-    from .models import MODELS
+    from .models import DIGIT_MODELS, MODELS
     from .registry import resolve_methods, resolve_metrics
     from .experiment import DEFAULT_METRICS
 
@@ -238,6 +238,12 @@ def _resolve(args) -> dict:
     model = args.model or prof.model
     if model not in (*MODELS, "auto"):
         raise UsageError(f"--model: unknown model {model!r}; known: {', '.join(MODELS)}, auto")
+    if model in DIGIT_MODELS:
+        photo = [m for m in MODELS if m not in DIGIT_MODELS]
+        raise UsageError(f"--model: {model} takes 28x28 MNIST digits, and `sanitylib run` runs on "
+                         "photos (the profile's or --images); run the MNIST models from Python "
+                         f"(sanitylib.mnist, the book's chapters 4-6), or pick one of "
+                         f"{', '.join(photo)}, auto")  # fmt: skip
     if args.images is not None:
         folder = Path(args.images)
         if not folder.is_dir():
@@ -352,6 +358,9 @@ def _run(args) -> int:
         info = get_info(model)
         try:
             x0, _ = _load_images(s, model, [0])
+        except (ValueError, OSError) as err:  # a file that is not an image, or cannot be read
+            raise _flag_error("--images", err) from None
+        try:
             all_blocks = get_blocks(model, None, x0.to(device))
             if isinstance(s["blocks"], int):
                 blocks = [b.name for b in all_blocks[: s["blocks"]]]

@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 MODELS = ("inception_v3", "efficientnet_lite0", "mnist_cnn", "mnist_mlp", "mnist_vit", "vit_b_16")
+#: The models of 28x28 MNIST digits: no photo preprocessing (their data: :mod:`sanitylib.mnist`).
+DIGIT_MODELS = ("mnist_cnn", "mnist_mlp", "mnist_vit")
 
 
 class WeightsUnavailableError(RuntimeError):

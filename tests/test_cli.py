@@ -70,6 +70,7 @@ def image_dir(tmp_path_factory) -> Path:
     (["--images", "/nonexistent/folder"], "--images"),
     (["--device", "tpu"], "--device"),
     (["--blocks", "0"], "--blocks"),
+    (["--model", "mnist_cnn"], "--model: mnist_cnn takes 28x28 MNIST digits"),  # before training it
 ])  # fmt: skip
 def test_bad_arguments_give_clear_errors_before_any_work(args, message, tmp_path, capsys):
     out = tmp_path / "out"
@@ -81,6 +82,19 @@ def test_bad_arguments_give_clear_errors_before_any_work(args, message, tmp_path
     assert status == cli.EXIT_USAGE
     assert message in err, err
     assert not out.exists()  # nothing was written
+
+
+def test_a_file_that_is_not_an_image_is_named_by_images(tmp_path, capsys):
+    """It used to be reported as a --blocks error (or a traceback)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    status = cli.main(["run", "--profile", "smoke", "--images", str(folder), "--n-images", "1",
+                       "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == cli.EXIT_USAGE and "--images: cannot identify image file" in err, err
+    assert not out.exists()
 
 
 def test_out_must_not_be_a_file(tmp_path, capsys):

@@ -75,6 +75,13 @@ def all_models(effnet, inception, mnist_models):
             "vit_b_16": M.load_model("vit_b_16", pretrained=False)}
 
 
+def test_digit_models_are_those_without_photo_preprocessing(all_models):
+    """``DIGIT_MODELS`` (which `sanitylib run` refuses by name) is exactly the models whose info
+    has no photo preprocessing."""
+    assert set(all_models) == set(M.MODELS)
+    assert {n for n, m in all_models.items() if M.get_info(m).preprocess is None} == set(M.DIGIT_MODELS)
+
+
 def _example(model: nn.Module) -> torch.Tensor:
     c, h, w = M.get_info(model).input_size
     lo, hi = M.get_info(model).value_range

@@ -669,7 +669,7 @@ def iter_state_maps(
     """
     check_seed(seed)
     check_input(model, x)
-    fmt = mf.choose(model, x, mf.check_memory_format(memory_format))
+    fmt = mf.choose(model, x, mf.check_memory_format(memory_format), resolve_methods(methods))
     if not states:
         raise ValueError("states must not be empty")
     dev = next((t.device for t in model.parameters()), x.device)

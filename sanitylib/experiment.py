@@ -202,7 +202,7 @@ class _Runner:
         if batched and bs is None:  # once per run: every group and slice alike
             bs = auto_batch_size(model, self.x, amp=spec.amp)
         # the passes' memory format, resolved once (sanitylib.memory_format); part of the cache key
-        self.memory_format = choose(model, self.x, settings.memory_format)
+        self.memory_format = choose(model, self.x, settings.memory_format, spec.methods)
         self.kw = dict(perturbation=spec.perturbation, seed=spec.seed, target=spec.target,
                        method_options=options, batch_size=bs, amp=spec.amp,
                        on_rows=self.bar.update, memory_format=self.memory_format)  # fmt: skip

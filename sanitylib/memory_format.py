@@ -12,7 +12,11 @@ machine): with the setting ``"auto"`` (the default) the passes run channels-last
 * the images are 4-D ``(N, C, H, W)`` floating-point tensors,
 * the model has at least one ``nn.Conv2d`` and no ``nn.MultiheadAttention`` (a vision
   transformer's patch embedding is one convolution; the rest of it is matrix products), and
-* the model runs on the CPU or on CUDA, and
+* the model runs on the CPU or on CUDA,
+* every method is one of sanitylib's: a user's method (a registered function, a callable, a
+  captum class) is the user's code, which may assume the default layout (``g.view(len(g), -1)``
+  on its gradients raises on channels-last ones), so a run with one keeps the default format
+  unless ``"channels_last"`` is asked for, and
 * its forward pass works on channels-last activations: one pass of the first image in each
   format, without gradients, in eval mode (:func:`channels_last_failure`, cached per model,
   forward code, device and input shape), must succeed and give the same logits up to rounding.
@@ -65,7 +69,7 @@ import contextlib
 import os
 import warnings
 import weakref
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -143,11 +147,13 @@ def _device(model: nn.Module, x: Tensor) -> torch.device:
     return next((t.device for t in model.parameters()), x.device)
 
 
-def choose(model: nn.Module, x: Tensor, value: str | None = None) -> str:
+def choose(model: nn.Module, x: Tensor, value: str | None = None, methods: Sequence = ()) -> str:
     """The format of the passes of ``model`` on images like ``x``: ``"contiguous"`` or
     ``"channels_last"``.  A forced setting (``value`` or the environment variable) is returned
     as it is for 4-D inputs (a non-4-D input is always ``"contiguous"``: channels-last is defined
-    for 4-D tensors only); ``"auto"`` applies the module's rule."""
+    for 4-D tensors only; a model that cannot run channels-last is refused); ``"auto"`` applies
+    the module's rule.  ``methods``: the run's resolved methods
+    (:class:`sanitylib.MethodSpec`), a user's among them keeping the default format."""
     s = setting(value)
     if not isinstance(x, Tensor) or x.ndim != 4:
         return "contiguous"
@@ -165,7 +171,7 @@ def choose(model: nn.Module, x: Tensor, value: str | None = None) -> str:
     modules = list(model.modules())
     has_conv = any(isinstance(m, nn.Conv2d) for m in modules)
     attention = any(isinstance(m, nn.MultiheadAttention) for m in modules)
-    if not has_conv or attention:
+    if not has_conv or attention or any(not getattr(sp, "builtin", False) for sp in methods):
         return "contiguous"
     why = channels_last_failure(model, x)
     if why is not None:

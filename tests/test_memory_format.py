@@ -164,6 +164,38 @@ def test_a_model_that_cannot_run_channels_last_runs_in_the_default_format(monkey
     _assert_same(before, model)
 
 
+def test_a_run_with_a_users_method_keeps_the_default_format(monkeypatch):
+    """A user's method is the user's code: here it flattens its gradients with ``.view``, which
+    raises on channels-last gradients.  Under ``auto`` the run keeps the default format (the
+    built-in methods in it too, so the table is the default format's bit for bit); asked for,
+    channels-last is used (and this method fails)."""
+    from sanitylib.registry import resolve_methods
+
+    monkeypatch.delenv(mf.ENV_VAR, raising=False)
+
+    def flat_gradient(model, x, target):
+        x = x.detach().requires_grad_(True)
+        g, = torch.autograd.grad(model(x).gather(1, target.view(-1, 1)).sum(), x)
+        flat = g.view(len(g), -1)  # assumes the default layout
+        return (flat / flat.abs().amax(1, keepdim=True)).view_as(g)
+
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = _seeded(BNNet).eval()
+    assert mf.choose(model, x, methods=resolve_methods(["gradient", "smoothgrad"])) == "channels_last"
+    assert mf.choose(model, x, methods=resolve_methods(["gradient", flat_gradient])) == "contiguous"
+    kw = dict(metrics=["spearman"], progress=False, cache=False)
+    auto = sl.cascading_randomization(model, x, ["gradient", flat_gradient], **kw)
+    default = sl.cascading_randomization(model, x, ["gradient", flat_gradient],
+                                         memory_format="contiguous", **kw)  # fmt: skip
+    assert auto.equals(default)
+    with pytest.raises(RuntimeError, match="view"):
+        sl.cascading_randomization(model, x, ["gradient", flat_gradient],
+                                   memory_format="channels_last", **kw)  # fmt: skip
+    with pytest.raises(RuntimeError, match="view"):
+        list(iter_state_maps(model, x, [flat_gradient], [()], memory_format="channels_last"))
+    assert len(list(iter_state_maps(model, x, [flat_gradient], [()]))) == 1
+
+
 def test_a_model_reading_storage_in_a_fixed_order_is_caught_by_its_logits(monkeypatch):
     monkeypatch.delenv(mf.ENV_VAR, raising=False)
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

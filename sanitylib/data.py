@@ -127,8 +127,6 @@ def _read_folder(folder: Path, ids: Sequence[str] | None) -> tuple[list[str], li
     """Image files of ``folder`` sorted by name; with ``ids``, exactly those files (by stem),
     found anywhere below ``folder`` (an ImageNet validation folder may have class
     subfolders), in the order of ``ids``."""
-    from PIL import Image
-
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist (or is not a folder)")
     if ids is None:
@@ -151,7 +149,23 @@ def _read_folder(folder: Path, ids: Sequence[str] | None) -> tuple[list[str], li
         files = [found[w] for w in wanted]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
-    return [p.stem for p in files], [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    return [p.stem for p in files], [_read_rgb(p) for p in files]
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 ``(H, W, 3)``.  16-bit grayscale files are scaled to 8 bits
+    (``PIL``'s ``convert("RGB")`` would clip every value above 255, a nearly white image);
+    32-bit integer and float files, which have no fixed range, are refused by name."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode.startswith("I;16"):
+            a = np.asarray(img).astype(np.float64) / 257.0
+            return np.repeat(np.round(a).astype(np.uint8)[..., None], 3, axis=-1)
+        if img.mode in ("I", "F"):
+            raise ValueError(f"{path}: a {'32-bit integer' if img.mode == 'I' else 'floating-point'} "
+                             "image has no fixed value range; convert it to 8 or 16 bits first")  # fmt: skip
+        return np.asarray(img.convert("RGB"))
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:

@@ -129,6 +129,25 @@ def test_folder_ids_filter_and_n(effnet, photo_folder):
     assert one.names == ["camera"] and one.x.shape[0] == 1
 
 
+def test_folder_16_bit_grayscale_is_scaled_and_32_bit_refused(effnet, tmp_path):
+    """A 16-bit PNG (microscopy, medical, scanned photos) holds the same picture as its 8-bit
+    version times 257: it must load as that picture (PIL's convert("RGB") clipped every value
+    above 255, a nearly white image), and a 32-bit or float file is refused by name."""
+    camera = skimage.data.camera()  # uint8 (512, 512)
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    Image.fromarray(camera).save(folder / "camera8.png")
+    Image.fromarray(camera.astype(np.uint16) * 257).save(folder / "camera16.png")
+    assert Image.open(folder / "camera16.png").mode.startswith("I;16")
+    batch = D.load_photos(effnet, folder=folder, verbose=False)
+    assert batch.names == ["camera16", "camera8"]
+    assert np.array_equal(batch.images[0], batch.images[1]) and torch.equal(batch.x[0], batch.x[1])
+    (folder / "camera16.png").unlink()
+    Image.fromarray(camera.astype(np.float32) / 255).save(folder / "float.tiff")
+    with pytest.raises(ValueError, match=r"float.tiff: a floating-point image has no fixed value range"):
+        D.load_photos(effnet, folder=folder, verbose=False)
+
+
 def test_folder_missing_ids_and_empty_or_absent_folder(effnet, photo_folder, tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         D.load_photos(effnet, folder=photo_folder, ids=["chelsea", "n01440764_1"])

@@ -214,11 +214,19 @@ def probe_model(model: nn.Module, x: Tensor) -> ModelProbe:
     xp = x[:1].detach()
     if params and xp.device != params[0].device:
         xp = xp.to(params[0].device)  # the engine moves x to the model's device itself
+    xp = xp.clone()  # the user's images stay untouched whatever the model does to its input
     try:
         with evaluating(model), torch.no_grad():
             out = model(xp)
     except RuntimeError as err:  # torch's shape, dtype and size errors
         raise ValueError(_forward_failure(model, x, err)) from err
+    given = x[:1].detach().to(xp.device)
+    if not bool(((xp == given) | (xp.isnan() & given.isnan())).all()):
+        raise ValueError(
+            "the model's forward pass modifies its input in place (e.g. x.sub_(mean) or "
+            "x.clamp_(...)): the saliency of an input the model overwrites is not defined, and "
+            "the passes give the input to autograd. Use out-of-place operations "
+            "(x = (x - mean) / std)")
     if not isinstance(out, Tensor):
         raise TypeError(
             f"the model must return logits (N, classes) as a single Tensor, got "

@@ -207,12 +207,12 @@ def channels_last_failure(model: nn.Module, x: Tensor) -> str | None:
     xp = x[:1].detach().to(dev)
     try:
         with evaluating(model), torch.no_grad():
-            ref = model(xp)
+            ref = model(xp.clone())  # clones: the user's images stay untouched
     except Exception:  # noqa: BLE001 - the model's own failure, not the format's
         return None
     try:
         with evaluating(model), torch.no_grad(), converted(model, "channels_last"):
-            out = model(as_format(xp, "channels_last"))
+            out = model(as_format(xp, "channels_last").clone(memory_format=torch.channels_last))
     except Exception as err:  # noqa: BLE001 - any failure here is the format's
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         why = f"its forward pass fails on channels-last activations ({type(err).__name__}: {first})"

@@ -58,6 +58,13 @@ class TupleOut(TinyCNN):
         return super().forward(x), x.mean()
 
 
+class InPlaceInput(TinyCNN):
+    """Normalizes its input in place, as some preprocessing-inside-the-model code does."""
+
+    def forward(self, x):
+        return super().forward(x.sub_(0.5).div_(0.25))
+
+
 class SoftmaxOut(TinyCNN):
     def forward(self, x):
         return super().forward(x).softmax(1)
@@ -228,6 +235,25 @@ def test_a_model_returning_a_tuple_must_return_logits(x):
         for where, call in _every_entry_point(model, x, method, CHEAP.get(method)):
             with pytest.raises(TypeError, match=r"must return logits \(N, classes\)"):
                 call()
+
+
+def test_a_model_that_overwrites_its_input_is_refused_and_the_images_are_untouched(x):
+    """Old: the first forward pass overwrote the user's images (the probe passed a view of
+    them), then the gradient pass failed with autograd's 'a leaf Variable that requires grad is
+    being used in an in-place operation'."""
+    import sanitylib as sl
+
+    model = InPlaceInput().eval()
+    given = x.clone()
+    for method in ("gradient", "smoothgrad"):
+        for where, call in _every_entry_point(model, x, method, CHEAP.get(method)):
+            with pytest.raises(ValueError, match="modifies its input in place"):
+                call()
+            assert torch.equal(x, given), where
+    with pytest.raises(ValueError, match="modifies its input in place"):
+        sl.cascading_randomization(model, x, ["gradient"], metrics=["spearman"], progress=False,
+                                   cache=False)  # fmt: skip
+    assert torch.equal(x, given)
 
 
 def test_probability_outputs_warn_once(x):

@@ -353,6 +353,12 @@ def hog(maps: Tensor, *, orientations: int = 9, cell: int = 16, block: int = 3) 
 
 
 # ----------------------------------------------------------------------------- public entry point
+def _upcast_bfloat16(maps: Tensor) -> Tensor:
+    """bfloat16 maps (a bfloat16 model's) as float32, which holds them exactly: the ranks, the
+    correlations and SSIM's filters run in numpy and scipy, which have no bfloat16."""
+    return maps.float() if maps.dtype == torch.bfloat16 else maps
+
+
 def similarity(
     a: Tensor,
     b: Tensor,
@@ -388,6 +394,7 @@ def similarity(
     if on_constant not in _ON_CONSTANT:
         raise ValueError(f"on_constant must be one of {_ON_CONSTANT}, got {on_constant!r}")
     _check_pair(a, b, (4,) if normalize else (3, 4))
+    a, b = _upcast_bfloat16(a), _upcast_bfloat16(b)
     if normalize:
         a, b = _PREPARE[metric](a), _PREPARE[metric](b)
     if metric == "ssim":
@@ -416,7 +423,7 @@ class MapFeatures:
         # a finite sum proves every value finite (cheaper than isfinite on every value)
         if not torch.isfinite(maps.sum()) and not torch.isfinite(maps).all():
             raise ValueError("maps contain NaN or infinite values")
-        self.maps = maps
+        self.maps = _upcast_bfloat16(maps)
         self._cache: dict[str, object] = {}
 
     def _get(self, key: str, fn: Callable[[], object]):

@@ -403,3 +403,24 @@ def test_pearson_paths_agree(d):
         assert torch.allclose(via_torch, exp, atol=1e-12, rtol=0, equal_nan=True)
     with pytest.raises(ValueError, match="constant"):
         M.pearson(x, y, on_constant="raise")
+
+
+# ---------------------------------------------------------------- bfloat16 maps
+def test_bfloat16_maps_score_as_their_exact_float32_copies(pair64):
+    """A bfloat16 model's maps: numpy (ranks, correlations) and scipy (SSIM's filters) have no
+    bfloat16, which used to raise 'Got unsupported ScalarType BFloat16' after every pass of a
+    run.  float32 holds bfloat16 values exactly, so the scores are those of the copies, and a
+    bfloat16 model runs end to end."""
+    import sanitylib as sl
+    from reference import TinyCNN
+
+    a, b = (to_t(v).bfloat16() for v in pair64)
+    for metric in M.METRICS:
+        assert torch.equal(M.similarity(a, b, metric), M.similarity(a.float(), b.float(), metric)), metric
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TinyCNN().eval().bfloat16()
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    df = sl.cascading_randomization(model, x, ["gradient"], metrics=["spearman_abs", "ssim"],
+                                    progress=False, cache=False)  # fmt: skip
+    assert len(df) == 2 * 2 * len(df.stages) and df["value"].notna().all()

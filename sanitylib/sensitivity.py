@@ -38,6 +38,7 @@ from .experiment import explain_methods, run_randomization
 from .metrics import similarity
 from .randomize import Perturbation
 from .result import stage_order
+from .spec import _is_int
 
 __all__ = ["noise_sensitivity", "same_model_floor", "floor_by_samples", "unit_curves", "sensitivity_summary",
            "sigma_half", "bootstrap_ci"]  # fmt: skip
@@ -72,10 +73,11 @@ def noise_sensitivity(model: nn.Module, x: Tensor, methods: Sequence[str],
         The tidy tables of every run, concatenated, with columns ``sigma, relative, kind,
         draw`` added; ``df.attrs["stages"]`` holds the stage order.
     """
-    if not sigmas or any(not s > 0 for s in sigmas):
-        raise ValueError(f"sigmas must be positive, got {list(sigmas)}")
-    if draws < 1:
-        raise ValueError("draws must be >= 1")
+    sigmas = _positive_levels(sigmas)
+    if not _is_int(draws) or draws < 1:
+        raise ValueError(f"draws must be an int >= 1, got {draws!r}")
+    if kind not in ("gaussian", "multiplicative"):
+        raise ValueError(f"kind must be 'gaussian' or 'multiplicative', got {kind!r}")
     tables = []
     runs = [(s, d) for s in sigmas for d in range(draws)]
     for sigma, d in tqdm(runs, desc=f"weight noise ({kind}{', relative' if relative else ''})",
@@ -91,6 +93,27 @@ def noise_sensitivity(model: nn.Module, x: Tensor, methods: Sequence[str],
     out = pd.concat(tables, ignore_index=True)
     out.attrs["stages"] = stages
     return out
+
+
+def _positive_levels(sigmas) -> list[float]:
+    """``sigmas`` (a list, tuple, numpy array, ...) as floats, each finite and positive;
+    ``ValueError`` naming ``sigmas`` otherwise."""
+    def level(v) -> float | None:
+        if isinstance(v, (bool, str, bytes)):
+            return None
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            return None
+        return f if 0 < f < math.inf else None
+
+    try:
+        vals = None if isinstance(sigmas, (str, bytes)) else [level(v) for v in sigmas]
+    except TypeError:  # not iterable
+        vals = None
+    if not vals or any(v is None for v in vals):
+        raise ValueError(f"sigmas must be a non-empty list of finite positive numbers, got {sigmas!r}")
+    return vals
 
 
 def same_model_floor(model: nn.Module, x: Tensor, methods: Sequence[str], *,

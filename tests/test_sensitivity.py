@@ -96,6 +96,16 @@ def test_bad_arguments():
         S.noise_sensitivity(torch.nn.Linear(2, 2), torch.zeros(1, 2), ["gradient"], [0.0])
     with pytest.raises(ValueError, match="draws"):
         S.noise_sensitivity(torch.nn.Linear(2, 2), torch.zeros(1, 2), ["gradient"], [0.1], draws=0)
+    # refused by name before any pass (were: a TypeError, or "maps contain NaN or infinite
+    # values" after the passes of an infinite sigma)
+    lin, z = torch.nn.Linear(2, 2), torch.zeros(1, 2)
+    for bad in ([float("inf")], [float("nan")], "0.1", [0.1, True], 0.1, []):
+        with pytest.raises(ValueError, match="sigmas must be a non-empty list of finite positive"):
+            S.noise_sensitivity(lin, z, ["gradient"], bad)
+    with pytest.raises(ValueError, match="draws must be an int >= 1, got 2.5"):
+        S.noise_sensitivity(lin, z, ["gradient"], [0.1], draws=2.5)
+    with pytest.raises(ValueError, match="kind must be 'gaussian' or 'multiplicative'"):
+        S.noise_sensitivity(lin, z, ["gradient"], [0.1], kind="uniform")
     with pytest.raises(ValueError, match="metric"):
         S.unit_curves(synthetic({("a", 0.1): [[0.5, 0.4, 0.3]] * 2}), "ssim")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, Union
@@ -138,8 +139,12 @@ class Perturbation:
         if self.kind not in ("reinit", "gaussian", "multiplicative"):
             raise ValueError(f"unknown perturbation {self.kind!r}; known: 'reinit', "
                              "'gaussian', 'multiplicative'")  # fmt: skip
-        if self.kind != "reinit" and not self.sigma > 0:
-            raise ValueError(f"{self.kind} noise needs sigma > 0, got {self.sigma}")
+        if self.kind != "reinit" and (isinstance(self.sigma, (bool, str, bytes))
+                                      or not isinstance(self.sigma, numbers.Real)
+                                      or not 0 < self.sigma < math.inf):  # fmt: skip
+            raise ValueError(f"{self.kind} noise needs a finite sigma > 0, got {self.sigma!r}")
+        if not isinstance(self.relative, bool):
+            raise ValueError(f"relative must be True or False, got {self.relative!r}")
         if isinstance(self.init, str) and self.init != "paper" and self.init not in INITS:
             raise ValueError(f"unknown initializer {self.init!r}; known: 'paper', "
                              f"{', '.join(INITS)}, or a callable (module, generator)")  # fmt: skip

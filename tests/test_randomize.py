@@ -227,6 +227,12 @@ def test_perturbation_validation_and_describe():
         R.Perturbation("gaussian")
     with pytest.raises(ValueError, match="sigma > 0"):
         R.Perturbation("multiplicative", sigma=-0.1)
+    # were accepted: an infinite sigma (NaN maps after the passes), a string (a TypeError), True
+    for bad in (float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="finite sigma > 0"):
+            R.Perturbation("gaussian", sigma=bad)
+    with pytest.raises(ValueError, match="relative must be True or False"):
+        R.Perturbation("gaussian", sigma=0.1, relative="yes")
     with pytest.raises(ValueError, match="unknown initializer"):
         R.Perturbation(init="xavier")
     assert R.Perturbation().describe() == "reinit(paper)"

@@ -404,15 +404,34 @@ def cam_to_map(cam: Tensor, like: Tensor) -> Tensor:
     return cam.expand(-1, like.shape[1], -1, -1)
 
 
+def _check_cam_layer(model: nn.Module, module: nn.Module, layer, x: Tensor) -> None:
+    """``ValueError`` unless ``module``'s output on ``x[:1]`` (one forward pass, no grad) is a
+    ``(N, K, h, w)`` feature map, naming the layer and what it returns."""
+    seen: dict[str, object] = {}
+    hook = module.register_forward_hook(lambda m, args, out: seen.setdefault("out", out))
+    try:
+        with torch.no_grad():
+            model(x[:1].clone())
+    finally:
+        hook.remove()
+    out = seen.get("out")
+    if not isinstance(out, Tensor) or out.ndim != 4:
+        what = (f"a {type(out).__name__}" if not isinstance(out, Tensor)
+                else f"a tensor of shape {tuple(out.shape)}")  # fmt: skip
+        name = layer if isinstance(layer, str) else type(module).__name__
+        raise ValueError(f"GradCAM needs a layer whose output is a (N, K, h, w) feature map; "
+                         f"layer {name!r} returns {what}: pick a convolutional layer")  # fmt: skip
+
+
 def _gradcam(model, x, target, layer, batch_size) -> Tensor:
     from captum.attr import LayerGradCam
 
-    cam_attr = LayerGradCam(model, gradcam_layer(model, layer))
+    module = gradcam_layer(model, layer)
+    _check_cam_layer(model, module, layer, x)
+    cam_attr = LayerGradCam(model, module)
     out = []
     for xc, tc in zip(x.split(batch_size), target.split(batch_size)):
         cam = cam_attr.attribute(xc, target=tc, relu_attributions=True)  # (n, 1, h, w)
-        if cam.ndim != 4:
-            raise ValueError(f"GradCAM layer output must be (N, K, h, w), got {tuple(cam.shape)}")
         out.append(cam_to_map(cam, xc))
     return torch.cat(out).detach()
 

@@ -79,9 +79,10 @@ def run_randomization(
             of images.
         schedule: ``"cascading"`` (blocks 1..k, top first) or ``"independent"`` (block k alone).
         blocks: blocks to randomize, top to bottom (default: the model's declared blocks, or
-            its parameterized top-level children in reverse execution order); a non-empty list
-            of :class:`~sanitylib.models.Block`, block names or dotted module paths (a single
-            one may be given alone).
+            its parameterized top-level children in reverse execution order); an int ``K``
+            (the first ``K`` of those, from the top); or a non-empty list of
+            :class:`~sanitylib.models.Block`, block names or dotted module paths (a single one
+            may be given alone).
         metrics: registered names (:data:`sanitylib.METRICS` and :func:`sanitylib.register_metric`),
             :class:`sanitylib.Metric` objects (``prepare`` runs once on the trained model's
             maps), or callables ``f(a, b) -> (N,)`` on raw ``(N, C, H, W)`` maps (named by

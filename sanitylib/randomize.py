@@ -323,6 +323,7 @@ def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple
 def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = None,
                return_skipped: bool = False):  # fmt: skip
     """Resolve ``blocks``: ``None`` (the model's declared blocks, or :func:`infer_blocks`),
+    an int ``K`` (the first ``K`` of those, from the top, as ``sanitylib run --blocks K``),
     a non-empty list of :class:`Block`, of block names of the model, or of dotted module
     paths.
 
@@ -345,9 +346,18 @@ def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = Non
             out, skipped = _infer(model, example)
             _warn_skipped(skipped)
         return (out, skipped) if return_skipped else out
+    if isinstance(blocks, numbers.Integral) and not isinstance(blocks, bool):
+        every, skipped = get_blocks(model, None, example, return_skipped=True)
+        if not 1 <= blocks <= len(every):
+            raise ValueError(f"blocks: {int(blocks)} top blocks asked for, the model has "
+                             f"{len(every)} ({', '.join(b.name for b in every)}); pass an int in "
+                             f"[1, {len(every)}]")  # fmt: skip
+        out = tuple(every[: int(blocks)])
+        return (out, skipped) if return_skipped else out
     if isinstance(blocks, (str, Block)) or not hasattr(blocks, "__iter__"):
         raise ValueError(f"blocks must be a list of blocks (Block objects, block names or module "
-                         f"paths) or None, got {blocks!r}; e.g. blocks=[{blocks!r}]")  # fmt: skip
+                         f"paths), the number of top blocks or None, got {blocks!r}; e.g. "
+                         f"blocks=[{blocks!r}]")  # fmt: skip
     blocks = list(blocks)
     if not blocks:
         raise ValueError("blocks must name at least one block, got an empty list; pass "

@@ -250,10 +250,11 @@ class RunSpec:
             ids = tuple(int(i) for i in image_ids)
         else:
             ids = tuple(range(n))
-        if blocks is not None and not isinstance(blocks, (str, Block)):
+        if blocks is not None and not isinstance(blocks, (str, Block)) and not _is_int(blocks):
             if not isinstance(blocks, (list, tuple)) or not blocks:
-                raise ValueError("blocks must be None (the model's blocks) or a non-empty list of "
-                                 f"Block objects, block names or module paths, got {blocks!r}")  # fmt: skip
+                raise ValueError("blocks must be None (the model's blocks), the number of top "
+                                 "blocks or a non-empty list of Block objects, block names or "
+                                 f"module paths, got {blocks!r}")  # fmt: skip
         if isinstance(blocks, (str, Block)):
             blocks = [blocks]
         resolved, skipped = get_blocks(model, blocks, x, return_skipped=True)

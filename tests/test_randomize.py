@@ -220,6 +220,27 @@ def test_perturbations_leave_buffers_alone(bnnet):
         assert same == ("running" in k or "num_batches" in k), k
 
 
+def test_blocks_as_the_number_of_top_blocks():
+    """``blocks=K``: the model's first K blocks from the top, as ``sanitylib run --blocks K``
+    (it was refused by the library); the run equals the one naming them."""
+    import sanitylib as sl
+
+    model = load_model("mnist_cnn", pretrained=False)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    every = R.get_blocks(model, None, x)
+    assert R.get_blocks(model, 2, x) == tuple(every[:2])
+    assert R.get_blocks(model, len(every), x) == tuple(every)
+    for bad in (0, len(every) + 1, -1):
+        with pytest.raises(ValueError, match=rf"blocks: {bad} top blocks asked for, the model has"):
+            R.get_blocks(model, bad, x)
+    with pytest.raises(ValueError, match="blocks must be a list"):
+        R.get_blocks(model, True, x)
+    kw = dict(metrics=["spearman"], progress=False, cache=False)
+    by_number = sl.cascading_randomization(model, x, ["gradient"], 2, **kw)
+    by_name = sl.cascading_randomization(model, x, ["gradient"], [b.name for b in every[:2]], **kw)
+    assert by_number.stages == [b.name for b in every[:2]] and by_number.equals(by_name)
+
+
 def test_perturbation_validation_and_describe():
     with pytest.raises(ValueError, match="unknown perturbation"):
         R.Perturbation("dropout")

@@ -579,10 +579,20 @@ def load_model(name: str, pretrained: bool = True, device: str | torch.device = 
         The model (``nn.Module`` returning logits), with ``model.sanity_info`` set.
 
     Raises:
-        ValueError: unknown name.
+        ValueError: unknown name, ``pretrained`` not a bool, or a device that does not exist
+            here (``"cuda"`` without a GPU), before any model is built or trained.
         WeightsUnavailableError: pretrained weights cannot be obtained (the message names the
             offline alternative).
     """
+    if not isinstance(pretrained, bool):
+        raise ValueError(f"pretrained must be True or False, got {pretrained!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device is {str(device)!r}, but CUDA is not available here "
+                         "(torch.cuda.is_available() is False): use device='cpu', or a GPU runtime")  # fmt: skip
     if name == "auto":
         return _resolve_auto(pretrained).to(device)
     if name == "inception_v3":

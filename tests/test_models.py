@@ -447,3 +447,18 @@ def test_get_info_is_none_for_plain_modules():
 def test_block_without_modules_is_rejected():
     with pytest.raises(ValueError, match="owns no modules"):
         M.Block("empty", ())
+
+
+def test_load_model_refuses_bad_arguments_before_building():
+    """An unknown name, a non-bool ``pretrained`` (``"yes"`` used to be taken as true) and a
+    device that is not here (``"cuda"`` without a GPU used to fail inside torch after the model
+    was built, or trained for the MNIST models) are refused by name."""
+    with pytest.raises(ValueError, match="unknown model 'resnet50'"):
+        M.load_model("resnet50")
+    with pytest.raises(ValueError, match="pretrained must be True or False, got 'yes'"):
+        M.load_model("mnist_cnn", pretrained="yes")
+    with pytest.raises(ValueError, match="device: Expected one of"):
+        M.load_model("mnist_cnn", pretrained=False, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            M.load_model("mnist_cnn", device="cuda")

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["MethodSpec", "Passes", "Metric", "check_map_size", "register_method",
-           "unregister_method", "get_method", "resolve_method", "resolve_methods", "method_names", "method_label", "register_metric",
-           "unregister_metric", "get_metric", "resolve_metric", "resolve_metrics", "metric_names",
-           "metric_label", "LabelView"]  # fmt: skip
+           "unregister_method", "get_method", "resolve_method", "resolve_methods", "method_names",
+           "method_label", "register_metric", "unregister_metric", "get_metric", "resolve_metric",
+           "resolve_metrics", "metric_names", "metric_label", "LabelView"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- methods

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,10 +124,11 @@ def _resolve_ids(ids: Sequence[str] | str | None) -> Sequence[str] | None:
     return ids
 
 
-def _read_folder(folder: Path, ids: Sequence[str] | None) -> tuple[list[str], list[np.ndarray]]:
+def _read_folder(folder: Path, ids: Sequence[str] | None,
+                 n: int | None = None) -> tuple[list[str], list[np.ndarray]]:  # fmt: skip
     """Image files of ``folder`` sorted by name; with ``ids``, exactly those files (by stem),
     found anywhere below ``folder`` (an ImageNet validation folder may have class
-    subfolders), in the order of ``ids``."""
+    subfolders), in the order of ``ids``; with ``n``, only the first ``n`` are read."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist (or is not a folder)")
     if ids is None:
@@ -149,6 +151,7 @@ def _read_folder(folder: Path, ids: Sequence[str] | None) -> tuple[list[str], li
         files = [found[w] for w in wanted]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
+    files = files[:n] if n is not None else files
     return [p.stem for p in files], [_read_rgb(p) for p in files]
 
 
@@ -195,13 +198,13 @@ def load_photos(
     Args:
         model: a model from :func:`sanitylib.load_model` (its preprocessing is used), or any
             module together with ``preprocess``.
-        names: scikit-image photos to use (see :data:`PHOTOS`); default :data:`DEFAULT_PHOTOS`.
-            Ignored when ``folder`` is given.
+        names: scikit-image photos to use (see :data:`PHOTOS`; one name alone is taken as a
+            list of one); default :data:`DEFAULT_PHOTOS`.  Ignored when ``folder`` is given.
         folder: a folder of image files (sorted by name), e.g. ImageNet validation images.
         ids: take exactly these files (by stem, searched below ``folder``, in this order), or
             ``"paper_imagenet"``: the paper's 200 ImageNet validation images
             (:func:`paper_imagenet_ids`); a missing file is an error that names it.
-        n: keep the first ``n`` images.
+        n: keep the first ``n`` images (only those are read from ``folder``).
         preprocess: uint8 ``(H, W, 3)`` -> ``(C, H, W)``; defaults to the model's.
 
     Returns:
@@ -216,18 +219,22 @@ def load_photos(
         )
     if ids is not None and folder is None:
         raise ValueError("ids: selecting files needs folder=... (the folder that holds them)")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        raise ValueError(f"n must be an int >= 1 (the number of images to keep) or None, got {n!r}")
     if folder is not None:
-        names_, raw = _read_folder(Path(folder), _resolve_ids(ids))
+        names_, raw = _read_folder(Path(folder), _resolve_ids(ids), n)  # only the first n read
         source = f"{len(names_)} images from folder {folder}"
     else:
-        names_ = list(names) if names is not None else list(DEFAULT_PHOTOS)
+        names_ = [names] if isinstance(names, str) else (
+            list(names) if names is not None else list(DEFAULT_PHOTOS))  # fmt: skip
+        if not names_:
+            raise ValueError(f"names must name at least one photo; shipped photos: {', '.join(PHOTOS)}")
         unknown = [k for k in names_ if k not in PHOTOS]
         if unknown:
             raise ValueError(f"unknown photos {unknown}; shipped photos: {', '.join(PHOTOS)}")
+        names_ = names_[:n] if n is not None else names_
         raw = [PHOTOS[k]() for k in names_]
         source = "photos shipped with scikit-image (offline): " + ", ".join(names_)
-    if n is not None:
-        names_, raw = names_[:n], raw[:n]
     x = torch.stack([preprocess(_to_uint8(r)) for r in raw]).to(device)
     size = x.shape[-2:]
     shown = torch.stack([

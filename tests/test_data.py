@@ -129,6 +129,27 @@ def test_folder_ids_filter_and_n(effnet, photo_folder):
     assert one.names == ["camera"] and one.x.shape[0] == 1
 
 
+def test_n_reads_only_the_first_images_and_bad_selections_are_named(effnet, photo_folder, monkeypatch):
+    """``n`` keeps the first n images and reads only those from a folder (it used to decode
+    every file, an ImageNet folder's 50,000, before keeping n); a bad ``n`` or an empty
+    ``names`` is refused by name (were: a stack error, or n=-1 silently dropping the last
+    image); one name alone is a list of one."""
+    read = []
+    real = D._read_rgb
+    monkeypatch.setattr(D, "_read_rgb", lambda p: read.append(p.stem) or real(p))
+    one = D.load_photos(effnet, folder=photo_folder, n=1, verbose=False)
+    assert one.names == ["camera"] and read == ["camera"]
+    read.clear()
+    two = D.load_photos(effnet, folder=photo_folder, ids=["coffee", "chelsea", "camera"], n=2, verbose=False)
+    assert two.names == ["coffee", "chelsea"] and read == ["coffee", "chelsea"]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            D.load_photos(effnet, n=bad, verbose=False)
+    with pytest.raises(ValueError, match="names must name at least one photo"):
+        D.load_photos(effnet, names=[], verbose=False)
+    assert D.load_photos(effnet, names="chelsea", verbose=False).names == ["chelsea"]
+
+
 def test_folder_16_bit_grayscale_is_scaled_and_32_bit_refused(effnet, tmp_path):
     """A 16-bit PNG (microscopy, medical, scanned photos) holds the same picture as its 8-bit
     version times 257: it must load as that picture (PIL's convert("RGB") clipped every value

@@ -250,6 +250,8 @@ class RunSpec:
             ids = tuple(int(i) for i in image_ids)
         else:
             ids = tuple(range(n))
+        if _is_int(blocks) and blocks < 1:
+            raise ValueError(f"blocks: the number of top blocks must be >= 1, got {blocks}")
         if blocks is not None and not isinstance(blocks, (str, Block)) and not _is_int(blocks):
             if not isinstance(blocks, (list, tuple)) or not blocks:
                 raise ValueError("blocks must be None (the model's blocks), the number of top "

@@ -515,7 +515,9 @@ def test_explain_methods_runs_in_eval_mode_and_gives_the_model_back(resnet_in_tr
     ({"seed": -1}, "seed must lie in"),
     ({"method_options": {"smooth_grad": {"n_samples": 2}}}, "'smooth_grad' is not a method of this run"),
     ({"blocks": []}, "blocks"),
-    ({"blocks": 3}, "blocks"),
+    ({"blocks": 0}, "blocks: the number of top blocks must be >= 1"),  # an int K: the top K
+    ({"blocks": True}, "blocks"),
+    ({"blocks": 3.0}, "blocks"),
     ({"store_maps": "2"}, "store_maps"),
     ({"store_maps": -1}, "store_maps"),
     ({"batch_size": 0}, "batch_size"),

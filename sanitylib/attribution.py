@@ -31,7 +31,7 @@ import math
 import numbers
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -146,6 +146,10 @@ class ModelProbe:
 
     n_classes: int
     probabilities: bool  # the outputs look like (log-)probabilities, not logits
+    #: the probed image ``x[:1]`` (a copy, on the model's device) and the model's output on it,
+    #: for checks that compare another pass with this one (:mod:`sanitylib.memory_format`)
+    input: Tensor | None = field(default=None, compare=False, repr=False)
+    output: Tensor | None = field(default=None, compare=False, repr=False)
 
 
 _PROBED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -247,7 +251,7 @@ def probe_model(model: nn.Module, x: Tensor) -> ModelProbe:
             "log-probabilities, not logits: saliency of softmax outputs differs from the paper's "
             "saliency of logits (each class's map then mixes in every other class). Explain the "
             "model without its final softmax if you can.", ProbabilityOutputWarning, stacklevel=3)
-    probe = ModelProbe(int(out.shape[1]), probs)
+    probe = ModelProbe(int(out.shape[1]), probs, xp, out.detach())
     _PROBED[model] = (key, probe)
     return probe
 
@@ -404,34 +408,19 @@ def cam_to_map(cam: Tensor, like: Tensor) -> Tensor:
     return cam.expand(-1, like.shape[1], -1, -1)
 
 
-def _check_cam_layer(model: nn.Module, module: nn.Module, layer, x: Tensor) -> None:
-    """``ValueError`` unless ``module``'s output on ``x[:1]`` (one forward pass, no grad) is a
-    ``(N, K, h, w)`` feature map, naming the layer and what it returns."""
-    seen: dict[str, object] = {}
-    hook = module.register_forward_hook(lambda m, args, out: seen.setdefault("out", out))
-    try:
-        with torch.no_grad():
-            model(x[:1].clone())
-    finally:
-        hook.remove()
-    out = seen.get("out")
-    if not isinstance(out, Tensor) or out.ndim != 4:
-        what = (f"a {type(out).__name__}" if not isinstance(out, Tensor)
-                else f"a tensor of shape {tuple(out.shape)}")  # fmt: skip
-        name = layer if isinstance(layer, str) else type(module).__name__
-        raise ValueError(f"GradCAM needs a layer whose output is a (N, K, h, w) feature map; "
-                         f"layer {name!r} returns {what}: pick a convolutional layer")  # fmt: skip
-
-
 def _gradcam(model, x, target, layer, batch_size) -> Tensor:
     from captum.attr import LayerGradCam
 
     module = gradcam_layer(model, layer)
-    _check_cam_layer(model, module, layer, x)
     cam_attr = LayerGradCam(model, module)
     out = []
     for xc, tc in zip(x.split(batch_size), target.split(batch_size)):
         cam = cam_attr.attribute(xc, target=tc, relu_attributions=True)  # (n, 1, h, w)
+        if cam.ndim != 4:  # captum sums the layer's output over dim 1: the CAM has its ndim
+            name = layer if isinstance(layer, str) else type(module).__name__
+            raise ValueError(f"GradCAM needs a layer whose output is a (N, K, h, w) feature map; "
+                             f"layer {name!r} returns a {cam.ndim}-D output: pick a convolutional "
+                             "layer")  # fmt: skip
         out.append(cam_to_map(cam, xc))
     return torch.cat(out).detach()
 

@@ -361,13 +361,8 @@ def _run(args) -> int:
         except (ValueError, OSError) as err:  # a file that is not an image, or cannot be read
             raise _flag_error("--images", err) from None
         try:
-            all_blocks = get_blocks(model, None, x0.to(device))
-            if isinstance(s["blocks"], int):
-                blocks = [b.name for b in all_blocks[: s["blocks"]]]
-            elif s["blocks"] is not None:
-                blocks = [b.name for b in get_blocks(model, s["blocks"], x0.to(device))]
-            else:
-                blocks = [b.name for b in all_blocks]
+            # None: every block; K: the top K (more than the model has is an error); or names
+            blocks = [b.name for b in get_blocks(model, s["blocks"], x0.to(device))]
         except (ValueError, AttributeError, KeyError) as err:
             raise _flag_error("--blocks", err) from None
         # what is computed: the run specification's fields (the same as the cache's identity),

@@ -669,7 +669,7 @@ def iter_state_maps(
     """
     check_seed(seed)
     check_input(model, x)
-    fmt = mf.choose(model, x, mf.check_memory_format(memory_format), resolve_methods(methods))
+    mf.check_memory_format(memory_format)
     if not states:
         raise ValueError("states must not be empty")
     dev = next((t.device for t in model.parameters()), x.device)
@@ -677,7 +677,7 @@ def iter_state_maps(
     perturbation = perturbation or Perturbation()
     engine = _Engine(model, methods, dict(method_options or {}), seed, None, amp, reuse_forward,
                      on_rows)  # fmt: skip
-    engine.fmt = fmt
+    engine.fmt = mf.choose(model, x, memory_format, list(engine.plan.specs.values()))
     if image_ids is not None:
         engine.image_ids = [int(i) for i in image_ids]
         if len(engine.image_ids) != len(x):

@@ -74,6 +74,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .attribution import probe_model
 from .guard import _fingerprint
 from .randomize import evaluating
 
@@ -171,7 +172,7 @@ def choose(model: nn.Module, x: Tensor, value: str | None = None, methods: Seque
     modules = list(model.modules())
     has_conv = any(isinstance(m, nn.Conv2d) for m in modules)
     attention = any(isinstance(m, nn.MultiheadAttention) for m in modules)
-    if not has_conv or attention or any(not getattr(sp, "builtin", False) for sp in methods):
+    if not has_conv or attention or any(not sp.builtin for sp in methods):
         return "contiguous"
     why = channels_last_failure(model, x)
     if why is not None:
@@ -188,12 +189,12 @@ def channels_last_failure(model: nn.Module, x: Tensor) -> str | None:
     """Why ``model``'s forward pass does not work on channels-last activations, or ``None``
     when it does.
 
-    One forward pass of ``x[:1]`` in each format (without gradients, in eval mode, the model
-    converted by :func:`converted` for the channels-last one; every mode, parameter and buffer
-    comes back as it was) must succeed and give the same logits up to rounding.  A pass that
-    fails in the default format too says nothing about the format (``None``: the runners' own
-    input check reports it).  Cached per model instance, forward code, submodules, device, input
-    shape and dtype, like :func:`sanitylib.attribution.probe_model`.
+    The channels-last pass of the image that :func:`sanitylib.attribution.probe_model` (the
+    runners' input check, whose default-format pass it reuses) probed: without gradients, in
+    eval mode, the model converted by :func:`converted` (every mode, parameter and buffer comes
+    back as it was); it must succeed and give the same logits up to rounding.  A model that
+    fails the input check says nothing about the format (``None``: the runners report it).
+    Cached per model instance, forward code, submodules, device, input shape and dtype.
 
     Returns:
         ``None``, or a sentence: the channels-last pass's error (e.g. ``x.view`` on a
@@ -204,15 +205,15 @@ def channels_last_failure(model: nn.Module, x: Tensor) -> str | None:
     hit = _PROBED.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    xp = x[:1].detach().to(dev)
-    try:
-        with evaluating(model), torch.no_grad():
-            ref = model(xp.clone())  # clones: the user's images stay untouched
-    except Exception:  # noqa: BLE001 - the model's own failure, not the format's
+    try:  # the default format's pass: the runners' input check, cached
+        probe = probe_model(model, x)
+    except (ValueError, TypeError):  # the model's own failure, not the format's
         return None
+    ref = probe.output
     try:
         with evaluating(model), torch.no_grad(), converted(model, "channels_last"):
-            out = model(as_format(xp, "channels_last").clone(memory_format=torch.channels_last))
+            # a copy: the user's images stay untouched
+            out = model(probe.input.clone(memory_format=torch.channels_last))
     except Exception as err:  # noqa: BLE001 - any failure here is the format's
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         why = f"its forward pass fails on channels-last activations ({type(err).__name__}: {first})"

@@ -586,10 +586,10 @@ def test_gradcam_needs_a_layer_on_plain_modules(tiny, xt):
     with pytest.raises(ValueError) as err:
         A.explain(tiny, xt, "gradcam", layer="relu9")
     assert "relu9" in str(err.value) and "relu2" in str(err.value)
-    # a layer without a feature map is named with what it returns, before any attribution (the
-    # message used to give the shape of captum's summed CAM, (N, 1), not the layer's output)
+    # a layer without a feature map is named with what it returns (the message used to give
+    # the shape of captum's summed CAM, (N, 1), as if it were the layer's output)
     for method in ("gradcam", "guided_gradcam"):
-        with pytest.raises(ValueError, match=r"layer 'fc' returns a tensor of shape \(1, 5\)"):
+        with pytest.raises(ValueError, match=r"layer 'fc' returns a 2-D output: pick a convolutional"):
             A.explain(tiny, xt, method, layer="fc")
 
 

@@ -70,6 +70,7 @@ def image_dir(tmp_path_factory) -> Path:
     (["--images", "/nonexistent/folder"], "--images"),
     (["--device", "tpu"], "--device"),
     (["--blocks", "0"], "--blocks"),
+    (["--blocks", "999"], "--blocks: 999 top blocks asked for, the model has"),  # was: all blocks
     (["--model", "mnist_cnn"], "--model: mnist_cnn takes 28x28 MNIST digits"),  # before training it
 ])  # fmt: skip
 def test_bad_arguments_give_clear_errors_before_any_work(args, message, tmp_path, capsys):

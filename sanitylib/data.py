@@ -183,6 +183,34 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return np.array(img[..., :3], copy=True, order="C")
 
 
+def _preprocessed(preprocess: Callable[[np.ndarray], torch.Tensor], raw: list[np.ndarray],
+                  names: list[str]) -> list[torch.Tensor]:
+    """``preprocess`` applied to each image, checked: one floating-point ``(C, H, W)`` tensor
+    per image, all of one shape (a ``ValueError`` naming ``preprocess``, the image and what it
+    returned otherwise, before the model sees a batch it would fail on, or read wrongly)."""
+    out = []
+    for name, r in zip(names, raw):
+        t = preprocess(_to_uint8(r))
+        got = (f"a tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
+               if isinstance(t, torch.Tensor) else type(t).__name__)  # fmt: skip
+        why = None
+        if not isinstance(t, torch.Tensor):
+            why = "a torch.Tensor"
+        elif t.ndim != 3:
+            why = "a 3-D (C, H, W) tensor, without a batch dimension"
+        elif not t.is_floating_point():
+            why = "a floating-point tensor (e.g. .float() / 255, then the model's normalization)"
+        elif t.shape[0] > 4 and t.shape[-1] in (1, 3, 4):
+            why = "channels first, (C, H, W): this looks like (H, W, C); use .permute(2, 0, 1)"
+        elif out and t.shape != out[0].shape:
+            why = (f"one size for every image, as the first image's {tuple(out[0].shape)} "
+                   f"(resize or crop to a fixed size)")  # fmt: skip
+        if why:
+            raise ValueError(f"preprocess must return {why}; for image {name!r} it returned {got}")
+        out.append(t)
+    return out
+
+
 def load_photos(
     model: nn.Module | None = None,
     names: Sequence[str] | None = None,
@@ -235,7 +263,7 @@ def load_photos(
         names_ = names_[:n] if n is not None else names_
         raw = [PHOTOS[k]() for k in names_]
         source = "photos shipped with scikit-image (offline): " + ", ".join(names_)
-    x = torch.stack([preprocess(_to_uint8(r)) for r in raw]).to(device)
+    x = torch.stack(_preprocessed(preprocess, raw, names_)).to(device)
     size = x.shape[-2:]
     shown = torch.stack([
         torch.nn.functional.interpolate(

@@ -101,6 +101,33 @@ def test_no_preprocessing_known_raises():
         D.load_photos(mnist, names=["chelsea"])
 
 
+def _crop(img):
+    """A user's preprocessing: the top-left 16x16 pixels as a float (3, 16, 16) tensor."""
+    return torch.from_numpy(img[:16, :16].copy()).permute(2, 0, 1).float() / 255
+
+
+@pytest.mark.parametrize("prep, why", [
+    (lambda img: _crop(img).permute(1, 2, 0), r"looks like \(H, W, C\)"),  # same size: was silent
+    (lambda img: (_crop(img) * 255).to(torch.uint8), "floating-point"),  # was a uint8 batch
+    (lambda img: _crop(img)[None], "3-D"),
+    (lambda img: _crop(img).numpy(), "torch.Tensor"),
+])  # fmt: skip
+def test_a_wrong_preprocess_is_refused_by_name(prep, why):
+    """A user's ``preprocess`` returning (H, W, C), uint8 or a batch of one gave, on images of
+    one size, a batch the model then failed on or read wrongly; it is refused, naming it."""
+    with pytest.raises(ValueError, match=f"preprocess must return.*{why}") as err:
+        D.load_photos(names=["chelsea", "coffee"], preprocess=prep, verbose=False)
+    assert "'chelsea'" in str(err.value)
+    assert D.load_photos(names=["chelsea", "coffee"], preprocess=_crop, verbose=False).x.shape == (2, 3, 16, 16)
+
+
+def test_preprocess_must_give_one_size():
+    sizes = iter([16, 24])
+    resize = lambda img: torch.nn.functional.interpolate(_crop(img)[None], size=next(sizes))[0]  # noqa: E731
+    with pytest.raises(ValueError, match=r"one size for every image.*'coffee'.*\(3, 24, 24\)"):
+        D.load_photos(names=["chelsea", "coffee"], preprocess=resize, verbose=False)
+
+
 # ---------------------------------------------------------------- folders
 @pytest.fixture()
 def photo_folder(tmp_path):

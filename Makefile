@@ -51,8 +51,10 @@ book: $(STAMP)
 # Two pytest-xdist workers (one thread each): the chapters' papermill runs, the book build and
 # the browser test (one worker, the "clean_env" group of tests/conftest.py) run next to the rest
 # of the suite, the longest modules first.  TEST_WORKERS=0 runs everything in one process.
-# `.venv/bin/python -m pytest -n 2 --dist loadgroup --timeline FILE` writes when each test ended
-# and on which worker (how the schedule spreads over the two).
+# `.venv/bin/python -m pytest -n 2 --dist loadgroup --timeline=FILE` writes when each test ended
+# and on which worker (how the schedule spreads over the two); write it with "=": the option
+# lives in tests/conftest.py, and `--timeline FILE` makes pytest take FILE for a test path
+# before it reads that file (an "unrecognized arguments" error).
 # The package-only venv of the chapters' tests (.venv-clean, tests/clean_env.py) is built, where
 # it is missing or out of date, next to .venv's install: each is mostly one pip process on one
 # core, so on two cores the pair takes about as long as .venv alone, and pytest starts with both.

@@ -31,7 +31,9 @@ torch.set_num_threads(1 if XDIST_WORKER else min(2, os.cpu_count() or 1))
 CLEAN_ENV_FIXTURES = {"clean_python", "executed", "built_book"}
 
 
-#: ``--timeline PATH``: the file and the start time (set in the process that sees every report).
+#: ``--timeline=PATH``: the file and the start time (set in the process that sees every report).
+#: Written with "=": in ``--timeline PATH`` pytest takes PATH for a test path before it reads this
+#: file, and refuses the option.
 _TIMELINE: dict = {}
 
 

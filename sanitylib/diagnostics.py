@@ -23,7 +23,10 @@ __all__ = ["activation_scales"]
 
 
 def _block_outputs(model: nn.Module, blocks: Sequence[Block]) -> tuple[dict, list]:
-    """Forward hooks recording the output of the last-executed module of every block."""
+    """Forward hooks recording the output of the last-executed module of every block.  The
+    rest of the model gets a copy of it, so that an in-place operation after the block
+    (``nn.ReLU(inplace=True)``) cannot overwrite the recorded output (nor make a gradient with
+    respect to it the gradient of the ReLU's output)."""
     outs: dict[str, Tensor] = {}
     hooks = []
     for b in blocks:
@@ -33,6 +36,8 @@ def _block_outputs(model: nn.Module, blocks: Sequence[Block]) -> tuple[dict, lis
             def hook(_m, _inp, out, name=b.name):
                 if isinstance(out, Tensor):
                     outs[name] = out
+                    return out.clone()
+                return None
             hooks.append(get_submodule(model, path).register_forward_hook(hook))
     return outs, hooks
 

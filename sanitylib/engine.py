@@ -370,12 +370,18 @@ class _Engine:
                 rec.remove()
             self.layer_out = {}
 
-    def _layer_hook(self, module, args, out) -> None:
+    def _layer_hook(self, module, args, out) -> Tensor | None:
         if self.capture:
             if not isinstance(out, Tensor) or out.ndim != 4:
                 raise ValueError("GradCAM layer output must be (N, K, h, w), got "
                                  f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")  # fmt: skip
             self.layer_out[id(module)] = out
+            # the rest of the model gets a copy (as captum's layer hooks do): an in-place
+            # operation after the layer (``nn.ReLU(inplace=True)`` after a convolution, as in
+            # torchvision's VGG and ResNet) would otherwise overwrite the kept activation and
+            # make GradCAM read the ReLU's output and its gradient instead of the layer's
+            return out.clone()
+        return None
 
     def _relu_hook(self, module, args, out) -> None:
         if not (self.capture and isinstance(out, Tensor) and out.requires_grad):

@@ -131,6 +131,26 @@ def tiny_():
     return tiny_model()
 
 
+def test_gradcam_layer_followed_by_an_inplace_relu(xt):
+    """GradCAM of a layer whose output an ``nn.ReLU(inplace=True)`` then overwrites (torchvision's
+    VGG and ResNet): the engine kept the overwritten tensor and read the ReLU's output and its
+    gradient instead of the layer's (maps 1.0 apart, normalized), in ``explain_methods`` and in
+    the runners' stored maps and metrics; ``explain`` (captum) was right."""
+    model = tiny_model(inplace=True)  # bn1 -> relu1(inplace=True)
+    opts = {"gradcam": {"layer": "bn1"}, "guided_gradcam": {"layer": "bn1"}}
+    assert raw_cam_has_negatives(model, model.bn1, xt)  # so that reading after the ReLU differs
+    got = sl.explain_methods(model, xt, ["gradcam", "guided_gradcam"], opts, progress=False)
+    refs = {m: explain(model, xt, m, **opts[m]) for m in opts}
+    for m in opts:
+        assert rel_err(got[m], refs[m]) <= EN.MAP_TOLERANCE, m
+    for schedule in ("cascading", "independent"):  # the stored maps of the trained model and
+        df = sl.run_randomization(model, xt, list(opts), schedule, method_options=opts,  # replay
+                                  metrics=["spearman"], cache=False, progress=False,
+                                  store_maps=len(xt), floor=False)  # fmt: skip
+        for m in opts:
+            assert rel_err(df.maps["original"][m], refs[m]) <= EN.MAP_TOLERANCE, (schedule, m)
+
+
 def test_common_random_numbers_prefix_and_sharing():
     """VarGrad's (and IG-SmoothGrad's) noise is a prefix of SmoothGrad's stream, for any
     shape (one draw per sample), so SmoothGrad and VarGrad can share their noisy gradients."""

@@ -184,6 +184,21 @@ def test_guided_backprop_converges_to_rank_one_gradient_does_not(effnet):
         backward_convergence(effnet, batch.x, rules=["lrp"])
 
 
+def test_inplace_relus_after_the_blocks_change_nothing():
+    """``backward_convergence`` and ``activation_scales`` read every block's output; a
+    ``nn.ReLU(inplace=True)`` after a block overwrote the recorded output, so they measured the
+    ReLU's output (and its gradient) instead: the same function gave other numbers."""
+    plain, x = _small_cnn(), _x()
+    inplace = copy.deepcopy(plain)
+    inplace[1].inplace = inplace[3].inplace = True  # the same function, computed in place
+    blocks = ["6", "2", "0"]
+    kw = dict(n_directions=3, seed=0, blocks=blocks)
+    a, b = backward_convergence(plain, x, **kw), backward_convergence(inplace, x, **kw)
+    pd.testing.assert_frame_equal(a, b)
+    a, b = sl.activation_scales(plain, x, blocks), sl.activation_scales(inplace, x, blocks)
+    pd.testing.assert_frame_equal(a, b)
+
+
 def test_convergence_gbp_rule_matches_captum_guided_backprop():
     """The rule used for the convergence is Guided BackProp: at the input, one output direction
     (a one-hot class) gives captum's map."""

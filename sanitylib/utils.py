@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import numbers
 import os
 import platform
 import secrets
@@ -45,7 +46,11 @@ def cpu_info() -> dict:
 
 
 def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any printable parts (e.g. ``derive_seed(0, "noise", 3)``)."""
+    """A stable 63-bit seed from any printable parts (e.g. ``derive_seed(0, "noise", 3)``).
+    Integers of any type (``numpy.int64(3)``, whose repr is ``np.int64(3)`` under numpy 2) are
+    taken as the Python int they equal, so a seed gives the same numbers whatever its type."""
+    parts = tuple(int(p) if isinstance(p, numbers.Integral) and not isinstance(p, bool) else p
+                  for p in parts)  # fmt: skip
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 

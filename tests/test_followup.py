@@ -161,6 +161,23 @@ def test_random_logit_separates_gradient_from_guided_backprop_on_the_books_model
     assert (df.random_target != df.target).all()
 
 
+def test_a_numpy_integer_seed_is_the_int_it_equals():
+    """``seed=np.int64(0)`` is accepted as an int, but sanitylib's seed derivation hashed its
+    repr (``np.int64(0)`` under numpy 2): other random classes, noise and weights than
+    ``seed=0``, silently."""
+    import numpy as np
+
+    from sanitylib.utils import derive_seed
+
+    assert derive_seed(np.int64(7), "noise", np.int32(2)) == derive_seed(7, "noise", 2)
+    model, x = _small_cnn(), _x()
+    runs = [sl.random_logit(model, x, ["gradient"], metrics=["spearman"], seed=s)
+            for s in (0, np.int64(0))]  # fmt: skip
+    pd.testing.assert_frame_equal(*runs)
+    draws = [sl.followup.input_times_random(x, seed=s, metrics=["spearman"]) for s in (3, np.int64(3))]
+    pd.testing.assert_frame_equal(*draws)
+
+
 def test_random_logit_bad_arguments():
     model, x = _small_cnn(), _x()
     with pytest.raises(ValueError, match="random_target"):

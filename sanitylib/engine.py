@@ -73,7 +73,7 @@ from .attribution import (DEFAULT_BATCH_SIZE, Context, cam_to_map, check_guided_
                           unit_noise)  # fmt: skip
 from .models import Block
 from .randomize import ModelStates, Perturbation, evaluating, restore, snapshot
-from .registry import MethodSpec, resolve_methods
+from .registry import MethodSpec, check_method_options, resolve_methods
 from .replay import Recorder, ReplayMismatch
 
 __all__ = ["MAP_TOLERANCE", "CPU_BATCH_SIZE", "CPU_SMALL_INPUT_ROWS", "compute_maps", "iter_state_maps", "GroupMaps",
@@ -144,7 +144,8 @@ class _Plan:
     @staticmethod
     def make(model: nn.Module | None, methods: Sequence, options: dict) -> "_Plan":
         specs = {s.name: s for s in resolve_methods(methods)}
-        settings = {m: s.settings((options or {}).get(m, {})) for m, s in specs.items()}
+        options = check_method_options(options, list(specs.values()))  # a typo is refused
+        settings = {m: s.settings(options.get(m, {})) for m, s in specs.items()}
         layers = {}
         if model is not None:
             layers = {m: gradcam_layer(model, settings[m][s.layer_option]) for m, s in specs.items()

@@ -43,7 +43,7 @@ from .experiment import run_randomization
 from .metrics import similarity
 from .models import get_info, get_submodule
 from .randomize import Perturbation, evaluating, get_blocks, randomized
-from .registry import MethodSpec, check_map_size, resolve_methods, resolve_metrics
+from .registry import MethodSpec, check_map_size, check_method_options, resolve_methods, resolve_metrics
 from .utils import derive_seed
 
 __all__ = ["random_logit", "random_targets", "backward_convergence", "input_invariance",
@@ -89,12 +89,10 @@ def _device_x(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def _methods(methods, method_options, image_names, n: int) -> tuple[list, dict, list[str]]:
-    """Resolved method specs (their options checked before any work), the options and the
-    image names."""
+    """Resolved method specs (their options checked before any work, a misspelled method name
+    among them refused), the options of the methods and the image names."""
     specs = resolve_methods(methods)
-    method_options = dict(method_options or {})
-    for sp in specs:
-        sp.settings(method_options.get(sp.name, {}))
+    method_options = dict(check_method_options(method_options, specs))
     return specs, method_options, _names(image_names, n)
 
 
@@ -493,7 +491,6 @@ def smprt(model: nn.Module, x: Tensor, methods: Sequence, blocks=None,
     _check_model(model)
     if not isinstance(methods, (list, tuple)):
         methods = [methods]
-    from .spec import check_method_options  # the run specification's check (a typo is refused)
 
     method_options = check_method_options(method_options, resolve_methods(list(methods)))
     specs = [smoothed_method(m, n_samples, noise_level, seed, noise,

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MethodSpec", "Passes", "Metric", "check_map_size", "register_method",
+__all__ = ["MethodSpec", "Passes", "Metric", "check_map_size", "check_method_options", "register_method",
            "unregister_method", "get_method", "resolve_method", "resolve_methods", "method_names",
            "method_label", "register_metric", "unregister_metric", "get_metric", "resolve_metric",
            "resolve_metrics", "metric_names", "metric_label", "LabelView"]  # fmt: skip
@@ -483,3 +484,28 @@ class LabelView(Mapping):
 
 METHOD_LABELS = LabelView(_METHODS)
 METRIC_LABELS = LabelView(_METRICS)
+
+
+def check_method_options(method_options, specs: Sequence[MethodSpec]) -> Mapping[str, Mapping[str, Any]]:
+    """``method_options`` (``{method name: {option: value}}``) checked against the run's methods
+    ``specs``: a key that is neither a method of the run nor a registered method (a typo) is
+    refused, naming the run's methods; every method's options are validated.  Returns the
+    options of the run's methods only (read-only)."""
+    if method_options is None:
+        method_options = {}
+    if not (isinstance(method_options, Mapping) and all(isinstance(v, Mapping) for v in method_options.values())):
+        raise ValueError("method_options must be a dict {method name: {option: value}}, got "
+                         f"{method_options!r}")  # fmt: skip
+    run = [sp.name for sp in specs]
+    unknown = [k for k in method_options if k not in run and k not in method_names()]
+    if unknown:
+        raise ValueError(f"method_options: {', '.join(repr(k) for k in unknown)} is not a method "
+                         f"of this run ({', '.join(run)}) nor a registered method; check the "
+                         "spelling")  # fmt: skip
+    out = {}
+    for sp in specs:  # invalid options fail before any work
+        opts = dict(method_options.get(sp.name, {}))
+        sp.settings(opts)
+        if opts:
+            out[sp.name] = MappingProxyType(opts)
+    return MappingProxyType(out)

@@ -32,7 +32,8 @@ from .engine import AMP_DTYPES
 from .memory_format import check_memory_format
 from .models import Block, get_info
 from .randomize import Perturbation, Stage, check_schedule, get_blocks, schedule_stages
-from .registry import Metric, MethodSpec, check_map_size, method_names, resolve_methods, resolve_metrics
+from .registry import (Metric, MethodSpec, check_map_size, check_method_options, resolve_methods,
+                       resolve_metrics)  # fmt: skip
 
 __all__ = ["RunSpec", "RunSettings", "DEFAULT_METRICS", "MAX_SEED", "normalize_seed",
            "check_method_options"]
@@ -88,31 +89,6 @@ def _kept(store_maps, n: int) -> tuple[int, ...]:
     if any(i < 0 or i >= n for i in idx):
         raise ValueError(f"store_maps indices must lie in [0, {n}), got {idx}")
     return tuple(idx)
-
-
-def check_method_options(method_options, specs: Sequence[MethodSpec]) -> Mapping[str, Mapping[str, Any]]:
-    """``method_options`` (``{method name: {option: value}}``) checked against the run's methods
-    ``specs``: a key that is neither a method of the run nor a registered method (a typo) is
-    refused, naming the run's methods; every method's options are validated.  Returns the
-    options of the run's methods only (read-only)."""
-    if method_options is None:
-        method_options = {}
-    if not (isinstance(method_options, Mapping) and all(isinstance(v, Mapping) for v in method_options.values())):
-        raise ValueError("method_options must be a dict {method name: {option: value}}, got "
-                         f"{method_options!r}")  # fmt: skip
-    run = [sp.name for sp in specs]
-    unknown = [k for k in method_options if k not in run and k not in method_names()]
-    if unknown:
-        raise ValueError(f"method_options: {', '.join(repr(k) for k in unknown)} is not a method "
-                         f"of this run ({', '.join(run)}) nor a registered method; check the "
-                         "spelling")  # fmt: skip
-    out = {}
-    for sp in specs:  # invalid options fail before any work
-        opts = dict(method_options.get(sp.name, {}))
-        sp.settings(opts)
-        if opts:
-            out[sp.name] = MappingProxyType(opts)
-    return MappingProxyType(out)
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,19 @@ def test_a_numpy_integer_seed_is_the_int_it_equals():
     pd.testing.assert_frame_equal(*draws)
 
 
+@pytest.mark.parametrize("call", [
+    lambda m, x, o: sl.explain_methods(m, x, ["smoothgrad"], o, progress=False),
+    lambda m, x, o: sl.random_logit(m, x, ["smoothgrad"], ["spearman"], method_options=o),
+    lambda m, x, o: sl.input_invariance(m, x, ["smoothgrad"], metrics=["spearman"], method_options=o),
+    lambda m, x, o: sl.emprt(m, x, ["smoothgrad"], method_options=o),
+], ids=["explain_methods", "random_logit", "input_invariance", "emprt"])  # fmt: skip
+def test_a_misspelled_method_in_method_options_is_refused(call):
+    """``{"smooth_grad": {...}}`` ran SmoothGrad with its default settings, silently, where the
+    runners refuse it by name."""
+    with pytest.raises(ValueError, match="'smooth_grad' is not a method of this run"):
+        call(_small_cnn(), _x(2), {"smooth_grad": {"n_samples": 2}})
+
+
 def test_random_logit_bad_arguments():
     model, x = _small_cnn(), _x()
     with pytest.raises(ValueError, match="random_target"):

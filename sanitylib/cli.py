@@ -269,10 +269,12 @@ def _resolve(args) -> dict:
     for k in ("files", "photos"):
         if k in images:
             images[k] = images[k][:n]
+    if "files" in images:
+        _check_files(Path(images["folder"]), images["files"])
     blocks = None
     if args.blocks is not None:
         text = args.blocks.strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             if int(text) < 1:
                 raise UsageError(f"--blocks: expected a number >= 1 or block names, got {text!r}")
             blocks = int(text)
@@ -299,6 +301,28 @@ def _resolve(args) -> dict:
             "seed": int(args.seed if args.seed is not None else prof.seed),
             "shard_size": args.shard_size, "device": device, "fast": bool(args.fast),
             "batch_size": args.batch_size}  # fmt: skip
+
+
+def _check_files(folder: Path, files: list[str]) -> None:
+    """The run's image files, before any work: one file per name (the images are looked up by
+    name without extension, so ``a.jpg`` next to ``a.png`` would give one of them twice), and
+    every file an image that can be opened (its header is read; a non-image in the middle of the
+    folder, such as a macOS ``._a.png``, would otherwise stop the run after some shards)."""
+    from PIL import Image
+
+    stems: dict[str, str] = {}
+    for f in files:
+        other = stems.setdefault(Path(f).stem, f)
+        if other != f:
+            raise UsageError(f"--images: {other} and {f} share the name {Path(f).stem!r} (images "
+                             "are named without their extension); rename or remove one")  # fmt: skip
+    for f in files:
+        try:
+            with Image.open(folder / f) as im:
+                im.size  # noqa: B018 - the header is read
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--images: {folder / f} cannot be read as an image "
+                             f"({type(err).__name__}: {err})") from None  # fmt: skip
 
 
 def _load_images(settings: dict, model, idx: list[int]):
@@ -335,15 +359,34 @@ def _image_digests(settings: dict, idx: list[int]) -> list[str]:
     return out
 
 
+def _same_on_every_rank(dist, what: dict) -> None:
+    """Refuse (``UsageError``, before any work) ranks started with other arguments: every rank
+    compares its run key and output folder with rank 0's (a rank with another ``--seed`` would
+    otherwise compute its shards and leave them in the folder, and one with another ``--out``
+    would fail after its work)."""
+    if dist.backend is None:
+        return
+    import torch.distributed as tdist
+
+    got: list = [None] * dist.world
+    tdist.all_gather_object(got, what)
+    bad = [r for r, w in enumerate(got) if w != got[0]]
+    if bad:
+        raise UsageError(f"ranks {bad} were started with other arguments than rank 0 (run key "
+                         f"and --out: {got[bad[0]]} against {got[0]}); start every rank with the "
+                         "same command")  # fmt: skip
+
+
 def _run(args) -> int:
     import torch
 
-    from .distributed import distributed_context, plan_shards, run_shards, write_shard
+    from .distributed import (_file_key, distributed_context, finished_shards, plan_shards,
+                              run_shards, write_shard)  # fmt: skip
     from .experiment import config_key, run_randomization
     from .models import get_info, load_model
     from .randomize import get_blocks
     from .spec import RunSpec
-    from .utils import atomic_write, source_hash
+    from .utils import atomic_write, source_hash, tensor_hash
 
     s = _resolve(args)
     out = Path(args.out)
@@ -368,10 +411,13 @@ def _run(args) -> int:
         # what is computed: the run specification's fields (the same as the cache's identity),
         # built once here on the first image; the images themselves are named by "images"
         label = info.name if info else s["model"]
-        spec = RunSpec.build(model, x0.to(device), s["methods"], schedule=s["schedule"],
-                             blocks=blocks, metrics=s["metrics"], seed=s["seed"],
-                             target=s["target"], method_options=s["method_options"],
-                             store_maps=0, label=label, floor=False)  # fmt: skip
+        try:  # e.g. a method the model cannot take (attention rollout on a CNN)
+            spec = RunSpec.build(model, x0.to(device), s["methods"], schedule=s["schedule"],
+                                 blocks=blocks, metrics=s["metrics"], seed=s["seed"],
+                                 target=s["target"], method_options=s["method_options"],
+                                 store_maps=0, label=label, floor=False)  # fmt: skip
+        except (ValueError, TypeError) as err:
+            raise UsageError(str(err)) from None
         run_fields = {k: v for k, v in spec.describe().items()
                       if k not in ("image_ids", "image_names", "kept", "floor", "activations")}
         config = {k: v for k, v in s.items()
@@ -380,8 +426,12 @@ def _run(args) -> int:
                       device=device.type, precision={k: v for k, v in precision.items()
                                                       if k in ("device", "tf32")},
                       sanitylib_source=source_hash(),
-                      torch=torch.__version__)  # fmt: skip
+                      torch=torch.__version__,
+                      # the weights themselves: a package upgrade between the sessions of a
+                      # resumed run would otherwise mix two models' numbers in one table
+                      weights=tensor_hash([*model.parameters(), *model.buffers()]))  # fmt: skip
         key = config_key(config)
+        _same_on_every_rank(dist, {"key": key, "out": str(out.resolve())})
         cfile = out / "config.json"
         if cfile.exists():
             try:
@@ -391,6 +441,15 @@ def _run(args) -> int:
             if old != key:
                 raise UsageError(f"--out: {out} holds a run with another configuration (key "
                                  f"{old}, this run {key}); use another folder or delete it")
+        shards = plan_shards(s["n_images"], s["shard_size"])
+        results = out / "results.parquet"
+        try:  # a folder without config.json may still hold another run's files
+            finished_shards(out / "shards", len(shards), key)
+            if results.exists() and _file_key(results) != key:
+                raise ValueError(f"{results} was written by a run with another configuration "
+                                 f"(this run {key}): use another output folder or delete it")
+        except ValueError as err:
+            raise UsageError(f"--out: {err}") from None
         dist.barrier()  # every rank checked the old record before rank 0 replaces it
         record = {"key": key, "config": config, "versions": _versions(),
                   "run": {"world_size": dist.world, "backend": dist.backend,
@@ -398,6 +457,9 @@ def _run(args) -> int:
                           "host": platform.node()}}  # fmt: skip
         if dist.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
+            # an earlier merge goes until this run's merge replaces it: shards recomputed
+            # because their images changed (same names, other content) must not leave it behind
+            results.unlink(missing_ok=True)
             text = json.dumps(record, indent=1, default=str)
             atomic_write(cfile, lambda tmp: Path(tmp).write_text(text))
             say(f"sanitylib run: {config['model']} ({s['schedule']}, {len(blocks)} blocks), "
@@ -416,7 +478,7 @@ def _run(args) -> int:
             return pd.DataFrame(df)  # the rows only: maps and floors are not part of the table
 
         meta = {"versions": _versions()}
-        merged = run_shards(compute, plan_shards(s["n_images"], s["shard_size"]), out / "shards",
+        merged = run_shards(compute, shards, out / "shards",
                             key, dist, max_shards=args.max_shards, meta=meta, log=print,
                             identify=lambda idx: _image_digests(s, idx))  # fmt: skip
         if merged is None:
@@ -427,7 +489,7 @@ def _run(args) -> int:
             ["stage_index", "method", "metric", "image"],
             key=lambda c: c.map(order) if c.name == "method" else
             c.map(morder) if c.name == "metric" else c, kind="stable").reset_index(drop=True)  # fmt: skip
-        write_shard(merged, out / "results.parquet", key, {"config": config})
+        write_shard(merged, results, key, {"config": config})
         record["run"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         record["rows"] = len(merged)
         if device.type == "cuda":  # this rank's peak, the others' similar

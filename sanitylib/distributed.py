@@ -260,7 +260,11 @@ def run_shards(compute: Callable[[list[int]], pd.DataFrame], shards: Sequence[Se
                 f"written (other content): {changed[:10]}{' ...' if len(changed) > 10 else ''}; "
                 "recomputed")  # fmt: skip
         done -= set(changed)
-    dist.barrier()  # every rank listed the same finished shards before anyone writes
+    dist.barrier()  # every rank listed the same finished shards
+    if identify is not None and dist.rank == 0:
+        for k in changed:  # other images' numbers: deleted, so that a call that stops before
+            shard_path(folder, k).unlink(missing_ok=True)  # recomputing them never merges them
+    dist.barrier()  # ... before anyone writes
     remaining = sorted(set(range(len(shards))) - done)
     mine = remaining[dist.rank::dist.world]
     if dist.rank == 0:

@@ -72,6 +72,8 @@ def image_dir(tmp_path_factory) -> Path:
     (["--blocks", "0"], "--blocks"),
     (["--blocks", "999"], "--blocks: 999 top blocks asked for, the model has"),  # was: all blocks
     (["--model", "mnist_cnn"], "--model: mnist_cnn takes 28x28 MNIST digits"),  # before training it
+    (["--blocks", "²"], "--blocks: model has no submodule '²'"),  # a digit to isdigit(): traceback
+    (["--methods", "attention_rollout"], "explains vision transformers"),  # was a traceback
 ])  # fmt: skip
 def test_bad_arguments_give_clear_errors_before_any_work(args, message, tmp_path, capsys):
     out = tmp_path / "out"
@@ -94,8 +96,91 @@ def test_a_file_that_is_not_an_image_is_named_by_images(tmp_path, capsys):
     status = cli.main(["run", "--profile", "smoke", "--images", str(folder), "--n-images", "1",
                        "--out", str(out)])
     err = capsys.readouterr().err
-    assert status == cli.EXIT_USAGE and "--images: cannot identify image file" in err, err
+    assert status == cli.EXIT_USAGE and "--images: " in err and "cannot be read as an image" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("files, message", [
+    # looked up by name without extension: one of them was computed twice, the other never
+    ({"a.jpg": "chelsea", "a.png": "coffee"}, "a.jpg and a.png share the name 'a'"),
+    # a non-image after the first file stopped the run with a traceback after some shards
+    ({"a.png": "chelsea", "b.png": None}, "b.png cannot be read as an image"),
+])  # fmt: skip
+def test_image_files_are_checked_before_any_work(files, message, tmp_path, capsys):
+    from PIL import Image
+
+    from sanitylib.data import PHOTOS
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, photo in files.items():
+        if photo is None:
+            (folder / name).write_bytes(b"._ resource fork, not an image")
+        else:
+            Image.fromarray(PHOTOS[photo]()[:64, :64]).save(folder / name)
+    out = tmp_path / "out"
+    status = cli.main(["run", "--profile", "smoke", "--images", str(folder), "--out", str(out),
+                       "--shard-size", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == cli.EXIT_USAGE and "--images: " in err and message in err, err
+    assert not out.exists()
+
+
+def test_a_folder_of_another_run_or_other_weights_is_refused_before_any_write(tmp_path, capsys,
+                                                                             monkeypatch):  # fmt: skip
+    """The key covers the model's weights (a package upgrade between the sessions of a resumed
+    run mixed two models' rows in one table), and a folder whose config.json is gone but whose
+    shards belong to another run is refused before a new config.json replaces nothing (it was
+    written first, then the run failed with a traceback)."""
+    import sanitylib.models as M
+
+    out = tmp_path / "out"
+    args = ["run", "--profile", "smoke", "--methods", "gradient", "--metrics", "spearman_abs",
+            "--blocks", "1", "--shard-size", "1", "--quiet", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert cli.main([*args, "--max-shards", "1"]) == 0
+    capsys.readouterr()
+    build = M._efficientnet_lite0
+
+    def upgraded(pretrained):  # another release of the weights
+        model = build(pretrained)
+        with torch.no_grad():
+            model._conv_stem.weight.mul_(1.3)
+        return model
+
+    monkeypatch.setattr(M, "_efficientnet_lite0", upgraded)
+    assert cli.main(args) == cli.EXIT_USAGE
+    assert "holds a run with another configuration" in capsys.readouterr().err
+    monkeypatch.setattr(M, "_efficientnet_lite0", build)
+    (out / "config.json").unlink()
+    assert cli.main([*args, "--seed", "1"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--out: " in err and "was written by a run with another configuration" in err, err
+    assert not (out / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_ranks_started_with_other_arguments_are_refused_before_any_work(tmp_path):
+    """A rank with another --seed computed its shards, left them in the folder and rank 0 failed
+    after the work; now every rank compares its key and --out with rank 0's first."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "sanitylib", "run", "--profile", "smoke", "--methods",
+            "gradient", "--metrics", "spearman_abs", "--blocks", "1", "--n-images", "1",
+            "--quiet", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    procs = []
+    for rank, extra in ((0, []), (1, ["--seed", "5"])):
+        env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                   RANK=str(rank), LOCAL_RANK=str(rank))  # fmt: skip
+        procs.append(subprocess.Popen([*args, *extra], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == cli.EXIT_USAGE and "ranks [1] were started with other arguments" in err, err
+    assert not (out / "shards").exists() or not any((out / "shards").iterdir())
 
 
 def test_out_must_not_be_a_file(tmp_path, capsys):
@@ -258,6 +343,16 @@ def test_run_shards_recompute_a_shard_whose_images_changed(tmp_path):
     calls.clear()
     run_shards(compute, shards, tmp_path, "k", identify=identify, log=lambda m: None)
     assert calls == []  # nothing changed: nothing recomputed
+    # two shards change, and the call stops after one (max_shards): the other's stale file was
+    # merged into a "finished" table; it is deleted, and the run reports shards left
+    content[0], content[4] = "v2-0", "v2-4"
+    lines.clear()
+    assert run_shards(compute, shards, tmp_path, "k", identify=identify, log=lines.append,
+                      max_shards=1) is None  # fmt: skip
+    assert calls == [[0, 1]] and not shard_path(tmp_path, 2).exists()
+    assert any("1 of 3 shards remain" in m for m in lines), lines
+    final = run_shards(compute, shards, tmp_path, "k", identify=identify, log=lambda m: None)
+    assert list(final.value) == ["v2-0", "v0-1", "v0-2", "v1-3", "v2-4"]
 
 
 def test_cli_resume_recomputes_a_photo_replaced_by_one_of_the_same_size(tmp_path, capsys):

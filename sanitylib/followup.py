@@ -459,9 +459,12 @@ def smoothed_method(method, n_samples: int = 50, noise_level: float = 0.1, seed:
             total += run_method(spec, model, x + sigma * e[k], target, opts, ctx)
         return total / n_samples
 
-    if spec.takes_seed and not spec.builtin:
-        # a seeded user method: the runners call the smoothed method one image at a time with
-        # that image's seed (batch-independent, see run_method), passed on to the method
+    noisy_builtin = spec.builtin and spec.passes is not None and spec.passes.kind in ("noise", "ig_noise")
+    if spec.takes_seed or noisy_builtin:
+        # a seeded method (a user's with a seed argument, or SmoothGrad and the other built-ins
+        # that draw noise, seeded by each image's index in the batch it is given): the runners
+        # call the smoothed method one image at a time with that image's seed (see run_method),
+        # passed on to the method, so that its noise does not depend on the batch
         def smoothed(model: nn.Module, x: Tensor, target: Tensor, seed: int) -> Tensor:
             return smooth(model, x, target, Context(seed, DEFAULT_BATCH_SIZE))
     else:

@@ -185,7 +185,6 @@ def data_randomization(model_true: nn.Module, model_random: nn.Module, x: Tensor
     """
     fns = resolve_metrics(metrics)
     check_map_size(fns, x)
-    metric_names = [mt.name for mt in fns]
     methods = methods_for(model_true, methods, verbose=progress)
     info = get_info(model_true)
     label = label or (info.name if info else type(model_true).__name__)
@@ -201,17 +200,17 @@ def data_randomization(model_true: nn.Module, model_random: nn.Module, x: Tensor
         maps[key] = explain_methods(model, x, methods, opts, seed=seed, progress=progress)
     rows = []
     for m in (spec.name for spec in resolve_methods(methods)):
-        for metric in metric_names:
+        for metric in fns:  # Metric objects: a user's callable is not looked up by its name
             vals = similarity(maps["true"][m], maps["random"][m], metric).tolist()
             rows += [{"model": label, "method": m, "image": i, "image_name": names[i],
-                      "metric": metric, "value": float(v),
+                      "metric": metric.name, "value": float(v),
                       "target_true": int(targets["true"][i]),
                       "target_random": int(targets["random"][i])}
                      for i, v in enumerate(vals)]  # fmt: skip
     df = pd.DataFrame(rows)
     df.attrs["maps"] = maps
     df.attrs["methods"] = [spec.name for spec in resolve_methods(methods)]
-    df.attrs["floor"] = noise_floor(maps["true"], metric_names, seed=seed) if len(x) > 1 else None
+    df.attrs["floor"] = noise_floor(maps["true"], fns, seed=seed) if len(x) > 1 else None
     return df
 
 

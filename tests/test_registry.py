@@ -291,6 +291,17 @@ def test_data_randomization_takes_user_methods_and_keeps_the_models_mode(tiny, x
     assert not tiny.training and other.training
     with pytest.raises(ValueError, match="no_such_method"):
         data_randomization(tiny, other, xt, ["no_such_method"], progress=False)
+    # a user's metric as a bare callable, as the runners take it (it was looked up again by its
+    # name after every map was computed: "unknown metric 'neg_l1'")
+    def neg_l1(a, b):
+        return -(a - b).abs().flatten(1).mean(1)
+
+    df = data_randomization(tiny, other, xt, ["gradient"], metrics=["spearman_abs", neg_l1],
+                            progress=False)  # fmt: skip
+    l1 = df[df.metric == "neg_l1"].value.to_numpy()
+    maps = df.attrs["maps"]
+    assert torch.allclose(torch.as_tensor(l1), neg_l1(maps["true"]["gradient"], maps["random"]["gradient"]).double())
+    assert set(df.attrs["floor"].metric) == {"spearman_abs", "neg_l1"}
 
 
 # ---------------------------------------------------------------- built-in names are not replaced

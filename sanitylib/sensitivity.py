@@ -33,11 +33,12 @@ import pandas as pd
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .attribution import derive_seed
+from .attribution import check_seed, derive_seed
 from .experiment import explain_methods, run_randomization
 from .metrics import similarity
 from .randomize import Perturbation
 from .result import stage_order
+from .registry import check_map_size, resolve_methods, resolve_metrics
 from .spec import _is_int
 
 __all__ = ["noise_sensitivity", "same_model_floor", "floor_by_samples", "unit_curves", "sensitivity_summary",
@@ -126,18 +127,23 @@ def same_model_floor(model: nn.Module, x: Tensor, methods: Sequence[str], *,
     deterministic methods score exactly 1; SmoothGrad, VarGrad and IG-SmoothGrad score what
     unseeded noise alone costs.  Columns ``method, metric, image, pair, value``.
     """
-    if draws < 2:
-        raise ValueError("the same-model floor needs at least 2 draws")
+    if not _is_int(draws) or draws < 2:
+        raise ValueError(f"draws must be an int: the same-model floor needs at least 2 draws "
+                         f"(it compares pairs of them), got {draws!r}")  # fmt: skip
+    check_seed(seed)
+    specs = resolve_methods(methods)  # a name alone is a list of one; unknown names refused
+    fns = resolve_metrics(metrics)  # before any work, as the methods' options (explain_methods)
+    check_map_size(fns, x)
     maps = [explain_methods(model, x, methods, method_options, seed=derive_seed(seed, "draw", d),
                             progress=progress) for d in range(draws)]  # fmt: skip
     rows = []
     pairs = [(i, j) for i in range(draws) for j in range(i + 1, draws)]
     for p, (i, j) in enumerate(pairs):
-        for m in methods:
-            for metric in metrics:
+        for m in (sp.name for sp in specs):  # the maps are keyed by name (callables too)
+            for metric in fns:
                 vals = similarity(maps[i][m], maps[j][m], metric).tolist()
-                rows += [{"method": m, "metric": metric, "image": k, "pair": p, "value": float(v)}
-                         for k, v in enumerate(vals)]  # fmt: skip
+                rows += [{"method": m, "metric": metric.name, "image": k, "pair": p,
+                          "value": float(v)} for k, v in enumerate(vals)]  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -152,9 +158,10 @@ def floor_by_samples(model: nn.Module, x: Tensor, method: str, sample_counts: Se
         Columns ``n_samples, method, metric, image, pair, value`` (one row per image and pair of
         draws).
     """
-    counts = [int(n) for n in sample_counts]
-    if not counts or min(counts) < 1:
-        raise ValueError(f"sample_counts must be positive integers, got {list(sample_counts)}")
+    counts = list(sample_counts)
+    if not counts or not all(_is_int(n) and n >= 1 for n in counts):  # 2.9 ran 2, True ran 1
+        raise ValueError(f"sample_counts must be positive integers, got {counts}")
+    counts = [int(n) for n in counts]
     if options and "n_samples" in options:
         raise ValueError("options must not set n_samples: it is taken from sample_counts")
     out = []

@@ -302,6 +302,8 @@ def test_data_randomization_takes_user_methods_and_keeps_the_models_mode(tiny, x
     maps = df.attrs["maps"]
     assert torch.allclose(torch.as_tensor(l1), neg_l1(maps["true"]["gradient"], maps["random"]["gradient"]).double())
     assert set(df.attrs["floor"].metric) == {"spearman_abs", "neg_l1"}
+    one = data_randomization(tiny, other, xt, "gradient", progress=False)  # was "unknown method 'g'"
+    assert set(one.method) == {"gradient"}
 
 
 # ---------------------------------------------------------------- built-in names are not replaced

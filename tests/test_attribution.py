@@ -681,8 +681,28 @@ def test_integrated_gradients_baseline_of_the_wrong_shape_is_refused_by_name(tin
             A.explain(tiny, xt, m, baseline=torch.zeros(3, 5, 5))
     with pytest.raises(ValueError, match="baseline contains NaN"):
         A.explain(tiny, xt, "integrated_gradients", baseline=torch.full((3, 1, 1), float("nan")))
+    for b in (float("nan"), float("inf")):  # as a number: NaN maps, silently
+        with pytest.raises(ValueError, match="baseline must be finite"):
+            A.explain(tiny, xt, "integrated_gradients", baseline=b)
     # shapes that broadcast are accepted and equal the number
     b = A.explain(tiny, xt, "integrated_gradients", n_steps=3, baseline=0.2)
     for shape in ((3, 8, 8), (1, 3, 1, 1), (2, 3, 8, 8)):
         got = A.explain(tiny, xt, "integrated_gradients", n_steps=3, baseline=torch.full(shape, 0.2))
         torch.testing.assert_close(got, b)
+
+
+def test_explicit_noise_is_checked(tiny, xt):
+    """``explain(noise=...)`` was used as given: broadcast from (N, S, 1, 1, 1), an IndexError
+    for too few images, NaN noise giving finite maps, and silently ignored by the methods that
+    draw no noise."""
+    n, c, h, w = xt.shape
+    good = torch.randn(n, 2, c, h, w, generator=torch.Generator().manual_seed(0))
+    for noise, method, message in (
+            (good[:, :, :1, :1, :1], "smoothgrad", r"noise must have shape \(N, S, C, H, W\)"),
+            (good[:1], "vargrad", "noise must have shape"),
+            (torch.full_like(good, float("nan")), "smoothgrad", "NaN"),
+            (good.tolist(), "smoothgrad", "noise must be a tensor"),
+            (good, "gradient", "draws no noise")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            A.explain(tiny, xt, method, noise=noise)
+    assert A.explain(tiny, xt, "smoothgrad", noise=good).shape == xt.shape

@@ -220,6 +220,15 @@ def register_method(name: str, fn: Callable | type | MethodSpec, label: str | No
         raise ValueError(f"{name!r} is a built-in method; register yours under another name")
     if isinstance(fn, MethodSpec):
         spec = fn
+        if spec.builtin:  # it would become a protected built-in under the new name
+            raise ValueError(f"fn: {spec.name!r} is a built-in method: use it by its name, or "
+                             f"register a function that calls sl.explain(model, x, "
+                             f"{spec.name!r}, target) under {name!r}")  # fmt: skip
+        given = [k for k, v in (("options", options), ("validate", validate),
+                                ("batch_size", batch_size), ("guided", guided)) if v is not None]
+        if given:  # they were dropped silently
+            raise ValueError(f"{', '.join(given)}: a MethodSpec carries its own; build the spec "
+                             "with them, or register its function")  # fmt: skip
         if spec.name != name or label is not None:
             spec = MethodSpec(**{**spec.__dict__, "name": name, "label": label or spec.label})
     else:

@@ -337,6 +337,21 @@ def test_a_callable_method_cannot_take_a_built_in_methods_name(tiny, xt):
     assert sl.registry.get_method("gradient").builtin
 
 
+def test_a_built_in_spec_is_not_registered_under_another_name():
+    """It became a protected built-in under the new name (it could be neither replaced nor
+    removed), and options given with a spec were dropped silently."""
+    with pytest.raises(ValueError, match="'gradient' is a built-in method"):
+        sl.register_method("my_gradient", sl.registry.get_method("gradient"))
+    assert "my_gradient" not in sl.method_names()
+    spec = sl.followup.smoothed_method("gradient", n_samples=2)  # a user spec
+    with pytest.raises(ValueError, match="options: a MethodSpec carries its own"):
+        sl.register_method("smooth_gradient", spec, options={"k": 1})
+    try:
+        assert not sl.register_method("smooth_gradient", spec).builtin
+    finally:
+        sl.unregister_method("smooth_gradient")
+
+
 # ---------------------------------------------------------------- batch independence of seeds
 def noisy_input(model, x, target, seed):  # noqa: ARG001
     """A seeded user method: the input plus noise from its own generator."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from typing import Callable, Sequence
 
@@ -266,6 +267,9 @@ def ssim(a: Tensor, b: Tensor, *, data_range: float = 2.0, sigma: float = 1.5) -
     5-pixel border cropped, which is exactly a 'valid' convolution.
     """
     _check_pair(a, b)
+    for name, v in (("data_range", data_range), ("sigma", sigma)):  # 0 or NaN: NaN scores
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"ssim: {name} must be a finite number > 0, got {v!r}")
     if a.ndim == 3:
         a, b = a[:, None], b[:, None]
     c, h, w = a.shape[1:]

@@ -424,3 +424,13 @@ def test_bfloat16_maps_score_as_their_exact_float32_copies(pair64):
     df = sl.cascading_randomization(model, x, ["gradient"], metrics=["spearman_abs", "ssim"],
                                     progress=False, cache=False)  # fmt: skip
     assert len(df) == 2 * 2 * len(df.stages) and df["value"].notna().all()
+
+
+def test_ssim_data_range_must_be_a_positive_number():
+    """0, negative values and NaN gave NaN or meaningless scores; a string a TypeError."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    for bad in (0, -1.0, float("nan"), "2", True):
+        with pytest.raises(ValueError, match="data_range must be a finite number > 0"):
+            M.similarity(a, b, "ssim", ssim_data_range=bad)
+    assert torch.isfinite(M.similarity(a, b, "ssim", ssim_data_range=1)).all()

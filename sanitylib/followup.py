@@ -364,6 +364,14 @@ def shift_compensated(model: nn.Module, x: Tensor, shift) -> tuple[nn.Module, Te
     return copy_, xs
 
 
+def _modules_in_copy(options: dict, model: nn.Module, copy: nn.Module) -> dict:
+    """``options`` with every module of ``model`` among its values (a GradCAM ``layer`` given
+    as a module) replaced by the module at the same path in ``copy``, a copy of ``model``."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    return {k: copy.get_submodule(paths[id(v)]) if isinstance(v, nn.Module) and id(v) in paths
+            else v for k, v in options.items()}  # fmt: skip
+
+
 def input_invariance(model: nn.Module, x: Tensor, methods: Sequence, shift=1.0,
                      metrics: Sequence = ("spearman_abs", "spearman"), *, seed: int = 0,
                      method_options: dict | None = None, image_names: Sequence[str] | None = None,
@@ -403,7 +411,8 @@ def input_invariance(model: nn.Module, x: Tensor, methods: Sequence, shift=1.0,
         for sp in tqdm(specs, desc="input invariance", disable=not progress):
             opts = method_options.get(sp.name, {})
             a = explain(model, x, sp, t, seed=seed, batch_size=batch_size, **opts)
-            b = explain(shifted, xs, sp, t, seed=seed, batch_size=batch_size, **opts)
+            b = explain(shifted, xs, sp, t, seed=seed, batch_size=batch_size,
+                        **_modules_in_copy(opts, model, shifted))  # fmt: skip
             base = {"test": "input_invariance", "method": sp.name}
             rel = ((b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-30)).tolist()
             rows += [{**base, "image": i, "image_name": names[i], "metric": "relative_change",

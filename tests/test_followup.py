@@ -448,3 +448,14 @@ def test_smprt_of_smoothgrad_does_not_depend_on_the_batch_size():
     one = sl.smprt(model, x, ["smoothgrad"], batch_size=1, **kw)
     for bs in (2, 4):
         pd.testing.assert_frame_equal(sl.smprt(model, x, ["smoothgrad"], batch_size=bs, **kw), one)
+
+
+def test_input_invariance_takes_gradcam_layer_as_a_module():
+    """A layer given as a module (as explain allows) was hooked on the original model while the
+    shift-compensated copy ran: captum's "Forward hook did not obtain any outputs", after the
+    first maps."""
+    model, x = _small_cnn(), _x(2)
+    kw = dict(metrics=["spearman"])
+    by_module = sl.input_invariance(model, x, ["gradcam"], method_options={"gradcam": {"layer": model[2]}}, **kw)
+    by_path = sl.input_invariance(model, x, ["gradcam"], method_options={"gradcam": {"layer": "2"}}, **kw)
+    pd.testing.assert_frame_equal(by_module, by_path)

@@ -170,6 +170,32 @@ def _captum_fn(cls: type) -> Callable[..., Tensor]:
     return captum_method
 
 
+def _check_callable_options(name: str, fn: Callable, options: dict) -> None:
+    """``fn`` can be called as sanitylib calls it, ``fn(model, x, target, **options)`` (plus
+    ``seed=`` where it takes one): every option is a keyword it takes, every other argument
+    after the first three has a default, and ``seed`` is not an option (sanitylib passes each
+    image's seed).  Checked at registration: it failed at the first call, inside a run."""
+    params = _parameters(fn)
+    if not params:  # a signature that cannot be read: called as documented
+        return
+    if "seed" in options:
+        raise TypeError(f"method {name!r}: options must not set 'seed': sanitylib passes each "
+                        "image's seed to a function that takes one")  # fmt: skip
+    kw = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in options if k not in kw]
+        if unknown:
+            raise TypeError(f"method {name!r}: fn takes no keyword argument {unknown[0]!r} "
+                            f"(options {sorted(options)}; fn's parameters: {list(params)})")  # fmt: skip
+    rest = list(params.values())[3:]
+    missing = [p.name for p in rest if p.default is p.empty and p.name not in options
+               and p.name != "seed" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing:
+        raise TypeError(f"method {name!r}: fn's argument {missing[0]!r} has no default and is no "
+                        "option: sanitylib calls fn(model, x, target, **options); give it a "
+                        "default or an option value")  # fmt: skip
+
+
 def _user_spec(name: str, fn: Callable, label: str | None, options: Mapping | None,
                validate: Callable | None, batch_size: int | None, guided: bool | None) -> MethodSpec:  # fmt: skip
     if _is_captum_class(fn):
@@ -186,6 +212,7 @@ def _user_spec(name: str, fn: Callable, label: str | None, options: Mapping | No
         if params and len(params) < 3 and not any(p.kind == p.VAR_POSITIONAL for p in params):
             raise TypeError(f"method {name!r}: fn must take (model, x, target), got a function of "
                             f"{len(params)} positional argument(s)")  # fmt: skip
+        _check_callable_options(name, fn, dict(options or {}))
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     return MethodSpec(name, fn, label or name, dict(options or {}), validate, None,

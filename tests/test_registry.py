@@ -399,3 +399,27 @@ def test_seeded_user_method_does_not_depend_on_the_batching(tiny, xt):
         one = sl.explain(tiny, x, m, seed=3, batch_size=1, **opts)
         torch.testing.assert_close(sl.explain(tiny, x, m, seed=3, batch_size=32, **opts), one,
                                    rtol=1e-5, atol=1e-7)  # fmt: skip
+
+
+def test_a_function_that_cannot_be_called_as_sanitylib_calls_it_is_refused_at_registration():
+    """Each failed at its first call, inside a run, after other methods' maps were computed."""
+    def two_args(model, x, target, scale):  # noqa: ARG001
+        return x
+
+    def plain(model, x, target):  # noqa: ARG001
+        return x
+
+    def seeded(model, x, target, seed):  # noqa: ARG001
+        return x
+
+    for fn, options, message in ((plain, {"scale": 2.0}, "takes no keyword argument 'scale'"),
+                                 (two_args, None, "argument 'scale' has no default"),
+                                 (seeded, {"seed": 1}, "must not set 'seed'")):  # fmt: skip
+        with pytest.raises(TypeError, match=message):
+            sl.register_method("cannot_call", fn, options=options)
+        assert "cannot_call" not in sl.method_names()
+    try:  # the same function with the option declared is fine, and so is **kwargs
+        sl.register_method("cannot_call", two_args, options={"scale": 2.0})
+        sl.register_method("cannot_call", lambda model, x, target, **kw: x, options={"k": 1})
+    finally:
+        sl.unregister_method("cannot_call")

@@ -115,6 +115,9 @@ def random_targets(n_classes: int, target: Tensor, seed: int = 0) -> Tensor:
     ``derive_seed(seed, "random_logit", i)`` (independent of the batch's composition)."""
     n_classes = _check_int("n_classes", n_classes, 2)
     check_seed(seed)
+    target = torch.as_tensor(target)  # a list or an array, as explain takes them
+    if target.ndim != 1 or target.is_floating_point() or target.is_complex():
+        raise ValueError(f"target must be one int class per image (N,), got {target!r}")
     out = []
     for i, t in enumerate(target.tolist()):
         gen = torch.Generator().manual_seed(derive_seed(seed, "random_logit", i))
@@ -391,6 +394,7 @@ def input_invariance(model: nn.Module, x: Tensor, methods: Sequence, shift=1.0,
         Columns ``test, method, image, image_name, metric, value, shift``.
     """
     _check_model(model)
+    check_input(model, x)  # a list, a wrong shape or dtype: named before any work
     check_seed(seed)
     batch_size = _check_int("batch_size", batch_size)
     _check_shift(shift)
@@ -616,9 +620,12 @@ def input_times_random(x: Tensor, metrics: Sequence = ("spearman_abs", "spearman
     Returns:
         Columns ``test, method, image, image_name, metric, value``.
     """
-    check_input_shape = isinstance(x, Tensor) and x.ndim == 4 and x.is_floating_point()
+    check_input_shape = isinstance(x, Tensor) and x.ndim == 4 and x.is_floating_point() and len(x)
     if not check_input_shape:
-        raise ValueError(f"x must be a float (N, C, H, W) tensor, got {getattr(x, 'shape', x)!r}")
+        raise ValueError(f"x must be a non-empty float (N, C, H, W) tensor, got "
+                         f"{getattr(x, 'shape', x)!r}")  # fmt: skip
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
     check_seed(seed)
     if distribution not in ("normal", "uniform"):
         raise ValueError(f"distribution must be 'normal' or 'uniform', got {distribution!r}")

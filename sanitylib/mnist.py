@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .attribution import METHODS, PAPER_SETTINGS, derive_seed, predict, unit_noise
+from .attribution import METHODS, PAPER_SETTINGS, check_input, derive_seed, predict, unit_noise
 from .data import MnistData, load_mnist
 from .experiment import explain_methods
 from .metrics import noise_floor, similarity, spearman
@@ -185,6 +185,8 @@ def data_randomization(model_true: nn.Module, model_random: nn.Module, x: Tensor
         true-label model's maps (:func:`sanitylib.metrics.noise_floor`; ``None`` for one
         image).
     """
+    for model in (model_true, model_random):  # models, x's shape and dtype: before any work
+        check_input(model, x)
     fns = resolve_metrics(metrics)
     check_map_size(fns, x)
     methods = methods_for(model_true, methods, verbose=progress)

@@ -459,3 +459,22 @@ def test_input_invariance_takes_gradcam_layer_as_a_module():
     by_module = sl.input_invariance(model, x, ["gradcam"], method_options={"gradcam": {"layer": model[2]}}, **kw)
     by_path = sl.input_invariance(model, x, ["gradcam"], method_options={"gradcam": {"layer": "2"}}, **kw)
     pd.testing.assert_frame_equal(by_module, by_path)
+
+
+def test_bad_inputs_of_the_follow_up_tests_are_named_before_any_work():
+    """Each gave a raw torch or Python error (AttributeError, 'stack expects a non-empty
+    TensorList', an error naming 'a') or, for NaN images, scores of NaN maps."""
+    model, x = _small_cnn(), _x(2)
+    cases = (
+        (lambda: sl.input_times_random(x[:0]), "x must be a non-empty"),
+        (lambda: sl.input_times_random(torch.full_like(x, float("nan"))), "x contains NaN"),
+        (lambda: sl.input_invariance(model, x.tolist(), ["gradient"]), "x must be a torch.Tensor"),
+        (lambda: sl.mnist.data_randomization(model, "not a model", x, ["gradient"]),
+         "model must be a torch.nn.Module"),
+        (lambda: sl.mnist.data_randomization(model, model, x.double(), ["gradient"]), "float64"),
+        (lambda: random_targets(10, torch.tensor([0.5, 1.0])), "target must be one int class"),
+    )  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert random_targets(10, [1, 2]).tolist() == random_targets(10, torch.tensor([1, 2])).tolist()

@@ -283,6 +283,8 @@ def _resolve(args) -> dict:
                 blocks = _csv(text)
             except argparse.ArgumentTypeError as err:
                 raise _flag_error("--blocks", err) from None
+    if not args.out.strip():  # Path("") is the current folder
+        raise UsageError("--out: expected a folder name, got an empty string")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} exists and is not a folder")
@@ -383,7 +385,7 @@ def _run(args) -> int:
     from .distributed import (_file_key, distributed_context, finished_shards, plan_shards,
                               run_shards, write_shard)  # fmt: skip
     from .experiment import config_key, run_randomization
-    from .models import get_info, load_model
+    from .models import WeightsUnavailableError, get_info, load_model
     from .randomize import get_blocks
     from .spec import RunSpec
     from .utils import atomic_write, source_hash, tensor_hash
@@ -397,7 +399,10 @@ def _run(args) -> int:
             torch.cuda.set_device(device)
         precision = set_precision(device, s["fast"])
         say = print if dist.rank == 0 else (lambda *a, **k: None)
-        model = load_model(s["model"], device=device)
+        try:
+            model = load_model(s["model"], device=device)
+        except WeightsUnavailableError as err:  # offline: a message, not a traceback
+            raise UsageError(f"--model: {err}") from None
         info = get_info(model)
         try:
             x0, _ = _load_images(s, model, [0])

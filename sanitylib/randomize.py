@@ -145,6 +145,9 @@ class Perturbation:
             raise ValueError(f"{self.kind} noise needs a finite sigma > 0, got {self.sigma!r}")
         if not isinstance(self.relative, bool):
             raise ValueError(f"relative must be True or False, got {self.relative!r}")
+        if self.relative and self.kind != "gaussian":  # it had no effect, silently
+            raise ValueError(f"relative=True is for 'gaussian' noise ({self.kind!r} noise is "
+                             "already relative to each weight, or is a re-initialization)")  # fmt: skip
         if isinstance(self.init, str) and self.init != "paper" and self.init not in INITS:
             raise ValueError(f"unknown initializer {self.init!r}; known: 'paper', "
                              f"{', '.join(INITS)}, or a callable (module, generator)")  # fmt: skip

@@ -114,6 +114,8 @@ def _positive_levels(sigmas) -> list[float]:
         vals = None
     if not vals or any(v is None for v in vals):
         raise ValueError(f"sigmas must be a non-empty list of finite positive numbers, got {sigmas!r}")
+    if len(set(vals)) != len(vals):  # each level's rows twice, averaged as if independent
+        raise ValueError(f"sigmas must be distinct, got {sigmas!r}")
     return vals
 
 

@@ -183,6 +183,24 @@ def test_ranks_started_with_other_arguments_are_refused_before_any_work(tmp_path
     assert not (out / "shards").exists() or not any((out / "shards").iterdir())
 
 
+def test_empty_out_and_unavailable_weights_are_usage_errors(tmp_path, capsys, monkeypatch):
+    """--out "" wrote into the current folder; a model whose weights cannot be downloaded
+    (offline) ended in a traceback."""
+    import sanitylib.models as M
+
+    assert cli.main(["run", "--profile", "smoke", "--out", ""]) == cli.EXIT_USAGE
+    assert "--out: expected a folder name" in capsys.readouterr().err
+
+    def offline(pretrained):
+        raise M.WeightsUnavailableError("ViT-B/16 ImageNet weights could not be obtained")
+
+    monkeypatch.setattr(M, "_vit_b_16", offline)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--profile", "smoke", "--model", "vit_b_16", "--out", str(out)]) == cli.EXIT_USAGE
+    assert "--model: ViT-B/16 ImageNet weights could not be obtained" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_out_must_not_be_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")

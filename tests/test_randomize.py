@@ -254,6 +254,9 @@ def test_perturbation_validation_and_describe():
             R.Perturbation("gaussian", sigma=bad)
     with pytest.raises(ValueError, match="relative must be True or False"):
         R.Perturbation("gaussian", sigma=0.1, relative="yes")
+    for kind, sigma in (("multiplicative", 0.1), ("reinit", None)):  # relative had no effect
+        with pytest.raises(ValueError, match="relative=True is for 'gaussian' noise"):
+            R.Perturbation(kind, sigma=sigma, relative=True)
     with pytest.raises(ValueError, match="unknown initializer"):
         R.Perturbation(init="xavier")
     assert R.Perturbation().describe() == "reinit(paper)"

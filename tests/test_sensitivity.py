@@ -102,6 +102,8 @@ def test_bad_arguments():
     for bad in ([float("inf")], [float("nan")], "0.1", [0.1, True], 0.1, []):
         with pytest.raises(ValueError, match="sigmas must be a non-empty list of finite positive"):
             S.noise_sensitivity(lin, z, ["gradient"], bad)
+    with pytest.raises(ValueError, match="sigmas must be distinct"):  # rows twice, averaged
+        S.noise_sensitivity(lin, z, ["gradient"], [0.1, 0.2, 0.1])
     with pytest.raises(ValueError, match="draws must be an int >= 1, got 2.5"):
         S.noise_sensitivity(lin, z, ["gradient"], [0.1], draws=2.5)
     with pytest.raises(ValueError, match="kind must be 'gaussian' or 'multiplicative'"):

@@ -157,18 +157,39 @@ def test_chapter_profile_drops_unset_parameters():
         book.get_profile("smoke", n_epochs=3)
 
 
+@pytest.mark.parametrize("kw, message", [
+    (dict(photos=["chelsea"]), "at least 2 images"),  # ran the whole cascade, then failed
+    (dict(n_images=1), "at least 2 images"),
+    (dict(photos=["chelsea", "coffee", "chelsea"], n_images=3), "named more than once"),
+])  # fmt: skip
+def test_setup_imagenet_chapter_needs_two_different_images(kw, message, monkeypatch, tmp_path):
+    loaded = []
+    monkeypatch.setattr("sanitylib.book.chapters.load_model", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ValueError, match=message):
+        book.setup_imagenet_chapter("chx", "smoke", **kw)
+    assert loaded == []  # before the model loads
+    from PIL import Image
+
+    from sanitylib.data import PHOTOS
+
+    Image.fromarray(PHOTOS["chelsea"]()).save(tmp_path / "only.png")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="at least 2 images"):  # a folder of one image
+        book.setup_imagenet_chapter("chx", "smoke", image_folder=str(tmp_path))
+
+
 def test_setup_imagenet_chapter_is_the_chapters_set_up(monkeypatch, capsys):
     glued = {}
     monkeypatch.setattr("sanitylib.book.chapters.glue",
                         lambda name, value, display=False: glued.__setitem__(name, value))
-    ch = book.setup_imagenet_chapter("ch09", "smoke", n_images=1, seed=None)
-    cfg = book.get_profile("smoke", n_images=1)
-    assert ch.cfg == cfg and len(ch.batch) == 1 and ch.batch.names == ["chelsea"]
+    ch = book.setup_imagenet_chapter("ch09", "smoke", n_images=2, seed=None)
+    cfg = book.get_profile("smoke", n_images=2)
+    assert ch.cfg == cfg and len(ch.batch) == 2 and ch.batch.names == ["chelsea", "coffee"]
     assert (ch.methods, ch.options) == cfg.randomization
     assert ch.info is ch.model.sanity_info and ch.label == "efficientnet_lite0"
     assert ch.sentence.startswith("This run used **efficientnet_lite0** (")
-    assert "on 1 images" in ch.sentence
-    assert glued["ch09_model"] == "efficientnet_lite0" and glued["ch09_n_images"] == 1
+    assert "on 2 images" in ch.sentence
+    assert glued["ch09_model"] == "efficientnet_lite0" and glued["ch09_n_images"] == 2
     assert glued["ch09_n_blocks"] == len(ch.info.blocks) == 19
     assert getattr(glued["ch09_model_sentence"], "data", None) == ch.sentence
     out = capsys.readouterr().out  # the sentence is shown once, in the chapter's text

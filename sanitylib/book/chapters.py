@@ -98,6 +98,21 @@ class ImageNetChapter:
     sentence: str
 
 
+def _check_two_images(names: list[str]) -> None:
+    """The chapters compare each map with the maps of the *other* images (the noise floor that
+    every verdict is measured against): at least two different images.  One image ran the whole
+    cascade and then failed in the chapter's tables; a photo named twice put a same-image pair
+    (similarity 1) into the floor."""
+    if len(names) < 2:
+        raise ValueError(f"photos / image_folder / n_images: the chapter needs at least 2 images "
+                         f"(its noise floor compares maps of different images), got {len(names)}: "
+                         f"{names}")  # fmt: skip
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"photos: {dup} named more than once; the noise floor would compare an "
+                         "image with itself (similarity 1)")  # fmt: skip
+
+
 def setup_imagenet_chapter(prefix: str, profile: str | Profile = "book", *,
                            model: str | None = None, photos=None, image_folder: str | None = None,
                            n_images: int | None = None, image_ids: str | None = None,
@@ -113,11 +128,14 @@ def setup_imagenet_chapter(prefix: str, profile: str | Profile = "book", *,
     plots.use_book_style()
     cfg = chapter_profile(profile, model=model, photos=photos, image_folder=image_folder,
                           n_images=n_images, image_ids=image_ids, seed=seed)  # fmt: skip
+    if cfg.image_folder is None:  # before the model loads: the photos are known by name
+        _check_two_images(list(cfg.photos)[: cfg.n_images or None])
     print(cfg.note)
     net = load_model(cfg.model)
     info = net.sanity_info
     batch = load_photos(net, names=cfg.photos, folder=cfg.image_folder, ids=cfg.image_ids,
                         n=cfg.n_images)  # fmt: skip
+    _check_two_images(batch.names)
     methods, options = cfg.randomization
     label = info.name + (" (fallback)" if info.extra.get("fallback_from") else "")
     sentence = model_sentence(info, len(batch))  # shown once, in the chapter's text

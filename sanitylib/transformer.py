@@ -108,17 +108,31 @@ def check_transformer(model: nn.Module, method: str = "attention_weights") -> li
 
 
 def patch_grid(model: nn.Module, x: Tensor, n_patches: int) -> tuple[int, int]:
-    """The patch grid ``(h, w)`` of ``n_patches`` patch tokens for images ``x`` ``(N, C, H, W)``:
-    from the model's ``patch_size`` where it has one (torchvision), else a square grid."""
+    """The patch grid ``(h, w)`` of ``n_patches`` patch tokens (the tokens after the class
+    token) for images ``x`` ``(N, C, H, W)``: from the model's ``patch_size`` where it has one
+    (torchvision), else a square grid of square images.  Anything else is refused: a model
+    without a class token (its first patch would be taken for one) and a grid that cannot be
+    told (non-square images without ``patch_size``: a square grid would put the patches in the
+    wrong places, silently)."""
     H, W = x.shape[-2:]
     p = getattr(model, "patch_size", None)
-    if isinstance(p, int) and p > 0 and H % p == 0 and W % p == 0 and (H // p) * (W // p) == n_patches:
-        return H // p, W // p
+    if isinstance(p, int) and p > 0:
+        h, w = H // p, W // p
+        if H % p == 0 and W % p == 0 and h * w == n_patches:
+            return h, w
+        if H % p == 0 and W % p == 0 and h * w == n_patches + 1:
+            raise ValueError(f"the model's {n_patches + 1} tokens are the {h}x{w} patches of "
+                             f"{H}x{W} images ({p}-pixel patches) with no class token; the "
+                             "attention methods need a class token first, then the patches")  # fmt: skip
+        raise ValueError(f"cannot place {n_patches} patch tokens on the grid of {p}-pixel patches "
+                         f"of {H}x{W} images (expected one class token followed by the "
+                         f"{h}x{w} patches, row by row)")  # fmt: skip
     side = math.isqrt(n_patches)
-    if side * side == n_patches:
+    if H == W and side * side == n_patches:
         return side, side
-    raise ValueError(f"cannot place {n_patches} patch tokens on a grid for images of size "
-                     f"{H}x{W} (expected one class token followed by the patches, row by row)")  # fmt: skip
+    raise ValueError(f"cannot tell the patch grid of {n_patches} patch tokens for {H}x{W} images: "
+                     "the model has no `patch_size` (an int, as torchvision's VisionTransformer) "
+                     "and the images are not square with a square grid; set model.patch_size")  # fmt: skip
 
 
 def tokens_to_map(values: Tensor, model: nn.Module, x: Tensor) -> Tensor:

@@ -389,8 +389,10 @@ def test_patch_grid():
     m = tiny_vit()
     assert TR.patch_grid(m, torch.zeros(1, 1, 8, 8), 4) == (2, 2)
     assert TR.patch_grid(nn.Identity(), torch.zeros(1, 1, 12, 12), 9) == (3, 3)  # square, no patch_size
-    with pytest.raises(ValueError, match="cannot place 6 patch tokens"):
+    with pytest.raises(ValueError, match="cannot tell the patch grid of 6 patch tokens"):
         TR.patch_grid(nn.Identity(), torch.zeros(1, 1, 8, 8), 6)
+    with pytest.raises(ValueError, match="cannot place 5 patch tokens"):  # patch_size disagrees
+        TR.patch_grid(m, torch.zeros(1, 1, 8, 8), 5)
 
 
 def test_the_chapter_model_gets_a_4x4_patch_grid():
@@ -408,3 +410,50 @@ def test_the_chapter_model_gets_a_4x4_patch_grid():
     # bilinear upsampling by 7 (align_corners=False): the patch centre (3, 3) of each 7x7 patch
     # carries the grid value exactly
     assert torch.allclose(raw[:, 0, 3::7, 3::7], grid, atol=1e-6)
+
+
+class _PooledViT(nn.Module):
+    """A ViT without a class token (mean-pooled tokens), with or without ``patch_size``."""
+
+    def __init__(self, size=(16, 40), p=8, with_patch_size=True, cls_token=False):
+        super().__init__()
+        from torchvision.models.vision_transformer import EncoderBlock
+
+        torch.manual_seed(0)
+        if with_patch_size:
+            self.patch_size = p
+        self.cls_token = cls_token
+        n = (size[0] // p) * (size[1] // p) + int(cls_token)
+        self.embed = nn.Conv2d(3, 16, p, p)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, n, 16) * 0.1)
+        self.blocks = nn.Sequential(*[EncoderBlock(2, 16, 32, 0.0, 0.0) for _ in range(2)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        z = self.embed(x).flatten(2).transpose(1, 2)
+        if self.cls_token:
+            z = torch.cat([self.cls.expand(len(z), -1, -1), z], 1)
+        z = self.blocks(z + self.pos)
+        return self.head(z[:, 0] if self.cls_token else z.mean(1))
+
+
+@pytest.mark.parametrize("model, message", [
+    # its first patch was taken for a class token and the other 9 laid on a 3x3 grid
+    (_PooledViT(), "with no class token"),
+    # no patch_size, 16x64 images (a 2x8 grid): the 16 patches were laid on a 4x4 grid
+    (_PooledViT(size=(16, 64), with_patch_size=False, cls_token=True), "cannot tell the patch grid"),
+])  # fmt: skip
+def test_attention_maps_refuse_a_patch_grid_they_cannot_tell(model, message):
+    x = torch.rand(2, 3, 16, 64 if not hasattr(model, "patch_size") else 40,
+                   generator=torch.Generator().manual_seed(1))  # fmt: skip
+    for method in ("raw_attention", "attention_rollout"):
+        with pytest.raises(ValueError, match=message):
+            sl.explain(model.eval(), x, method)
+
+
+def test_attention_maps_of_a_square_grid_without_patch_size():
+    """Square images and a square grid: the grid is told without ``patch_size``."""
+    model = _PooledViT(size=(32, 32), with_patch_size=False, cls_token=True).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert sl.explain(model, x, "attention_rollout").shape == x.shape

@@ -240,7 +240,8 @@ def probe_model(model: nn.Module, x: Tensor) -> ModelProbe:
     try:
         with evaluating(model), torch.no_grad():
             out = model(xp)
-    except RuntimeError as err:  # torch's shape, dtype and size errors
+    except (RuntimeError, AssertionError) as err:  # torch's shape, dtype and size errors
+        # (torchvision checks an image's size with torch._assert: an AssertionError)
         raise ValueError(_forward_failure(model, x, err)) from err
     given = x[:1].detach().to(xp.device)
     if not bool(((xp == given) | (xp.isnan() & given.isnan())).all()):
@@ -705,4 +706,5 @@ def explain(
             t = torch.zeros(len(x), dtype=torch.long, device=x.device)  # a function of x alone
         else:
             t = resolve_targets(model, x, target, batch_size)
-        return run_method(spec, model, x, t, settings, Context(int(seed), batch_size, noise))
+        with torch.enable_grad():  # also inside a caller's torch.no_grad()
+            return run_method(spec, model, x, t, settings, Context(int(seed), batch_size, noise))

@@ -414,59 +414,60 @@ class _Engine:
         reuse = rec is not None and n_states > 1
         self.capture = capture
         keep = reuse or (capture and self.plan.guided)
-        try:
-            for k in range(n_states):
-                states.set(k)
-                self.layer_out = {}
-                self.relu_registered = 0
-                if k == 0 and reuse:
-                    states.clean()
-                    with rec.record():
+        with torch.enable_grad():  # also inside a caller's torch.no_grad()
+            try:
+                for k in range(n_states):
+                    states.set(k)
+                    self.layer_out = {}
+                    self.relu_registered = 0
+                    if k == 0 and reuse:
+                        states.clean()
+                        with rec.record():
+                            logits = self._forward(rows)
+                    elif reuse:
+                        plan = rec.plan(rec.cut(list(states.dirty.values())))
+                        with rec.replay(plan):
+                            logits = self._forward(rows)
+                    else:
                         logits = self._forward(rows)
-                elif reuse:
-                    plan = rec.plan(rec.cut(list(states.dirty.values())))
-                    with rec.replay(plan):
-                        logits = self._forward(rows)
-                else:
-                    logits = self._forward(rows)
-                if capture and self.plan.guided and k == 0 and self.relu_registered == 0:
-                    raise RuntimeError("Guided BackProp: no ReLU output was hooked")
-                if capture:
-                    for lid, module in self.layer_modules.items():
-                        if lid not in self.layer_out:  # nested in a replayed call
-                            if rec is None or rec.last_out(module) is None:
-                                raise ReplayMismatch("GradCAM layer output not available")
-                            self.layer_out[lid] = rec.last_out(module)
-                tgt = target_of(k, logits)
-                sel = logits.gather(1, tgt[:, None]).sum()
-                grads: tuple = (None,)
-                acts: dict = {}
-                if not capture or self.plan.x_grad:
-                    layers = list(self.layer_out.values()) if capture else []
-                    grads = torch.autograd.grad(sel, [rows, *layers], retain_graph=keep,
-                                                allow_unused=True)  # fmt: skip
-                    acts = dict(zip(self.layer_out.keys(), zip(layers, grads[1:])))
-                    del layers
-                gbp = None
-                if capture and self.plan.guided:
-                    self.guided_on = True
-                    try:
-                        gbp = torch.autograd.grad(sel, rows, retain_graph=reuse)[0]
-                    finally:
-                        self.guided_on = False
-                if self.fmt != "contiguous":  # the maps in the default format
-                    grads = tuple(None if g is None else g.contiguous() for g in grads)
-                    acts = {i: (a.detach().contiguous(), None if da is None else da.contiguous())
-                            for i, (a, da) in acts.items()}  # fmt: skip
-                    gbp = None if gbp is None else gbp.contiguous()
-                consume(k, grads[0], acts, gbp)
-                evaluations = len(rows) * (1 if gbp is None else 2)  # as rows_per_image counts
-                del logits, sel, grads, acts, gbp
-                self.on_rows(evaluations)
-        finally:
-            self.capture = False
-            if rec is not None:
-                rec.calls = []
+                    if capture and self.plan.guided and k == 0 and self.relu_registered == 0:
+                        raise RuntimeError("Guided BackProp: no ReLU output was hooked")
+                    if capture:
+                        for lid, module in self.layer_modules.items():
+                            if lid not in self.layer_out:  # nested in a replayed call
+                                if rec is None or rec.last_out(module) is None:
+                                    raise ReplayMismatch("GradCAM layer output not available")
+                                self.layer_out[lid] = rec.last_out(module)
+                    tgt = target_of(k, logits)
+                    sel = logits.gather(1, tgt[:, None]).sum()
+                    grads: tuple = (None,)
+                    acts: dict = {}
+                    if not capture or self.plan.x_grad:
+                        layers = list(self.layer_out.values()) if capture else []
+                        grads = torch.autograd.grad(sel, [rows, *layers], retain_graph=keep,
+                                                    allow_unused=True)  # fmt: skip
+                        acts = dict(zip(self.layer_out.keys(), zip(layers, grads[1:])))
+                        del layers
+                    gbp = None
+                    if capture and self.plan.guided:
+                        self.guided_on = True
+                        try:
+                            gbp = torch.autograd.grad(sel, rows, retain_graph=reuse)[0]
+                        finally:
+                            self.guided_on = False
+                    if self.fmt != "contiguous":  # the maps in the default format
+                        grads = tuple(None if g is None else g.contiguous() for g in grads)
+                        acts = {i: (a.detach().contiguous(), None if da is None else da.contiguous())
+                                for i, (a, da) in acts.items()}  # fmt: skip
+                        gbp = None if gbp is None else gbp.contiguous()
+                    consume(k, grads[0], acts, gbp)
+                    evaluations = len(rows) * (1 if gbp is None else 2)  # as rows_per_image counts
+                    del logits, sel, grads, acts, gbp
+                    self.on_rows(evaluations)
+            finally:
+                self.capture = False
+                if rec is not None:
+                    rec.calls = []
 
     # -- one group of images --------------------------------------------------------------
 

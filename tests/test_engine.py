@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -583,3 +584,20 @@ def test_engine_refuses_a_baseline_of_the_wrong_shape_before_any_work(xt):
     opts = {"integrated_gradients": {"baseline": torch.zeros(2, 5, 5)}}
     with pytest.raises(ValueError, match=r"method_options\['integrated_gradients'\]\['baseline'\] of shape"):
         EN.compute_maps(model, xt, ["integrated_gradients"], method_options=opts)
+
+
+def test_maps_inside_a_callers_no_grad_equal_the_maps_outside(xt):
+    """Evaluation code wrapped in torch.no_grad(): the gradient methods failed ("element 0 of
+    tensors does not require grad"), in explain and in the runners."""
+    model = tiny_model()
+    methods = ["gradient", "smoothgrad", "guided_backprop", "gradcam"]
+    opts = {"smoothgrad": {"n_samples": 2}, "gradcam": {"layer": "bn1"}}
+    kw = dict(method_options=opts, metrics=["spearman"], cache=False, progress=False, floor=False)
+    out_maps = {m: explain(model, xt, m, **opts.get(m, {})) for m in methods}
+    out_table = sl.cascading_randomization(model, xt, methods, **kw)
+    with torch.no_grad():
+        for m in methods:
+            torch.testing.assert_close(explain(model, xt, m, **opts.get(m, {})), out_maps[m])
+        table = sl.cascading_randomization(model, xt, methods, **kw)
+        assert not torch.is_grad_enabled()  # the caller's mode is given back
+    pd.testing.assert_frame_equal(pd.DataFrame(table), pd.DataFrame(out_table))

@@ -457,3 +457,14 @@ def test_attention_maps_of_a_square_grid_without_patch_size():
     model = _PooledViT(size=(32, 32), with_patch_size=False, cls_token=True).eval()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     assert sl.explain(model, x, "attention_rollout").shape == x.shape
+
+
+def test_a_wrongly_sized_image_on_a_torchvision_vit_is_named():
+    """torchvision checks the image size with torch._assert: the AssertionError escaped
+    explain and the runners instead of the ValueError naming x."""
+    m = tiny_vit()
+    size = m.image_size
+    x = torch.rand(2, 1, size, size + 8, generator=torch.Generator().manual_seed(0))
+    for call in (lambda: sl.explain(m, x, "gradient"), lambda: TR.attention_weights(m, x)):
+        with pytest.raises(ValueError, match=r"x of shape .* does not fit the model"):
+            call()

@@ -262,14 +262,23 @@ def _tied_pair(v: Variation = Variation()) -> tuple[Tensor, Tensor]:
 
 
 # ----------------------------------------------------------------------------- chapter 1
+_MODE_HINT = ("give the model back in the mode it came in (it was in eval mode): a model left in "
+              "training mode updates its BatchNorm running statistics at its next forward pass, "
+              "so every later map comes from another model")  # fmt: skip
+
+
 def _fail_if_model_changed(ex: str, report: dict) -> None:
-    """Fail ``ex`` when the student's code changed the model (``report`` from :func:`_guard`)."""
+    """Fail ``ex`` when the student's code changed the model (``report`` from :func:`_guard`):
+    its weights, its buffers or its modules' training flags."""
     if report["changed"]:
         hint = "only read the model: no training step, no in-place change of its weights"
         if report["mode_changed"]:
             hint = ("the model was left in training mode (model.train()): its BatchNorm layers updated "
                     "their running statistics; keep it in eval mode (the check gave it back as it was)")
         _fail(ex, f"the model's weights or buffers changed ({report['changed'][0]}, ...)", hint)
+    if report["mode_changed"]:
+        _fail(ex, "the model was left in another mode (model.train() or model.eval() on some "
+                  "modules)", _MODE_HINT)
 
 
 def check_gradient_map(answer: Callable[[nn.Module, Tensor, Tensor], Tensor],
@@ -401,6 +410,8 @@ def _stage_states(ex: str, answer: Callable, cascading: bool, variation: Variati
     if report["changed"]:
         _fail(ex, "the model was not restored: its weights differ from the trained ones afterwards",
               "take s = sl.randomize.snapshot(model) first and call sl.randomize.restore(model, s) at the end")
+    if report["mode_changed"]:
+        _fail(ex, "the model was not restored: it was left in another mode (model.train())", _MODE_HINT)
     if used:
         _rng_fail(ex, used, "draw from a torch.Generator (sl.randomize.randomize_ does), never torch.manual_seed")
     if any(not isinstance(st, dict) for st in states):
@@ -516,8 +527,17 @@ def check_digit_spearman(answer: Callable[[Tensor, Tensor, Tensor], Tensor],
     ex = "digit_spearman"
     _callable(ex, answer)
     x, a, b = _digit_maps(_variation(variation))
-    out = _tensor(ex, _call(ex, answer, a.clone(), b.clone(), x.clone()), (len(x),))
-    ref = support_spearman(a, b, x)
+    # the same maps plus a little noise everywhere: non-zero on the background, as gradient
+    # maps are, so that the digit's pixels (x != 0) differ from the maps' own non-zero pixels
+    gen = torch.Generator().manual_seed(derive_seed(_variation(variation).seed, "exercises", "bg"))
+    a2 = a + 0.05 * torch.randn(a.shape, generator=gen)
+    b2 = b + 0.05 * torch.randn(b.shape, generator=gen)
+    for pa, pb in ((a2, b2), (a, b)):  # the last pair is the one reported on
+        out = _tensor(ex, _call(ex, answer, pa.clone(), pb.clone(), x.clone()), (len(x),))
+        ref = support_spearman(pa, pb, x)
+        if float((out - ref).abs().max()) > CORR_TOL:
+            a, b = pa, pb
+            break
     err = float((out - ref).abs().max())
     if err <= CORR_TOL:
         return _pass(ex, f"matches on {len(x)} digits (mean {float(ref.mean()):.3f}, against "
@@ -527,6 +547,8 @@ def check_digit_spearman(answer: Callable[[Tensor, Tensor, Tensor], Tensor],
         hint = "you used all pixels: keep only the digit's (x != 0), where the ties at 0 are gone"
     elif float((out - support_spearman(a, b, x, absolute=False)).abs().max()) <= CORR_TOL:
         hint = "take the absolute normalization (sl.abs_normalize), not the diverging one"
+    elif float((out - support_spearman(a, b, ((a != 0) & (b != 0)).to(x.dtype))).abs().max()) <= CORR_TOL:
+        hint = "keep the pixels where the digit x is not 0, not where the maps are not 0"
     _fail(ex, f"differs from the reference by up to {err:.2e}", hint)
 
 
@@ -596,6 +618,17 @@ def check_shuffled_labels(answer: Callable[[Tensor, int], Tensor], variation: Va
         _fail(ex, f"{neighbours:.3f} of neighbouring labels are equal (expected {expected:.3f} ± {tol:.3f}): "
                   "the order is not random",
               "sorting or grouping labels is not shuffling; draw a random permutation (torch.randperm)")
+    # labels sorted by class (as many datasets store them): a fixed reordering (a flip, a
+    # stride, a shift, half of the labels left in place) keeps the classes together, where a
+    # random permutation leaves the chance fraction of equal neighbours
+    ys = y.sort().values
+    shuffled = _tensor(ex, _call(ex, answer, ys.clone(), seed_a), tuple(ys.shape)).long()
+    together = float((shuffled[1:] == shuffled[:-1]).double().mean())
+    if abs(together - expected) > tol:
+        _fail(ex, f"on labels sorted by class, {together:.3f} of neighbouring labels are equal "
+                  f"(a random permutation: {expected:.3f} ± {tol:.3f}): the order is not random",
+              "a fixed reordering (flip, stride, shift) is not a shuffle; draw a random permutation "
+              "from a seeded generator (torch.randperm(n, generator=...))")  # fmt: skip
     again = _call(ex, answer, y.clone(), seed_a)
     if not torch.equal(torch.as_tensor(again).long(), out):
         _fail(ex, "not reproducible: the same seed gave different labels", "seed a torch.Generator with `seed`")

@@ -48,6 +48,9 @@ def test_gradient_map_reference_passes(capsys):
     (gradient_abs, "signed"), (lambda m, x, t: x, "gradient"), (lambda m, x, t: x[0], "shape"),
     (lambda m, x, t: 1.01 * gradient_ref(m, x, t), "scale"),              # near miss: pins RTOL
     (lambda m, x, t: gradient_ref(m.train(), x, t), "training mode"),     # issue 23
+    # a correct map, the model left in training mode without a forward pass in it (its weights
+    # and buffers unchanged): it passed, and the student's next forward pass changed BatchNorm
+    (lambda m, x, t: (gradient_ref(m, x, t), m.train())[0], "left in another mode"),
 ])  # fmt: skip
 def test_gradient_map_wrong_answers_fail(wrong, hint):
     with pytest.raises(ex.ExerciseFailed, match=hint):
@@ -234,6 +237,8 @@ def test_randomization_references_pass():
     (lambda m, b, s: cascading_ref(m, b, s)[:-1], "expected a list"),
     (aliased_state_dict, "share memory"),                                 # issue 23: hint
     (snapshot_before_randomizing, "stage 0 is the trained model"),        # issue 23: hint
+    # the right states, the model left in training mode: it passed ("model restored")
+    (lambda m, b, s: (cascading_ref(m, b, s), m.train())[0], "left in another mode"),
 ])  # fmt: skip
 def test_cascading_wrong_answers_fail(wrong, hint, effnet):
     before = {k: v.clone() for k, v in ex._photos()[0].state_dict().items()}
@@ -263,6 +268,9 @@ def digit_spearman_ref(a, b, x):
     (lambda a, b, x: sl.similarity(a, b, "spearman_abs"), "all pixels"),
     (lambda a, b, x: sl.mnist.support_spearman(a, b, x, absolute=False), "absolute normalization"),
     (lambda a, b, x: torch.zeros(len(x), 1), "shape"),
+    # the maps' own non-zero pixels instead of the digit's: equal on the grader's x * noise
+    # maps, which are 0 exactly off the digit; it passed
+    (lambda a, b, x: digit_spearman_ref(a, b, ((a != 0) & (b != 0)).to(x.dtype)), "all pixels|digit x"),
 ])  # fmt: skip
 def test_digit_spearman_wrong_answers_fail(wrong, hint):
     with pytest.raises(ex.ExerciseFailed, match=hint):
@@ -332,6 +340,9 @@ def shuffled_blocks(y, seed):
     (shuffled_partly(0.6), "more than chance"),                            # issue 23
     (shuffled_partly(0.9), "more than chance"),                            # near miss: pins LABEL_SIGMAS
     (shuffled_blocks, "more than chance|neighbouring"),
+    # fixed bijections, no randomness: they passed on labels drawn in random order
+    (lambda y, s: y.flip(0).roll(s), "sorted by class"),
+    (lambda y, s: y[(7 * torch.arange(len(y)) + s) % len(y)], "sorted by class"),
 ])  # fmt: skip
 def test_shuffled_labels_wrong_answers_fail(wrong, hint):
     with pytest.raises(ex.ExerciseFailed, match=hint):

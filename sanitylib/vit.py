@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .attribution import explain, predict
+from .attribution import check_input, check_seed, explain, predict
 from .followup import random_targets
 from .randomize import evaluating
-from .registry import resolve_methods
+from .registry import check_method_options, resolve_methods
 
 __all__ = ["GRADIENT_METHODS", "ATTENTION_METHODS", "VIT_METHODS", "relative_difference",
            "map_change", "class_dependence"]  # fmt: skip
@@ -109,8 +109,13 @@ def class_dependence(model: nn.Module, x: Tensor, methods: Sequence, *, seed: in
         relative_difference`` (:func:`relative_difference`: 0 = the two maps are identical, the
         method is class-agnostic on that image).
     """
-    specs = resolve_methods(list(methods))
-    opts = dict(method_options or {})
+    check_input(model, x)  # before any work, as the runners: x, the model, the methods
+    check_seed(seed)
+    specs = resolve_methods(methods)  # one name alone is a list of one
+    opts = dict(check_method_options(method_options, specs))  # a misspelled method refused
+    for sp in specs:
+        if sp.model_check is not None:  # an attention method on a model without attention
+            sp.model_check(model)
     with evaluating(model):
         logits = predict(model, x)
     t = logits.argmax(1)

@@ -261,3 +261,26 @@ def test_recipe_lookup_and_unknown_model():
                   torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long), source="x")
     with pytest.raises(ValueError, match="mnist_vit"):
         T.train_mnist_model("resnet", d)
+
+
+def test_class_dependence_checks_its_arguments_before_any_work():
+    """A misspelled method_options key ran the default settings, silently; a 3-D x failed
+    inside predict; one name was split into letters; an attention method on a CNN was refused
+    only after the other methods' maps."""
+    vit = M.load_model("mnist_vit", pretrained=False)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="'smoothgrd' is not a method of this run"):
+        sl.vit.class_dependence(vit, x, ["smoothgrad"], method_options={"smoothgrd": {"n_samples": 2}})
+    with pytest.raises(ValueError, match=r"x must have shape \(N, C, H, W\)"):
+        sl.vit.class_dependence(vit, x[0], ["gradient"])
+    assert set(sl.vit.class_dependence(vit, x, "raw_attention").method) == {"raw_attention"}
+    calls = []
+
+    def counted(model, x, target):
+        calls.append(len(x))
+        return x
+
+    cnn = M.load_model("mnist_cnn", pretrained=False)
+    with pytest.raises(ValueError, match="explains vision transformers"):
+        sl.vit.class_dependence(cnn, x, [counted, "raw_attention"])
+    assert calls == []

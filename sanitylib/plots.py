@@ -32,6 +32,21 @@ METRIC_LABELS = registry.METRIC_LABELS
 # the paper's methods take tab10 (in registration order), the transformer methods Dark2
 _COLORS = dict(zip(registry.method_names(builtin=True),
                    [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]))
+#: users' methods take these, in the order a figure lists them (matplotlib's default cycle
+#: would give the first one the Gradient's blue)
+_USER_COLORS = plt.get_cmap("tab20b").colors
+
+
+def _method_colors(methods: Sequence[str]) -> dict:
+    """A colour per method of a figure: the built-ins' own, distinct ones for users' methods."""
+    out, k = {}, 0
+    for m in methods:
+        if m not in _COLORS:
+            out[m] = _USER_COLORS[(4 * k + k // 5 + 2) % len(_USER_COLORS)]  # 5 hues, then shades
+            k += 1
+        else:
+            out[m] = _COLORS[m]
+    return out
 
 #: The diverging colormap of signed maps and signed tables (negative blue, 0 white, positive
 #: red).  Matplotlib's ``RdBu_r`` ends in near-black dark red and dark blue, which are hard to
@@ -217,13 +232,14 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
     x = np.arange(len(stages) + 1)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.5), squeeze=False,
                              constrained_layout=True)  # fmt: skip
+    colors = _method_colors(methods)
     for ax, metric in zip(axes[0], metrics):
         sub = df[df["metric"] == metric]
         for j, m in enumerate(methods):
             g = sub[sub["method"] == m].groupby("stage")["value"]
             mean = np.r_[1.0, g.mean().reindex(stages).to_numpy()]
             std = np.r_[0.0, g.std(ddof=0).reindex(stages).to_numpy()]
-            color = _COLORS.get(m)
+            color = colors[m]
             label = METHOD_LABELS.get(m, m)
             if cumulative:
                 ax.plot(x, mean, marker="o", ms=3, lw=1.4, color=color, label=label)
@@ -266,8 +282,9 @@ def similarity_panels(df: pd.DataFrame, floor: pd.DataFrame, metrics: Sequence[s
     fig, axes = plt.subplots(len(methods), len(metrics), squeeze=False, sharex=True,
                              figsize=(size[0] * len(metrics) + 0.8, size[1] * len(methods) + 0.9),
                              constrained_layout=True)  # fmt: skip
+    colors = _method_colors(methods)
     for r, m in enumerate(methods):
-        color = _COLORS.get(m)
+        color = colors[m]
         for c, metric in enumerate(metrics):
             ax = axes[r, c]
             g = df[(df["metric"] == metric) & (df["method"] == m)].groupby("stage")["value"]
@@ -513,12 +530,13 @@ def sensitivity_curves(df: pd.DataFrame, metric: str = "spearman",
     x = np.arange(wide.shape[1])
     fig, axes = plt.subplots(1, len(sigmas), figsize=(size[0] * len(sigmas) + 1.6, size[1]),
                              squeeze=False, sharey=True, constrained_layout=True)  # fmt: skip
+    colors = _method_colors(methods)
     for ax, sigma in zip(axes[0], sigmas):
         for m in methods:
             v = wide.xs((m, sigma), level=("method", "sigma")).to_numpy(dtype=float)
             mean = np.nanmean(v, 0)
             half = 1.96 * np.nanstd(v, 0, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0 * mean
-            color = _COLORS.get(m)
+            color = colors[m]
             ax.plot(x, mean, marker="o", ms=3, lw=1.4, color=color, label=METHOD_LABELS.get(m, m))
             ax.fill_between(x, mean - half, mean + half, color=color, alpha=0.15, lw=0)
             if floor is not None:

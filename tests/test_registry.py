@@ -183,6 +183,9 @@ def test_figures_accept_user_methods(tiny, xt, user_methods):
                                                          if ax.get_legend() else [])}
     labels |= {line.get_label() for ax in fig.axes for line in ax.get_lines()}
     assert "My method" in labels
+    # its own colour: matplotlib's default cycle gave it the Gradient's blue
+    color = {line.get_label(): line.get_color() for line in fig.axes[0].get_lines()}
+    assert color["My method"] != color[sl.method_label("gradient")]
     plt.close(fig)
     fig = sl.plots.stage_grid(df.maps, 0, ["mine", "gradient"])
     assert "My method" in {ax.get_ylabel() for ax in fig.axes}

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .guard import GuidedBackpropError, GuidedBackpropWarning, _fingerprint, check_guided_backprop
 from .models import get_info, get_submodule
 from .randomize import evaluating
-from .registry import MethodSpec, Passes, _register_builtin, resolve_method
+from .registry import MethodSpec, Passes, _register_builtin, check_methods_fit, resolve_method
 from .utils import derive_seed
 
 __all__ = ["METHODS", "PAPER_SETTINGS", "GuidedBackpropError", "GuidedBackpropWarning",
@@ -106,7 +106,7 @@ def _check_noise_tensor(noise, x: Tensor, spec) -> None:
     """``explain``'s explicit ``noise``: a finite ``(N, S, C, H, W)`` tensor for ``x`` ``(N, C,
     H, W)``, for a method that draws noise (it was broadcast, indexed out of range, or silently
     ignored by the other methods)."""
-    if not (spec.builtin and spec.passes is not None and spec.passes.kind in ("noise", "ig_noise")):
+    if not spec.draws_noise:
         raise ValueError(f"noise: method {spec.name!r} draws no noise (noise is for SmoothGrad, "
                          "VarGrad and IG-SmoothGrad)")  # fmt: skip
     if not isinstance(noise, Tensor):
@@ -689,8 +689,7 @@ def explain(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     check_seed(seed)
-    if spec.model_check is not None:  # e.g. an attention method on a model without attention
-        spec.model_check(model)
+    check_methods_fit(model, [spec])  # e.g. an attention method on a model without attention
     check_input(model, x)
     if "baseline" in settings and spec.builtin:
         check_baseline(settings["baseline"], x)

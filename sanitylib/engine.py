@@ -153,7 +153,7 @@ class _Plan:
         noise: dict[float, list[tuple[str, str, int]]] = {}
         n_unit = 0
         for m, s in specs.items():
-            if s.passes is not None and s.passes.kind in ("noise", "ig_noise"):
+            if s.draws_noise:
                 n_unit = max(n_unit, int(settings[m]["n_samples"]))
             if s.passes is not None and s.passes.kind == "noise":
                 noise.setdefault(float(settings[m]["noise_level"]), []).append(

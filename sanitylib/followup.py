@@ -393,8 +393,7 @@ def input_invariance(model: nn.Module, x: Tensor, methods: Sequence, shift=1.0,
     Returns:
         Columns ``test, method, image, image_name, metric, value, shift``.
     """
-    _check_model(model)
-    check_input(model, x)  # a list, a wrong shape or dtype: named before any work
+    check_input(model, x)  # the model, then x (a list, a wrong shape or dtype): before any work
     check_seed(seed)
     batch_size = _check_int("batch_size", batch_size)
     _check_shift(shift)
@@ -472,8 +471,7 @@ def smoothed_method(method, n_samples: int = 50, noise_level: float = 0.1, seed:
             total += run_method(spec, model, x + sigma * e[k], target, opts, ctx)
         return total / n_samples
 
-    noisy_builtin = spec.builtin and spec.passes is not None and spec.passes.kind in ("noise", "ig_noise")
-    if spec.takes_seed or noisy_builtin:
+    if spec.takes_seed or spec.draws_noise:
         # a seeded method (a user's with a seed argument, or SmoothGrad and the other built-ins
         # that draw noise, seeded by each image's index in the batch it is given): the runners
         # call the smoothed method one image at a time with that image's seed (see run_method),

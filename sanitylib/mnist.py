@@ -31,7 +31,7 @@ from .experiment import explain_methods
 from .metrics import noise_floor, similarity, spearman
 from .models import get_info
 from .randomize import evaluating
-from .registry import MethodSpec, check_map_size, resolve_methods, resolve_metrics
+from .registry import check_map_size, method_list, resolve_methods, resolve_metrics
 from .result import parts_of, stage_order
 from .postprocess import abs_normalize, diverging_normalize
 
@@ -61,8 +61,7 @@ def methods_for(model: nn.Module, methods: Sequence, verbose: bool = True) -> li
     Raises:
         ValueError: unknown method names.
     """
-    if isinstance(methods, (str, MethodSpec)) or callable(methods):
-        methods = [methods]  # one method: a list of one (a name is not a list of letters)
+    methods = method_list(methods)
     specs = resolve_methods(methods)
     info = get_info(model)
     if info is None or info.gradcam_layer:

@@ -41,11 +41,11 @@ def _method_colors(methods: Sequence[str]) -> dict:
     """A colour per method of a figure: the built-ins' own, distinct ones for users' methods."""
     out, k = {}, 0
     for m in methods:
-        if m not in _COLORS:
+        if m in _COLORS:
+            out[m] = _COLORS[m]
+        else:
             out[m] = _USER_COLORS[(4 * k + k // 5 + 2) % len(_USER_COLORS)]  # 5 hues, then shades
             k += 1
-        else:
-            out[m] = _COLORS[m]
     return out
 
 #: The diverging colormap of signed maps and signed tables (negative blue, 0 white, positive

@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MethodSpec", "Passes", "Metric", "check_map_size", "check_method_options", "register_method",
+__all__ = ["MethodSpec", "Passes", "Metric", "check_map_size", "check_method_options",
+           "check_methods_fit", "method_list", "register_method",
            "unregister_method", "get_method", "resolve_method", "resolve_methods", "method_names",
            "method_label", "register_metric", "unregister_metric", "get_metric", "resolve_metric",
            "resolve_metrics", "metric_names", "metric_label", "LabelView"]  # fmt: skip
@@ -119,6 +120,12 @@ class MethodSpec:
     @property
     def takes_seed(self) -> bool:
         return "seed" in _parameters(self.fn)
+
+    @property
+    def draws_noise(self) -> bool:
+        """A built-in that draws noise (SmoothGrad, VarGrad, IG-SmoothGrad): seeded per image by
+        its index in the batch it is given (:func:`sanitylib.attribution.unit_noise`)."""
+        return self.builtin and self.passes is not None and self.passes.kind in ("noise", "ig_noise")
 
     def __repr__(self) -> str:
         return f"MethodSpec({self.name!r}, label={self.label!r}{', builtin' if self.builtin else ''})"
@@ -322,11 +329,26 @@ def resolve_method(method: str | Callable | type | MethodSpec) -> MethodSpec:
                     f"captum Attribution class or a MethodSpec, got {method!r}")  # fmt: skip
 
 
+def method_list(methods: str | Callable | Sequence) -> list | Sequence:
+    """``methods`` as given, a single name, callable, captum class or spec as a list of one
+    (a name is not a list of letters)."""
+    if isinstance(methods, (str, MethodSpec)) or callable(methods):
+        return [methods]
+    return methods
+
+
+def check_methods_fit(model: nn.Module, specs: Sequence[MethodSpec]) -> None:
+    """Each method's check of the model (``MethodSpec.model_check``: an attention method on a
+    model without attention is refused), before any work."""
+    for sp in specs:
+        if sp.model_check is not None:
+            sp.model_check(model)
+
+
 def resolve_methods(methods: str | Callable | Sequence, what: str = "methods") -> list[MethodSpec]:
     """Specs of a list of methods (a single name or callable counts as a list of one); the
     names must be distinct."""
-    if isinstance(methods, (str, MethodSpec)) or callable(methods):
-        methods = [methods]
+    methods = method_list(methods)
     if not isinstance(methods, Sequence) or isinstance(methods, (bytes, bytearray)):
         raise TypeError(f"{what} must be a list of method names, callables or captum classes, "
                         f"got {type(methods).__name__}")  # fmt: skip

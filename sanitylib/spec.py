@@ -32,8 +32,8 @@ from .engine import AMP_DTYPES
 from .memory_format import check_memory_format
 from .models import Block, get_info
 from .randomize import Perturbation, Stage, check_schedule, get_blocks, schedule_stages
-from .registry import (Metric, MethodSpec, check_map_size, check_method_options, resolve_methods,
-                       resolve_metrics)  # fmt: skip
+from .registry import (Metric, MethodSpec, check_map_size, check_method_options, check_methods_fit,
+                       resolve_methods, resolve_metrics)  # fmt: skip
 
 __all__ = ["RunSpec", "RunSettings", "DEFAULT_METRICS", "MAX_SEED", "normalize_seed",
            "check_method_options"]
@@ -186,9 +186,7 @@ class RunSpec:
         fns = tuple(resolve_metrics(metrics))
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        for sp in specs:  # e.g. an attention method on a model without attention
-            if sp.model_check is not None:
-                sp.model_check(model)
+        check_methods_fit(model, specs)  # e.g. an attention method on a model without attention
         check_input(model, x)
         check_map_size(fns, x)
         seed = normalize_seed(seed)

@@ -118,9 +118,10 @@ def patch_grid(model: nn.Module, x: Tensor, n_patches: int) -> tuple[int, int]:
     p = getattr(model, "patch_size", None)
     if isinstance(p, int) and p > 0:
         h, w = H // p, W // p
-        if H % p == 0 and W % p == 0 and h * w == n_patches:
+        fits = H % p == 0 and W % p == 0
+        if fits and h * w == n_patches:
             return h, w
-        if H % p == 0 and W % p == 0 and h * w == n_patches + 1:
+        if fits and h * w == n_patches + 1:
             raise ValueError(f"the model's {n_patches + 1} tokens are the {h}x{w} patches of "
                              f"{H}x{W} images ({p}-pixel patches) with no class token; the "
                              "attention methods need a class token first, then the patches")  # fmt: skip

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .attribution import check_input, check_seed, explain, predict
 from .followup import random_targets
 from .randomize import evaluating
-from .registry import check_method_options, resolve_methods
+from .registry import check_method_options, check_methods_fit, resolve_methods
 
 __all__ = ["GRADIENT_METHODS", "ATTENTION_METHODS", "VIT_METHODS", "relative_difference",
            "map_change", "class_dependence"]  # fmt: skip
@@ -113,9 +113,7 @@ def class_dependence(model: nn.Module, x: Tensor, methods: Sequence, *, seed: in
     check_seed(seed)
     specs = resolve_methods(methods)  # one name alone is a list of one
     opts = dict(check_method_options(method_options, specs))  # a misspelled method refused
-    for sp in specs:
-        if sp.model_check is not None:  # an attention method on a model without attention
-            sp.model_check(model)
+    check_methods_fit(model, specs)  # an attention method on a model without attention
     with evaluating(model):
         logits = predict(model, x)
     t = logits.argmax(1)

@@ -420,6 +420,7 @@ class _PooledViT(nn.Module):
         from torchvision.models.vision_transformer import EncoderBlock
 
         torch.manual_seed(0)
+        self.size = size
         if with_patch_size:
             self.patch_size = p
         self.cls_token = cls_token
@@ -445,8 +446,7 @@ class _PooledViT(nn.Module):
     (_PooledViT(size=(16, 64), with_patch_size=False, cls_token=True), "cannot tell the patch grid"),
 ])  # fmt: skip
 def test_attention_maps_refuse_a_patch_grid_they_cannot_tell(model, message):
-    x = torch.rand(2, 3, 16, 64 if not hasattr(model, "patch_size") else 40,
-                   generator=torch.Generator().manual_seed(1))  # fmt: skip
+    x = torch.rand(2, 3, *model.size, generator=torch.Generator().manual_seed(1))
     for method in ("raw_attention", "attention_rollout"):
         with pytest.raises(ValueError, match=message):
             sl.explain(model.eval(), x, method)

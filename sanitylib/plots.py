@@ -64,6 +64,30 @@ def _names(methods) -> list[str]:
     return [m if isinstance(m, str) else registry.resolve_method(m).name for m in methods]
 
 
+def _selection(df: pd.DataFrame, metrics, methods, *, metric_arg: str = "metrics") -> tuple:
+    """The metrics and methods a figure draws: those given, checked against the table (a name
+    the table lacks would draw an empty panel or an all-NaN line), else the table's own."""
+    if not isinstance(df, pd.DataFrame) or not {"metric", "method", "value"} <= set(df.columns):
+        raise ValueError("df must be a table of sanitylib's runners (columns 'metric', 'method' "
+                         f"and 'value'), got {type(df).__name__}")
+    if not len(df):
+        raise ValueError("df is empty: there is nothing to draw")
+    out = []
+    for arg, col, given in ((metric_arg, "metric", metrics), ("methods", "method", methods)):
+        have = list(dict.fromkeys(df[col]))
+        if given is None:
+            out.append(have)
+            continue
+        given = [given] if isinstance(given, str) else list(given)
+        if not given:
+            raise ValueError(f"{arg} is empty: name at least one of {have}")
+        missing = [g for g in given if g not in set(have)]
+        if missing:
+            raise ValueError(f"{arg}: {missing} not in the table, which has {have}")
+        out.append(given)
+    return tuple(out)
+
+
 def _luminance(rgba) -> float:
     """WCAG relative luminance of an sRGB colour (0 black, 1 white)."""
     c = np.asarray(rgba[:3], dtype=float)
@@ -225,9 +249,7 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
     as a grey band, mean +- std; per-method floors are in :func:`similarity_panels`), or a dict
     metric -> value.
     """
-    methods = _names(methods)
-    metrics = list(metrics or df["metric"].unique())
-    methods = list(methods or df["method"].unique())
+    metrics, methods = _selection(df, metrics, _names(methods))
     stages, xlabel, cumulative = _stage_axis(df)
     x = np.arange(len(stages) + 1)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.5), squeeze=False,
@@ -274,9 +296,7 @@ def similarity_panels(df: pd.DataFrame, floor: pd.DataFrame, metrics: Sequence[s
     with its own noise floors: the method's maps of two *different* images under the trained
     model (coloured band, mean +- std over pairs) and two random masks (grey dashed line).
     A curve inside its coloured band means "as dissimilar as unrelated maps"."""
-    methods = _names(methods)
-    metrics = list(metrics or df["metric"].unique())
-    methods = list(methods or df["method"].unique())
+    metrics, methods = _selection(df, metrics, _names(methods))
     stages, xlabel, cumulative = _stage_axis(df)
     x = np.arange(len(stages) + 1)
     fig, axes = plt.subplots(len(methods), len(metrics), squeeze=False, sharex=True,
@@ -324,8 +344,7 @@ def stage_heatmap(df: pd.DataFrame, metric: str, methods: Sequence[str] | None =
     """Methods x stages heatmap of the mean similarity over images for one metric (diverging
     colours, -1 blue to 1 red), annotated with the values; suited to independent
     randomization, where the stages are not ordered by cumulative damage."""
-    methods = _names(methods)
-    methods = list(methods or df["method"].unique())
+    (metric,), methods = _selection(df, [metric], _names(methods), metric_arg="metric")
     stages, xlabel, _ = _stage_axis(df)
     sub = df[df["metric"] == metric]
     mean = sub.groupby(["method", "stage"])["value"].mean().unstack().reindex(index=methods,
@@ -439,9 +458,10 @@ def similarity_bars(df: pd.DataFrame, metrics: Sequence[str] = ("spearman_abs", 
     ``reference``: ``{panel value: {method: (one value per metric)}}`` drawn as black markers
     (e.g. the authors' numbers).
     """
-    methods = _names(methods)
+    metrics, all_methods = _selection(df, metrics, _names(methods))
+    if panel not in df.columns:
+        raise ValueError(f"panel: the table has no column {panel!r} (columns: {list(df.columns)})")
     panels = list(dict.fromkeys(df[panel]))
-    all_methods = list(methods or dict.fromkeys(df["method"]))
     fig, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True, constrained_layout=True,
                              figsize=(0.55 * len(all_methods) * len(panels) + 1.8, 3.4))  # fmt: skip
     width = 0.8 / len(metrics)
@@ -518,12 +538,11 @@ def sensitivity_curves(df: pd.DataFrame, metric: str = "spearman",
     (normal approximation, +-1.96 standard errors).  ``floor`` (the table of
     :func:`sanitylib.sensitivity.same_model_floor`) adds each stochastic method's same-model
     floor as a dashed line: what independent noise draws alone score."""
-    methods = _names(methods)
+    (metric,), methods = _selection(df, [metric], _names(methods), metric_arg="metric")
     from .sensitivity import unit_curves
 
     wide = unit_curves(df, metric)
-    methods = [m for m in (methods or wide.index.get_level_values("method").unique())
-               if m in set(wide.index.get_level_values("method"))]  # fmt: skip
+    methods = [m for m in methods if m in set(wide.index.get_level_values("method"))]
     sigmas = sorted(wide.index.get_level_values("sigma").unique())
     relative = bool(df["relative"].iloc[0]) if "relative" in df else False
     kind = str(df["kind"].iloc[0]) if "kind" in df else "gaussian"

@@ -198,3 +198,45 @@ def test_training_curves_mark_the_exact_training_accuracy_the_stopping_rule_used
     assert len(marked) == 1 and list(marked[0].get_ydata()) == [0.97]
     assert max(float(v) for line in marked for v in line.get_ydata()) >= 0.95
     plt.close(fig)
+
+
+@pytest.mark.parametrize("draw", [
+    lambda df, **kw: sl.plots.similarity_curves(df, **kw),
+    lambda df, **kw: sl.plots.similarity_panels(df, None, **kw),
+    lambda df, metrics=None, **kw: sl.plots.stage_heatmap(df, (metrics or ["spearman"])[0], **kw),
+    lambda df, metrics=None, **kw: sl.plots.similarity_bars(df, metrics=metrics or ["spearman"],
+                                                            panel="schedule", **kw),
+])  # fmt: skip
+def test_figures_refuse_a_metric_or_method_the_table_lacks(draw):
+    """A name absent from the table drew an empty panel or an all-NaN line, silently (a typo, or
+    a metric the run did not compute); a string of metrics was split into its letters."""
+    df = _table("cascading")
+    plt.close(draw(df))  # the table's own names
+    plt.close(draw(df, metrics=["spearman"], methods=["guided_backprop"]))
+    with pytest.raises(ValueError, match=r"metric.*\['ssim'\] not in the table.*spearman"):
+        draw(df, metrics=["ssim"])
+    with pytest.raises(ValueError, match=r"methods: \['gradcam'\] not in the table"):
+        draw(df, methods=["gradient", "gradcam"])
+    with pytest.raises(ValueError, match="df is empty"):
+        draw(df.iloc[:0])
+    with pytest.raises(ValueError, match="df must be a table"):
+        draw(df.drop(columns="metric"))
+
+
+def test_similarity_curves_take_one_metric_name():
+    fig = sl.plots.similarity_curves(_table("cascading"), "spearman")
+    assert len(fig.axes) == 1  # "spearman", not eight panels for its letters
+    plt.close(fig)
+
+
+def test_sensitivity_curves_refuse_absent_names():
+    rows = [{"stage": s, "stage_index": i, "method": m, "metric": "spearman", "image": k,
+             "draw": 0, "sigma": 0.1, "value": 0.5, "relative": False, "kind": "gaussian"}
+            for i, s in enumerate(["b1", "b0"]) for m in ("gradient", "smoothgrad")
+            for k in range(2)]  # fmt: skip
+    df = pd.DataFrame(rows)
+    plt.close(sl.plots.sensitivity_curves(df, "spearman", methods=["smoothgrad"]))
+    with pytest.raises(ValueError, match=r"metric: \['ssim'\] not in the table"):
+        sl.plots.sensitivity_curves(df, "ssim")
+    with pytest.raises(ValueError, match=r"methods: \['vargrad'\] not in the table"):
+        sl.plots.sensitivity_curves(df, "spearman", methods=["gradient", "vargrad"])

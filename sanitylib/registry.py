@@ -117,6 +117,14 @@ class MethodSpec:
             self.validate(settings)
         return settings
 
+    def __reduce__(self):
+        # a built-in pickles by name (its functions are lambdas, and a table's run specification
+        # holds it: ``df.to_pickle``, multiprocessing); a user's spec as a dataclass (its
+        # callables pickle by reference, as Python pickles functions)
+        if self.builtin and _METHODS.get(self.name) is self:
+            return get_method, (self.name,)
+        return super().__reduce__()
+
     @property
     def takes_seed(self) -> bool:
         return "seed" in _parameters(self.fn)
@@ -401,6 +409,11 @@ class Metric:
     def __post_init__(self) -> None:
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
             raise ValueError(f"min_size must be an int >= 0 (pixels; 0: any size), got {self.min_size!r}")
+
+    def __reduce__(self):  # a built-in pickles by name, as MethodSpec
+        if self.builtin and _METRICS.get(self.name) is self:
+            return get_metric, (self.name,)
+        return super().__reduce__()
 
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:
         """Values ``(N,)`` for raw maps ``a``, ``b``."""

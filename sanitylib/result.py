@@ -12,6 +12,10 @@ plain table.  A table that combines *different* runs (``pd.concat`` or ``merge``
 has no single set of maps: reading its ``.maps`` raises an error that says so, instead of
 handing back one run's maps for the other's rows.  (``DataFrame.attrs``, which earlier versions
 used, is dropped or compared element-wise by several pandas operations.)
+
+A table pickles with its parts (``df.to_pickle``, multiprocessing): the built-in methods and
+metrics of its specification by name, a user's callables by reference, as Python pickles
+functions (a lambda cannot be pickled).  sanitylib itself never unpickles anything.
 """
 
 from __future__ import annotations

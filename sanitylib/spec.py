@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
@@ -124,6 +124,21 @@ class RunSettings:
             if v is not None:
                 object.__setattr__(self, k, int(v))
 
+
+
+
+def _plain(v):
+    """``v`` with its read-only mappings (at any depth of read-only mappings) as dicts."""
+    return {k: _plain(w) for k, w in v.items()} if isinstance(v, MappingProxyType) else v
+
+
+def _unpickle_spec(state: dict) -> "RunSpec":
+    """The :class:`RunSpec` of ``RunSpec.__reduce__``'s state: read-only mappings again."""
+    state = dict(state)
+    state["method_options"] = MappingProxyType(
+        {k: MappingProxyType(v) for k, v in state["method_options"].items()})
+    state["skipped_blocks"] = MappingProxyType(state["skipped_blocks"])
+    return RunSpec(**state)
 
 @dataclass(frozen=True, eq=False)
 class RunSpec:
@@ -243,6 +258,11 @@ class RunSpec:
                    kept=kept, floor=floor, activations=activations, amp=amp, engine=engine,
                    label=label or (info.name if info else type(model).__name__),
                    custom_ids=custom_ids, skipped_blocks=MappingProxyType(dict(skipped)))  # fmt: skip
+
+    def __reduce__(self):
+        # the read-only mappings (method_options, skipped_blocks) cannot be pickled: rebuild
+        # them from plain dicts (``df.to_pickle`` of a result table holds its spec)
+        return _unpickle_spec, ({f.name: _plain(getattr(self, f.name)) for f in fields(self)},)
 
     # ------------------------------------------------------------------ derived
 

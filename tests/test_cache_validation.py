@@ -457,6 +457,25 @@ def test_result_table_keeps_its_parts_through_filtering_and_joining(x16):
     assert df.spec.seed == 0 and other.spec.seed == 1
 
 
+
+def test_result_table_pickles_with_its_parts(x16, tmp_path):
+    """``df.to_pickle`` and multiprocessing failed: the run specification held the built-ins'
+    lambdas and read-only mappings."""
+    model = seeded()
+    df = run(model, x16, methods=["gradient", "smoothgrad", "gradcam"], store_maps=1,
+             metrics=["spearman", "ssim"],
+             method_options={"smoothgrad": {"n_samples": 3}, "gradcam": {"layer": "conv2"}})
+    df.to_pickle(tmp_path / "t.pkl")
+    back = pd.read_pickle(tmp_path / "t.pkl")
+    assert isinstance(back, ResultTable) and back.equals(df)
+    assert back.spec.describe() == df.spec.describe()
+    assert back.spec.methods[0] is sl.get_method("gradient")  # the registered built-in
+    assert dict(back.spec.method_options["smoothgrad"]) == {"n_samples": 3}
+    with pytest.raises(TypeError):  # still read-only
+        back.spec.method_options["smoothgrad"]["n_samples"] = 5
+    assert back.stages == df.stages and back.floor.equals(df.floor)
+    assert torch.equal(back.maps["original"]["gradient"], df.maps["original"]["gradient"])
+
 class WithAuxHead(nn.Module):
     """An auxiliary head that runs only in training mode (as torchvision's inception_v3)."""
 

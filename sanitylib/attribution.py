@@ -42,7 +42,7 @@ from .guard import GuidedBackpropError, GuidedBackpropWarning, _fingerprint, che
 from .models import get_info, get_submodule
 from .randomize import evaluating
 from .registry import MethodSpec, Passes, _register_builtin, check_methods_fit, resolve_method
-from .utils import derive_seed
+from .utils import MAX_SEED, check_seed, derive_seed  # noqa: F401  (re-exported)
 
 __all__ = ["METHODS", "PAPER_SETTINGS", "GuidedBackpropError", "GuidedBackpropWarning",
            "ProbabilityOutputWarning", "ModelProbe", "explain", "predict", "check_guided_backprop",
@@ -482,12 +482,6 @@ def image_seed(seed: int, index: int) -> int:
     seeded with ``seed``: ``derive_seed(seed, "noise", index)``, the seed of the built-in
     methods' noise of that image (:func:`unit_noise`)."""
     return derive_seed(seed, "noise", index)
-
-
-def check_seed(seed) -> None:
-    """``ValueError`` unless ``seed`` is an integer."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an int, got {seed!r}")
 
 
 def check_batch_size(value, name: str = "batch_size") -> None:

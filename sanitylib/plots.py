@@ -18,7 +18,7 @@ from . import attribution as _attribution  # noqa: F401  (registers the built-in
 from . import metrics as _metrics  # noqa: F401  (registers the built-in metrics)
 from . import registry
 from .postprocess import abs_normalize, diverging_normalize
-from .result import stage_order
+from .result import check_one_run, stage_order
 
 __all__ = ["METHOD_LABELS", "METRIC_LABELS", "use_book_style", "to_display", "method_grid",
            "stage_grid", "pick_stages", "similarity_curves", "similarity_panels", "stage_heatmap",
@@ -250,6 +250,7 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
     metric -> value.
     """
     metrics, methods = _selection(df, metrics, _names(methods))
+    check_one_run(df, "a figure of similarity against the stage")
     stages, xlabel, cumulative = _stage_axis(df)
     x = np.arange(len(stages) + 1)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.5), squeeze=False,
@@ -297,6 +298,7 @@ def similarity_panels(df: pd.DataFrame, floor: pd.DataFrame, metrics: Sequence[s
     model (coloured band, mean +- std over pairs) and two random masks (grey dashed line).
     A curve inside its coloured band means "as dissimilar as unrelated maps"."""
     metrics, methods = _selection(df, metrics, _names(methods))
+    check_one_run(df, "a figure of similarity against the stage")
     stages, xlabel, cumulative = _stage_axis(df)
     x = np.arange(len(stages) + 1)
     fig, axes = plt.subplots(len(methods), len(metrics), squeeze=False, sharex=True,
@@ -345,6 +347,7 @@ def stage_heatmap(df: pd.DataFrame, metric: str, methods: Sequence[str] | None =
     colours, -1 blue to 1 red), annotated with the values; suited to independent
     randomization, where the stages are not ordered by cumulative damage."""
     (metric,), methods = _selection(df, [metric], _names(methods), metric_arg="metric")
+    check_one_run(df, "stage_heatmap")
     stages, xlabel, _ = _stage_axis(df)
     sub = df[df["metric"] == metric]
     mean = sub.groupby(["method", "stage"])["value"].mean().unstack().reindex(index=methods,
@@ -539,6 +542,7 @@ def sensitivity_curves(df: pd.DataFrame, metric: str = "spearman",
     :func:`sanitylib.sensitivity.same_model_floor`) adds each stochastic method's same-model
     floor as a dashed line: what independent noise draws alone score."""
     (metric,), methods = _selection(df, [metric], _names(methods), metric_arg="metric")
+    check_one_run(df, "sensitivity_curves", ("model", "kind", "relative"))
     from .sensitivity import unit_curves
 
     wide = unit_curves(df, metric)

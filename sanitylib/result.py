@@ -26,7 +26,22 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 from torch import Tensor
 
-__all__ = ["MapStore", "RunParts", "ResultTable", "NoRunParts", "parts_of", "stage_order"]
+__all__ = ["MapStore", "RunParts", "ResultTable", "NoRunParts", "parts_of", "stage_order",
+           "RUN_COLUMNS", "check_one_run"]
+
+#: Columns that tell runs apart in a table of several (``pd.concat`` of two results):
+#: :func:`sanitylib.summarize` and the figures never pool rows that differ in them.
+RUN_COLUMNS = ("model", "schedule", "perturbation")
+
+
+def check_one_run(df: pd.DataFrame, what: str, columns: Sequence[str] = RUN_COLUMNS) -> None:
+    """``ValueError`` when ``df`` holds rows of several runs (more than one value in one of
+    ``columns``): ``what`` (e.g. a figure) would average them together."""
+    for c in columns:
+        if c in df.columns and df[c].nunique(dropna=False) > 1:
+            values = list(dict.fromkeys(df[c]))
+            raise ValueError(f"df holds several runs ({c}: {values}); {what} draws one: select "
+                             f"it first, e.g. df[df[{c!r}] == {values[0]!r}]")
 
 
 class MapStore:

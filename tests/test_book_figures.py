@@ -240,3 +240,13 @@ def test_sensitivity_curves_refuse_absent_names():
         sl.plots.sensitivity_curves(df, "ssim")
     with pytest.raises(ValueError, match=r"methods: \['vargrad'\] not in the table"):
         sl.plots.sensitivity_curves(df, "spearman", methods=["gradient", "vargrad"])
+
+
+def test_stage_figures_refuse_a_table_of_several_runs():
+    """A cascading and an independent run concatenated were drawn as one cascading curve of
+    their averages."""
+    both = pd.concat([_table("cascading"), _table("independent").assign(value=-0.5)])
+    for draw in (lambda: sl.plots.similarity_curves(both), lambda: sl.plots.similarity_panels(both, None),
+                 lambda: sl.plots.stage_heatmap(both, "spearman")):  # fmt: skip
+        with pytest.raises(ValueError, match=r"several runs \(schedule: \['cascading', 'independent'\]\)"):
+            draw()

@@ -474,6 +474,24 @@ def test_summarize_mean_and_population_std():
     assert out["n"].tolist() == [2, 3]
 
 
+def test_summarize_keeps_runs_apart(tiny, xt):
+    """``pd.concat`` of two runs is a documented use of result tables; summarize averaged them
+    together (a cascading and an independent run, or two models: n doubled, silently)."""
+    kw = dict(methods=["gradient"], metrics=["spearman"])
+    cas = run_tiny(tiny, xt, **kw)
+    ind = run_tiny(tiny, xt, schedule="independent", **kw)
+    both = E.summarize(pd.concat([cas, ind]))
+    assert set(both["n"]) == {len(xt)}
+    for schedule, one in (("cascading", cas), ("independent", ind)):
+        part = both[both["schedule"] == schedule].drop(columns=["model", "schedule", "perturbation"])
+        pd.testing.assert_frame_equal(part.reset_index(drop=True),
+                                      E.summarize(pd.DataFrame(one)).drop(
+                                          columns=["model", "schedule", "perturbation"]))
+    other = run_tiny(tiny, xt, **kw).assign(model="another")
+    assert set(E.summarize(pd.concat([cas, other]))["n"]) == {len(xt)}
+    with pytest.raises(ValueError, match="lacks the columns"):
+        E.summarize(pd.DataFrame({"value": [1.0]}))
+
 def test_summarize_real_table(tiny_table):
     out = E.summarize(tiny_table)
     assert len(out) == 3 * len(METHODS) * len(METRICS)

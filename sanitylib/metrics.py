@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .postprocess import (_safe_div, abs_normalize, check_maps, diverging_normalize,
+from .postprocess import (_safe_div, _sparse_span, abs_normalize, check_maps, diverging_normalize,
                           percentile_position, unit_normalize)
 from .registry import Metric, _register_builtin_metric, resolve_metric
 from .utils import check_seed
@@ -441,31 +441,15 @@ class MapFeatures:
         return self._get("abs", lambda: _normalized_ranks(self.maps, "abs"))
 
     def abs_constant(self) -> Tensor:
-        """``is_constant(abs_normalize(maps).flatten(1))`` -> (N,) bool, without a full sort
-        unless the ranks are cached anyway: the ABS map is constant iff its 99th percentile
-        equals its minimum (then every pixel maps to 0)."""
+        """``is_constant(abs_normalize(maps).flatten(1))`` -> (N,) bool, without a sort unless
+        the ranks are cached anyway: the ABS map is constant iff the map of ``|E|`` (summed
+        over channels) is (a sparse map keeps its salient pixels: :func:`abs_normalize`)."""
         if "abs" in self._cache:
             return self.abs_ranks()[1]
 
         def make():
-            n, c = self.maps.shape[:2]
-            if c == 1:
-                v = self.maps[:, 0].abs().flatten(1)
-                return v.amin(1) == v.amax(1)
-            v = self.maps.abs().sum(1).flatten(1)
-            lo, hi, frac = percentile_position(v.shape[1], 99.0)
-            # sorted values s: s[k] == min iff more than k values equal the minimum, so the
-            # percentile s[lo] + frac * (s[hi] - s[lo]) is found without sorting or selecting
-            mn = v.amin(1, keepdim=True)
-            at_min = v == mn
-            n_min = at_min.sum(1)
-            above = v.masked_fill(at_min, math.inf).amin(1)  # smallest value above the minimum
-            mn = mn[:, 0]
-            s_lo = torch.where(n_min > lo, mn, above)
-            s_hi = torch.where(n_min > hi, mn, above)
-            # s[lo] > min (n_min <= lo): the percentile is above the minimum; s_lo is then a
-            # lower bound of the true s[lo] (> min), so the test below is False as it must be
-            return (n_min > lo) & ((s_lo + frac * (s_hi - s_lo)) - mn == 0)
+            v = self.maps.abs().sum(1).flatten(1)  # C == 1: |E| itself
+            return v.amin(1) == v.amax(1)
         return self._get("abs_const", make)
 
     def div_ranks(self) -> Tensor:
@@ -544,9 +528,10 @@ def _normalized_ranks(maps: Tensor, kind: str, percentile: float = 99.0) -> tupl
         q = s[:, lo] + frac * (s[:, hi] - s[:, lo])  # == row_quantile(v, percentile)
         if kind == "abs":
             mn = s[:, 0]
-            vals = _safe_div(s - mn.view(-1, 1), q - mn, 0.0).clamp(0.0, 1.0)
+            span = _sparse_span(q - mn, s[:, -1] - mn)
+            vals = _safe_div(s - mn.view(-1, 1), span, 0.0).clamp(0.0, 1.0)
         else:
-            span = q.abs()
+            span = _sparse_span(q.abs(), torch.maximum(s[:, 0].abs(), s[:, -1].abs()))
             vals = _safe_div(s + span.view(-1, 1), 2 * span, 0.5).clamp(-1.0, 1.0)
     return ranks_of_sorted(vals, order), vals[:, 0] == vals[:, -1]
 

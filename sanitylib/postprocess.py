@@ -77,12 +77,20 @@ def _max_abs_normalize(e: Tensor) -> Tensor:
     return _safe_div(e, e.abs().flatten(1).amax(1), 0.0)
 
 
+def _sparse_span(span: Tensor, peak: Tensor) -> Tensor:
+    """The percentile span, or ``peak`` where the span is 0 but the map is not constant: a
+    sparse map (at least 99 % of its pixels at the minimum, e.g. Guided GradCAM where the CAM is
+    zero almost everywhere) keeps its salient pixels instead of being erased to a constant (the
+    authors' formula divides by 0 there)."""
+    return torch.where(span == 0, peak, span)
+
+
 def abs_normalize(maps: Tensor, percentile: float = 99.0) -> Tensor:
     """ABS normalization (Spearman ABS, grey visualizations): (N, C, H, W) -> (N, H, W) in [0, 1].
 
     C > 1: ``m = sum_c |E_c|``, then ``(m - min) / (p99 - min)`` clipped to [0, 1] per image,
-    so the top 1 % become ties at 1. C == 1: ``|E| / max|E|``.
-    A constant image (p99 == min, or max|E| == 0) maps to all zeros.
+    so the top 1 % become ties at 1; where ``p99 == min`` (a sparse map) ``max`` takes the
+    place of ``p99``. C == 1: ``|E| / max|E|``.  A constant image maps to all zeros.
     """
     check_maps(maps)
     if maps.shape[1] == 1:
@@ -90,7 +98,7 @@ def abs_normalize(maps: Tensor, percentile: float = 99.0) -> Tensor:
     m = maps.abs().sum(1)
     flat = m.flatten(1)
     mn = flat.amin(1)
-    span = row_quantile(flat, percentile) - mn
+    span = _sparse_span(row_quantile(flat, percentile) - mn, flat.amax(1) - mn)
     return _safe_div(m - mn.view(-1, 1, 1), span, 0.0).clamp(0.0, 1.0)
 
 
@@ -98,14 +106,16 @@ def diverging_normalize(maps: Tensor, percentile: float = 99.0) -> Tensor:
     """Diverging normalization (Spearman without ABS): (N, C, H, W) -> (N, H, W).
 
     C > 1: ``s = sum_c E_c``, ``span = |p99(s)|`` (percentile of the signed values), output
-    ``clip((s + span) / (2 span), -1, 1)``; if span == 0 every pixel gets the neutral value 0.5.
+    ``clip((s + span) / (2 span), -1, 1)``; where ``p99(s) == 0`` (a sparse map) ``max|s|``
+    takes its place; an all-zero image gets the neutral value 0.5 everywhere.
     C == 1: ``E / max|E|`` in [-1, 1]; an all-zero image maps to zeros.
     """
     check_maps(maps)
     if maps.shape[1] == 1:
         return _max_abs_normalize(maps[:, 0])
     s = maps.sum(1)
-    span = row_quantile(s.flatten(1), percentile).abs()
+    flat = s.flatten(1)
+    span = _sparse_span(row_quantile(flat, percentile).abs(), flat.abs().amax(1))
     sp = span.view(-1, 1, 1)
     return _safe_div(s + sp, 2 * span, 0.5).clamp(-1.0, 1.0)
 

@@ -83,6 +83,47 @@ def test_constant_and_zero_maps_are_defined():
     assert not out.isnan().any() and out[0].eq(0).all() and out[1].max() == 1
 
 
+
+def _sparse(n_on: int = 30, sign: bool = False) -> torch.Tensor:
+    """Two 3-channel maps with ``n_on`` of 4,096 pixels non-zero (< 1 %): e.g. Guided GradCAM
+    where the CAM is zero almost everywhere."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.zeros(2, 3, 64, 64)
+    idx = torch.randperm(64 * 64, generator=g)[:n_on]
+    v = torch.rand(2, 3, n_on, generator=g) + 0.1
+    a.view(2, 3, -1)[:, :, idx] = v * (torch.randint(0, 2, v.shape, generator=g) * 2 - 1 if sign else 1)
+    return a
+
+
+def test_sparse_maps_keep_their_salient_pixels():
+    """A map with at least 99 % of its pixels at the minimum has p99 == min: it was normalized
+    to all zeros (a constant), so two identical sparse maps scored 0 on both Spearman metrics and
+    were drawn black.  The maximum takes the percentile's place there."""
+    from sanitylib import metrics as M
+
+    a = _sparse()
+    for fn in (P.abs_normalize, P.diverging_normalize):
+        out = fn(a)
+        assert len(out[0].unique()) > 2  # not a constant
+    m = a.abs().sum(1)[0].numpy()
+    np.testing.assert_allclose(P.abs_normalize(a)[0].numpy(), (m - m.min()) / (m.max() - m.min()),
+                               rtol=1e-6)  # fmt: skip
+    s = a.sum(1)[0].numpy()
+    span = np.abs(s).max()
+    np.testing.assert_allclose(P.diverging_normalize(a)[0].numpy(), (s + span) / (2 * span), rtol=1e-6)
+    for metric in ("spearman_abs", "spearman"):
+        assert M.similarity(a, a.clone(), metric).tolist() == [1.0, 1.0]
+        b = _sparse(sign=True)  # the run's path (one sort per map) equals similarity's
+        f_a, f_b = M.MapFeatures(a), M.MapFeatures(b)
+        torch.testing.assert_close(M.compare(metric, f_a, f_b), M.similarity(a, b, metric).double(),
+                                   rtol=0, atol=1e-6)  # fmt: skip
+    assert not M.MapFeatures(a).abs_constant().any()
+    assert M.MapFeatures(torch.zeros(2, 3, 8, 8)).abs_constant().all()
+    # not sparse (more than 1 % non-zero): the percentile rule, as before
+    dense = _sparse(n_on=200)
+    np.testing.assert_allclose(P.abs_normalize(dense)[0].numpy(),
+                               ref_abs(dense[0].permute(1, 2, 0).numpy()), rtol=1e-6)  # fmt: skip
+
 # ---------------------------------------------------------------- input validation
 @pytest.mark.parametrize("fn", [P.abs_normalize, P.diverging_normalize, P.unit_normalize])
 def test_bad_input(fn):

@@ -137,7 +137,9 @@ def run_randomization(
     Returns:
         A :class:`~sanitylib.result.ResultTable`: a tidy DataFrame with columns ``schedule,
         stage_index, stage, method, image, image_name, metric, value, constant, target,
-        original_target, perturbation, model``, and as attributes the kept maps ``df.maps``
+        original_target, perturbation, model`` (``constant``: the metric's correlation was
+        undefined, a constant map or HOG vector, and the row scores 0; SSIM and users' metrics
+        never), and as attributes the kept maps ``df.maps``
         (float32), the noise floors of the trained model's maps ``df.floor``
         (:func:`sanitylib.metrics.noise_floor`: pairs of different images, random masks;
         ``None`` with a single image or ``floor=False``), ``df.activations``, ``df.stages``,
@@ -296,23 +298,25 @@ class _Runner:
         prepared = {(m, f.name): (f.prepare or (lambda v: v))(orig[m].maps) for m in self.methods
                     for f in spec.metrics if not f.builtin}  # fmt: skip
         values: dict[tuple[int, str, str], list] = {}  # (stage k, method, metric) -> G values
-        const: dict[tuple[int, str], list] = {}
+        # (stage k, method, metric) -> G flags: the correlation was undefined (scored 0)
+        const: dict[tuple[int, str, str], list] = {}
         for meth in self.methods:
             ref = orig[meth].prepare(builtin)
             for ks in _stage_batches(len(stages), gm.maps[0][meth].numel()):
                 n = len(ks)
                 feats = MapFeatures(torch.cat([gm.maps[k][meth] for k in ks]) if n > 1 else gm.maps[ks[0]][meth])
                 tiled = ref.repeat(n)
-                c = (feats.abs_constant() | tiled.abs_constant()).view(n, G).tolist()
-                const.update({(k, meth): c[j] for j, k in enumerate(ks)})
                 for name in builtin:
                     v = compare(name, tiled, feats).view(n, G).tolist()
+                    c = (feats.constant(name) | tiled.constant(name)).view(n, G).tolist()
                     values.update({(k, meth, name): v[j] for j, k in enumerate(ks)})
+                    const.update({(k, meth, name): c[j] for j, k in enumerate(ks)})
             for fn in spec.metrics:
                 if not fn.builtin:
                     for k in range(1, len(stages) + 1):
                         b = (fn.prepare or (lambda v: v))(gm.maps[k][meth])
                         values[k, meth, fn.name] = fn.values(prepared[(meth, fn.name)], b, G).tolist()
+                        const[k, meth, fn.name] = [False] * G
         targets = gm.targets.tolist()
         describe = spec.perturbation.describe()
         for k, stage in enumerate(stages, start=1):
@@ -324,7 +328,7 @@ class _Runner:
                         out.append({
                             "schedule": spec.schedule, "stage_index": first + k - 1, "stage": stage.name,
                             "method": meth, "image": spec.image_ids[i], "image_name": spec.image_names[i],
-                            "metric": fn.name, "value": float(vals[g]), "constant": bool(const[k, meth][g]),
+                            "metric": fn.name, "value": float(vals[g]), "constant": bool(const[k, meth, fn.name][g]),
                             "target": int(targets[k][g]), "original_target": int(targets[0][g]),
                             "perturbation": describe, "model": spec.label,
                         })  # fmt: skip

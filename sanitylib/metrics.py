@@ -65,6 +65,20 @@ def _check_pair(a: Tensor, b: Tensor, ndims: tuple[int, ...] = (3, 4)) -> None:
 
 
 # ----------------------------------------------------------------------------- correlations
+def _check_rows(x: Tensor, name: str, fn: str) -> None:
+    """``ValueError`` unless ``x`` is a 2-D ``(N, D)`` tensor.  (Finite values are checked on
+    the results, without a pass of torch's thread pool: :func:`rankdata` on the sorted ends,
+    :func:`pearson` on the correlations; a forked child must not wait on its parent's pool.)"""
+    if not isinstance(x, Tensor) or x.ndim != 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{fn}: {name} must be a 2-D (N, D) tensor, got {shape}")
+
+
+def _non_finite(fn: str, what: str) -> ValueError:
+    # NaN has no rank (it was ranked above every number) and no correlation
+    return ValueError(f"{fn}: {what} contains NaN or infinite values")
+
+
 def is_constant(x: Tensor) -> Tensor:
     """True for each row of ``x`` (N, D) whose values are all equal -> (N,) bool."""
     return (x == x[:, :1]).all(1)
@@ -182,9 +196,12 @@ def sort_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def rankdata(x: Tensor) -> Tensor:
     """Average ranks (1-based, ties averaged, like ``scipy.stats.rankdata``) per row of (N, D) -> float64."""
-    if x.ndim != 2:
-        raise ValueError(f"rankdata expects a 2-D (N, D) tensor, got shape {tuple(x.shape)}")
-    return ranks_of_sorted(*sort_rows(x))
+    _check_rows(x, "x", "rankdata")
+    s, order = sort_rows(_upcast_half(x))
+    # NaN and infinities sort to an end (NaN with its sign bit set below -inf)
+    if s.is_floating_point() and s.numel() and not bool(torch.isfinite(s[:, [0, -1]]).all()):
+        raise _non_finite("rankdata", "x")
+    return ranks_of_sorted(s, order)
 
 
 def ranks_of_sorted(s: Tensor, order: Tensor) -> Tensor:
@@ -225,18 +242,23 @@ def pearson(x: Tensor, y: Tensor, *, on_constant: str = "zero") -> Tensor:
     A row that is constant in ``x`` or ``y`` has no defined correlation (scipy gives nan):
     ``on_constant='zero'`` returns 0.0 for it, ``'nan'`` returns NaN, ``'raise'`` raises.
     """
-    if x.shape != y.shape or x.ndim != 2:
+    _check_rows(x, "x", "pearson")
+    _check_rows(y, "y", "pearson")
+    if x.shape != y.shape:
         raise ValueError(f"pearson expects two (N, D) tensors of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     x, y = x.double(), y.double()
     on_cpu = x.device.type == "cpu" and y.device.type == "cpu"
     if on_cpu and not (x.requires_grad or y.requires_grad) and x.shape[1] >= _ROW_MIN:
         r, const = np.empty(len(x)), np.empty(len(x), dtype=bool)
         _by_rows(_pearson_rows, x.contiguous().numpy(), y.contiguous().numpy(), r, const)
-        return _apply_policy(torch.from_numpy(r).clamp(-1.0, 1.0), torch.from_numpy(const), on_constant)
-    xc, yc = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
-    den = (xc.square().sum(1) * yc.square().sum(1)).sqrt()
-    const = is_constant(x) | is_constant(y) | (den == 0)
-    r = (xc * yc).sum(1) / torch.where(const, torch.ones_like(den), den)
+        r, const = torch.from_numpy(r), torch.from_numpy(const)
+    else:
+        xc, yc = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+        den = (xc.square().sum(1) * yc.square().sum(1)).sqrt()
+        const = is_constant(x) | is_constant(y) | (den == 0)
+        r = (xc * yc).sum(1) / torch.where(const, torch.ones_like(den), den)
+    if bool((r.isnan() & ~const).any()):  # a NaN or an infinity in the row
+        raise _non_finite("pearson", "x or y")
     return _apply_policy(r.clamp(-1.0, 1.0), const, on_constant)
 
 
@@ -245,7 +267,9 @@ def spearman(x: Tensor, y: Tensor, *, on_constant: str = "zero") -> Tensor:
 
     Constant rows follow the ``on_constant`` policy of :func:`pearson`.
     """
-    if x.shape != y.shape or x.ndim != 2:
+    _check_rows(x, "x", "spearman")
+    _check_rows(y, "y", "spearman")
+    if x.shape != y.shape:
         raise ValueError(f"spearman expects two (N, D) tensors of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     return pearson(rankdata(x), rankdata(y), on_constant=on_constant)
 
@@ -327,7 +351,7 @@ def hog(maps: Tensor, *, orientations: int = 9, cell: int = 16, block: int = 3) 
     magnitude sum / cell area, 3x3-cell blocks with stride 1, L2-Hys (eps 1e-5, clip 0.2).
     """
     check_maps(maps, "maps", (3, 4))
-    x = maps[:, None] if maps.ndim == 3 else maps
+    x = _upcast_half(maps[:, None] if maps.ndim == 3 else maps)  # skimage computes these in float32
     c, h, w = x.shape[1:]
     nr, nc = h // cell, w // cell
     if nr < block or nc < block:
@@ -358,10 +382,12 @@ def hog(maps: Tensor, *, orientations: int = 9, cell: int = 16, block: int = 3) 
 
 
 # ----------------------------------------------------------------------------- public entry point
-def _upcast_bfloat16(maps: Tensor) -> Tensor:
-    """bfloat16 maps (a bfloat16 model's) as float32, which holds them exactly: the ranks, the
-    correlations and SSIM's filters run in numpy and scipy, which have no bfloat16."""
-    return maps.float() if maps.dtype == torch.bfloat16 else maps
+def _upcast_half(maps: Tensor) -> Tensor:
+    """bfloat16 and float16 maps (a half-precision model's) as float32, which holds them
+    exactly: the ranks, the correlations and SSIM's filters run in numpy and scipy, which have
+    no bfloat16, and the normalizations and HOG's gradients in float16 would round (skimage's
+    HOG works in float32 or more; HOG values moved by up to 2e-2)."""
+    return maps.float() if maps.dtype in (torch.bfloat16, torch.float16) else maps
 
 
 def similarity(
@@ -389,17 +415,20 @@ def similarity(
     inferred data_range 2.0 (= 1 - (-1)) for float images; 1.0 is the principled value for
     [0, 1] maps.
     """
+    if on_constant not in _ON_CONSTANT:
+        raise ValueError(f"on_constant must be one of {_ON_CONSTANT}, got {on_constant!r}")
     if not (isinstance(metric, str) and metric in METRICS):
         spec = resolve_metric(metric)  # a user metric (registered name, callable or Metric)
         if spec.builtin:
             return similarity(a, b, spec.name, normalize=normalize, on_constant=on_constant,
                               ssim_data_range=ssim_data_range)
+        if on_constant != "zero" or ssim_data_range != 2.0:  # they were ignored, silently
+            raise ValueError(f"on_constant and ssim_data_range apply to the built-in metrics; "
+                             f"{spec.name!r} is called on the maps as given")
         _check_pair(a, b, (4,) if normalize else (3, 4))
         return spec(a, b)
-    if on_constant not in _ON_CONSTANT:
-        raise ValueError(f"on_constant must be one of {_ON_CONSTANT}, got {on_constant!r}")
     _check_pair(a, b, (4,) if normalize else (3, 4))
-    a, b = _upcast_bfloat16(a), _upcast_bfloat16(b)
+    a, b = _upcast_half(a), _upcast_half(b)
     if normalize:
         a, b = _PREPARE[metric](a), _PREPARE[metric](b)
     if metric == "ssim":
@@ -425,10 +454,8 @@ class MapFeatures:
     Every value equals :func:`sanitylib.metrics.similarity`'s (``tests/test_engine.py``)."""
 
     def __init__(self, maps: Tensor) -> None:
-        # a finite sum proves every value finite (cheaper than isfinite on every value)
-        if not torch.isfinite(maps.sum()) and not torch.isfinite(maps).all():
-            raise ValueError("maps contain NaN or infinite values")
-        self.maps = _upcast_bfloat16(maps)
+        check_maps(maps, "maps", (4,))  # (N, H, W) read H as the channels, silently
+        self.maps = _upcast_half(maps)
         self._cache: dict[str, object] = {}
 
     def _get(self, key: str, fn: Callable[[], object]):
@@ -451,6 +478,17 @@ class MapFeatures:
             v = self.maps.abs().sum(1).flatten(1)  # C == 1: |E| itself
             return v.amin(1) == v.amax(1)
         return self._get("abs_const", make)
+
+    def constant(self, metric: str) -> Tensor:
+        """Whether ``metric``'s correlation is undefined for each map -> (N,) bool: the ranks
+        or HOG vector it correlates are constant (:func:`compare` scores such a row 0).  SSIM and
+        users' metrics: never."""
+        if metric == "spearman_abs":
+            return self.abs_constant()
+        if metric in _FEATURE_OF and metric != "ssim":
+            v = _FEATURE_OF[metric](self)
+            return v.amin(1) == v.amax(1)
+        return torch.zeros(len(self.maps), dtype=torch.bool, device=self.maps.device)
 
     def div_ranks(self) -> Tensor:
         """Ranks ``(N, H*W)`` of ``diverging_normalize(maps)``."""
@@ -658,7 +696,9 @@ def noise_floor(maps: dict[str, Tensor], metrics: Sequence[str], *, seed: int = 
     ``metrics``: names, callables or :class:`sanitylib.Metric` s.
     ``maps`` is ``{method: (N, C, H, W)}`` of the *trained* model (N >= 2): the
     ``"different images"`` floor has one row per image pair and method; the ``"random masks"``
-    floor has ``n_masks`` rows per metric, with ``method`` set to ``"random masks"``.
+    floor has ``n_masks`` rows per metric, with ``method`` set to ``"random masks"``, of masks
+    shaped as the maps with the most channels (e.g. ``(3, H, W)`` next to GradCAM's
+    ``(1, H, W)``), whatever the order of ``maps``.
     """
     import pandas as pd
 
@@ -667,7 +707,9 @@ def noise_floor(maps: dict[str, Tensor], metrics: Sequence[str], *, seed: int = 
     rows = []
     shape = None
     for method, m in maps.items():
-        shape = tuple(m.shape[1:])
+        # the masks' (C, H, W): the most channels (the last method's shape, as before, made the
+        # floor depend on the order of maps)
+        shape = max(shape or (), tuple(m.shape[1:]))
         for metric in metrics:
             name = metric if isinstance(metric, str) else metric.name
             for p, v in enumerate(different_images_floor(m.float(), metric).tolist()):

@@ -232,8 +232,22 @@ def _floor_stats(floor: pd.DataFrame | Mapping[str, float] | None, metric: str,
     return (float(v.mean()), float(v.std(ddof=0))) if len(v) else None
 
 
-def _ylim(metric: str) -> tuple[float, float]:
-    return (-0.5 if metric in ("spearman", "hog_pearson", "hog_spearman") else -0.1), 1.05
+def _ylim(metric: str, *values) -> tuple[float, float]:
+    """The y-range of a similarity panel: the metric's usual range, widened to hold every
+    finite value of ``values`` (arrays), so that no point or band is drawn off the axes."""
+    lo, hi = (-0.5 if metric in ("spearman", "hog_pearson", "hog_spearman") else -0.1), 1.05
+    v = np.concatenate([np.ravel(np.asarray(a, dtype=float)) for a in values] or [np.empty(0)])
+    v = v[np.isfinite(v)]
+    if v.size:
+        pad = 0.05 * max(hi - lo, float(v.max() - v.min()))
+        lo, hi = min(lo, float(v.min()) - pad), max(hi, float(v.max()) + pad)
+    return lo, hi
+
+
+def _identity(metric: str) -> float:
+    """The value of a map compared with itself, drawn at "original": 1 for the built-in
+    metrics; unknown (not drawn) for a user's (a distance scores 0)."""
+    return 1.0 if metric in registry.metric_names(builtin=True) else np.nan
 
 
 def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
@@ -258,10 +272,12 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
     colors = _method_colors(methods)
     for ax, metric in zip(axes[0], metrics):
         sub = df[df["metric"] == metric]
+        drawn = []
         for j, m in enumerate(methods):
             g = sub[sub["method"] == m].groupby("stage")["value"]
-            mean = np.r_[1.0, g.mean().reindex(stages).to_numpy()]
+            mean = np.r_[_identity(metric), g.mean().reindex(stages).to_numpy()]
             std = np.r_[0.0, g.std(ddof=0).reindex(stages).to_numpy()]
+            drawn += [mean - std, mean + std]
             color = colors[m]
             label = METHOD_LABELS.get(m, m)
             if cumulative:
@@ -280,7 +296,7 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
         ax.axhline(0, color="0.8", lw=0.8)
         ax.set_xticks(x)
         ax.set_xticklabels(["original", *stages], rotation=60, ha="right", fontsize=7)
-        ax.set_ylim(*_ylim(metric))
+        ax.set_ylim(*_ylim(metric, *drawn))
         ax.set_title(METRIC_LABELS.get(metric, metric))
         ax.set_xlabel(xlabel)
     axes[0, 0].set_ylabel("similarity to the trained model's map")
@@ -310,7 +326,7 @@ def similarity_panels(df: pd.DataFrame, floor: pd.DataFrame, metrics: Sequence[s
         for c, metric in enumerate(metrics):
             ax = axes[r, c]
             g = df[(df["metric"] == metric) & (df["method"] == m)].groupby("stage")["value"]
-            mean = np.r_[1.0, g.mean().reindex(stages).to_numpy()]
+            mean = np.r_[_identity(metric), g.mean().reindex(stages).to_numpy()]
             std = np.r_[0.0, g.std(ddof=0).reindex(stages).to_numpy()]
             if cumulative:
                 ax.plot(x, mean, marker="o", ms=2, lw=1.2, color=color)
@@ -325,7 +341,7 @@ def similarity_panels(df: pd.DataFrame, floor: pd.DataFrame, metrics: Sequence[s
             if masks is not None:
                 ax.axhline(masks[0], color="0.35", ls="--", lw=0.8)
             ax.axvline(0.5, ls=":", color="0.5", lw=0.8)
-            ax.set_ylim(*_ylim(metric))
+            ax.set_ylim(*_ylim(metric, mean - std, mean + std))
             ax.tick_params(labelsize=6)
             if r == 0:
                 ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=8)
@@ -469,6 +485,7 @@ def similarity_bars(df: pd.DataFrame, metrics: Sequence[str] = ("spearman_abs", 
                              figsize=(0.55 * len(all_methods) * len(panels) + 1.8, 3.4))  # fmt: skip
     width = 0.8 / len(metrics)
     shades = ["#2b5d8a", "#9ec3e0", "#c97b2a", "#f0c48a"]
+    drawn = []
     for ax, p in zip(axes[0], panels):
         sub = df[df[panel] == p]
         ms = [m for m in all_methods if m in set(sub["method"])]
@@ -488,8 +505,10 @@ def similarity_bars(df: pd.DataFrame, metrics: Sequence[str] = ("spearman_abs", 
         ax.set_xticks(x)
         ax.set_xticklabels([METHOD_LABELS.get(m, m) for m in ms], rotation=50, ha="right",
                            fontsize=7)  # fmt: skip
-        ax.set_ylim(-0.5, 1.05)
+        g = sub[sub["metric"].isin(metrics)].groupby(["metric", "method"])["value"]
+        drawn += [g.mean() - g.std(ddof=0), g.mean() + g.std(ddof=0)]
         ax.set_title(str(p))
+    axes[0, 0].set_ylim(*_ylim("spearman", *drawn))  # the panels share it
     axes[0, 0].set_ylabel("rank correlation")
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     if title:

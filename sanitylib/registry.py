@@ -23,6 +23,7 @@ This module imports nothing from sanitylib but :mod:`sanitylib.utils`.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -426,7 +427,13 @@ class Metric:
         out = torch.as_tensor(out).detach().reshape(-1) if not isinstance(out, Tensor) else out.detach()
         if out.shape != (n,):
             raise ValueError(f"metric {self.name!r} must return shape ({n},), got {tuple(out.shape)}")
-        return out.double().cpu()
+        out = out.double().cpu()
+        bad = int((~torch.isfinite(out)).sum())
+        if bad:  # kept (e.g. scipy's NaN for a constant map), but said: means skip NaN
+            warnings.warn(f"metric {self.name!r} returned {bad} non-finite value(s) of {n}; "
+                          "summaries and figures leave NaN out (summarize's n counts the rest)",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+        return out
 
 
 _METRICS: dict[str, Metric] = {}
@@ -489,6 +496,11 @@ def check_map_size(metrics: Sequence[Metric], x: Tensor, name: str = "metrics") 
 
 def resolve_metric(metric: str | Callable | Metric) -> Metric:
     if isinstance(metric, Metric):
+        if _METRICS.get(metric.name) is not metric:  # a user's Metric object
+            if metric.builtin:  # it ran the built-in of its name, ignoring the user's compare
+                raise ValueError(f"Metric {metric.name!r}: builtin=True is for sanitylib's own "
+                                 "metrics; build yours without it")
+            _not_builtin(metric.name, _METRICS, "metric")  # its rows would pass for the built-in's
         return metric if metric.label else Metric(metric.name, metric.prepare, metric.compare,
                                                   metric.name, metric.builtin, metric.origin,
                                                   metric.min_size)  # fmt: skip

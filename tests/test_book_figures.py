@@ -250,3 +250,24 @@ def test_stage_figures_refuse_a_table_of_several_runs():
                  lambda: sl.plots.stage_heatmap(both, "spearman")):  # fmt: skip
         with pytest.raises(ValueError, match=r"several runs \(schedule: \['cascading', 'independent'\]\)"):
             draw()
+
+
+def test_similarity_axes_hold_every_value():
+    """The y-range was fixed ((-0.1, 1.05) for Spearman ABS and SSIM): a mean of -0.3 was drawn
+    off the axes; a user's distance (0 for identical maps) was drawn from a first point at 1."""
+    df = _table("cascading")
+    df.loc[df["stage"] == "b0", "value"] = -0.3
+    for metric in ("spearman_abs", "ssim"):
+        fig = sl.plots.similarity_curves(df.assign(metric=metric))
+        assert fig.axes[0].get_ylim()[0] < -0.3
+        plt.close(fig)
+    fig = sl.plots.similarity_bars(df.assign(metric="spearman_abs", value=-0.7), ["spearman_abs"],
+                                   panel="schedule")  # fmt: skip
+    assert fig.axes[0].get_ylim()[0] < -0.7
+    plt.close(fig)
+    fig = sl.plots.similarity_curves(df.assign(metric="my_distance", value=3.0))
+    ax = fig.axes[0]
+    assert ax.get_ylim()[1] > 3.0
+    first = [ln.get_ydata()[0] for ln in ax.lines if len(ln.get_xdata()) == 4]
+    assert first and all(np.isnan(first))  # no made-up identity value for a user's metric
+    plt.close(fig)

@@ -223,7 +223,8 @@ def _zero_init(module, gen):
 
 def test_constant_flag_marks_a_constant_map_of_either_model(tiny, xt):
     """``constant`` is True where the trained model's map OR the randomized model's map is
-    constant (a correlation with it is undefined and scored 0), False where neither is."""
+    constant (a correlation with it is undefined and scored 0), False where neither is, and on
+    the SSIM rows (SSIM of a constant map is defined)."""
     # the trained model's gradient is exactly 0 (fc weights 0), the randomized fc's is not
     dead = copy.deepcopy(tiny)
     with torch.no_grad():
@@ -233,12 +234,14 @@ def test_constant_flag_marks_a_constant_map_of_either_model(tiny, xt):
     with randomized(dead, fc, Perturbation(), seed=0):
         assert (real_explain(dead, xt, "gradient").flatten(1).std(1) > 0).all()
     df = run_tiny(dead, xt, methods=["gradient"], blocks=["fc"])
-    assert df["constant"].all()
-    assert (df[df["metric"] != "ssim"]["value"] == 0).all()
+    corr = df["metric"] != "ssim"
+    assert df[corr]["constant"].all() and not df[~corr]["constant"].any()
+    assert (df[corr]["value"] == 0).all()
     # the randomized model's gradient is exactly 0 (fc re-initialized to zeros), the trained one's is not
     df = run_tiny(tiny, xt, methods=["gradient"], blocks=["fc"], perturbation=Perturbation(init=_zero_init))
-    assert df["constant"].all()
-    assert (df[df["metric"] != "ssim"]["value"] == 0).all()
+    corr = df["metric"] != "ssim"
+    assert df[corr]["constant"].all() and not df[~corr]["constant"].any()
+    assert (df[corr]["value"] == 0).all()
     # neither
     df = run_tiny(tiny, xt, methods=["gradient"], blocks=["fc"])
     assert not df["constant"].any() and (df["value"] != 0).all()
@@ -491,6 +494,19 @@ def test_summarize_keeps_runs_apart(tiny, xt):
     assert set(E.summarize(pd.concat([cas, other]))["n"]) == {len(xt)}
     with pytest.raises(ValueError, match="lacks the columns"):
         E.summarize(pd.DataFrame({"value": [1.0]}))
+
+def test_constant_flags_the_metric_whose_correlation_was_undefined(tiny, xt):
+    """The column was the ABS maps' constancy copied to every metric's row: a sign map (|E|
+    constant, E not) was flagged on its defined signed-Spearman and SSIM rows."""
+    def sign_map(model, x, target):
+        return torch.sign(x - 0.5) + 0 * model(x).sum()
+
+    df = run_tiny(tiny, xt, methods=[sign_map], metrics=["spearman_abs", "spearman", "ssim"])
+    flags = df.groupby("metric")["constant"].agg(["all", "any"])
+    assert flags.loc["spearman_abs", "all"]  # |sign| == 1 everywhere: undefined, scored 0
+    assert (df[df.metric == "spearman_abs"]["value"] == 0).all()
+    assert not flags.loc["spearman", "any"] and not flags.loc["ssim", "any"]
+    assert (df[df.metric == "spearman"]["value"] == 1).all()  # the same map at every stage
 
 def test_summarize_real_table(tiny_table):
     out = E.summarize(tiny_table)

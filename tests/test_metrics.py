@@ -434,3 +434,80 @@ def test_ssim_data_range_must_be_a_positive_number():
         with pytest.raises(ValueError, match="data_range must be a finite number > 0"):
             M.similarity(a, b, "ssim", ssim_data_range=bad)
     assert torch.isfinite(M.similarity(a, b, "ssim", ssim_data_range=1)).all()
+
+
+# ---------------------------------------------------------------- found by a user probe
+def _pair(shape=(3, 3, 64, 64), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g)
+    return a, a + torch.randn(shape, generator=g)
+
+
+def test_half_precision_maps_are_scored_as_float32():
+    """float16 maps were normalized and HOG-ed in float16 (HOG values off by up to 2e-2; skimage
+    works in float32); bfloat16 ones were already upcast."""
+    a, b = (t.half() for t in _pair())
+    for metric in M.METRICS:
+        assert torch.equal(M.similarity(a, b, metric), M.similarity(a.float(), b.float(), metric))
+    assert torch.equal(M.hog(M.unit_normalize(a)), M.hog(M.unit_normalize(a).float()))
+    assert torch.equal(M.rankdata(a.flatten(1).bfloat16()), M.rankdata(a.flatten(1).bfloat16().float()))
+
+
+@pytest.mark.parametrize("fn", [M.rankdata, lambda x: M.spearman(x, x), lambda x: M.pearson(x, x)])
+def test_correlations_refuse_nan_and_wrong_shapes(fn):
+    x = torch.rand(2, 10)
+    x[1, 3] = math.nan  # it was ranked above every number
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fn(x)
+    with pytest.raises(ValueError, match=r"2-D \(N, D\)"):
+        fn(torch.rand(2, 3, 4))
+
+
+def test_map_features_need_4d_maps():
+    """(N, H, W) maps had H read as the channels (summed over), silently."""
+    with pytest.raises(ValueError, match="4-D"):
+        M.MapFeatures(torch.rand(2, 16, 16))
+
+
+def test_noise_floor_does_not_depend_on_the_order_of_the_methods():
+    a3, _ = _pair((3, 3, 48, 48))
+    a1 = a3[:, :1]
+    one = M.noise_floor({"gradient": a3, "gradcam": a1}, ["spearman", "ssim"])
+    other = M.noise_floor({"gradcam": a1, "gradient": a3}, ["spearman", "ssim"])
+    masks = [t[t["method"] == "random masks"].reset_index(drop=True) for t in (one, other)]
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(*masks)
+    three = M.noise_floor({"gradient": a3}, ["spearman", "ssim"])
+    pd.testing.assert_frame_equal(masks[0], three[three["method"] == "random masks"].reset_index(drop=True))
+
+
+def test_user_metric_objects_cannot_pass_for_a_built_in():
+    import sanitylib as sl
+
+    def always_one(a, b):
+        return torch.ones(len(a))
+
+    a, b = _pair((2, 3, 48, 48))
+    with pytest.raises(ValueError, match="built-in metric 'ssim'"):  # its rows read "SSIM"
+        M.similarity(a, b, sl.Metric("ssim", None, always_one))
+    with pytest.raises(ValueError, match="builtin=True is for sanitylib's own"):  # ran the built-in
+        M.similarity(a, b, sl.Metric("hog_pearson", None, always_one, builtin=True))
+    mine = sl.Metric("always_one", None, always_one)
+    assert M.similarity(a, b, mine).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="apply to the built-in metrics"):  # ignored, silently
+        M.similarity(a, b, mine, on_constant="nan")
+    with pytest.raises(ValueError, match="on_constant must be one of"):
+        M.similarity(a, b, mine, on_constant="zeros")
+
+
+def test_user_metric_non_finite_values_are_announced():
+    import sanitylib as sl
+
+    def half_nan(a, b):
+        return torch.tensor([0.5, math.nan])
+
+    a, b = _pair((2, 3, 48, 48))
+    with pytest.warns(RuntimeWarning, match="'half_nan' returned 1 non-finite value"):
+        v = sl.Metric("half_nan", None, half_nan)(a, b)
+    assert v[0] == 0.5 and math.isnan(v[1])

@@ -157,10 +157,33 @@ def test_chapter_profile_drops_unset_parameters():
         book.get_profile("smoke", n_epochs=3)
 
 
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(seed=-1), r"profile 'book': seed must lie in"),
+    (dict(n_images=0), r"n_images must be None or an int >= 1"),
+    (dict(method_options={"smoothgrad": {"n_sample": 3}}), r"method_options: unknown option.*n_sample"),
+    (dict(randomization_options={"smoothgrad": {"n_samples": 0}}), r"randomization_options:"),
+    (dict(methods=["gradiant"]), r"methods: unknown method 'gradiant'"),
+    (dict(photos=["chelsee"]), r"photos must be a non-empty list of chelsea"),
+    (dict(photos="chelsea"), r"photos must be a non-empty list"),
+    (dict(noise_sigmas=(0.1, 0.1)), r"noise_sigmas must be distinct positive numbers"),
+    (dict(mnist_epochs=2.5), r"mnist_epochs must be an int >= 1"),
+    (dict(mnist_memorize=95), r"mnist_memorize must be a training accuracy in \(0, 1\]"),
+    (dict(noise_floor_samples=()), r"noise_floor_samples must be a non-empty list"),
+])  # fmt: skip
+def test_profiles_refuse_what_no_chapter_can_run(kw, message):
+    """A parameters cell's seed=-1, n_images=0 or misspelled method option failed minutes later
+    (after the model loaded) or ran the defaults, silently."""
+    with pytest.raises(ValueError, match=message):
+        book.chapter_profile("book", **kw)
+    for name in ("smoke", "book", "paper"):
+        book.get_profile(name)  # the profiles themselves are valid
+
 @pytest.mark.parametrize("kw, message", [
     (dict(photos=["chelsea"]), "at least 2 images"),  # ran the whole cascade, then failed
     (dict(n_images=1), "at least 2 images"),
     (dict(photos=["chelsea", "coffee", "chelsea"], n_images=3), "named more than once"),
+    (dict(photos=["chelsea", "coffee"], image_folder="."), "two sources of images"),  # ignored
 ])  # fmt: skip
 def test_setup_imagenet_chapter_needs_two_different_images(kw, message, monkeypatch, tmp_path):
     loaded = []

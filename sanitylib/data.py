@@ -11,9 +11,10 @@ import contextlib
 import io
 import numbers
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -115,44 +116,116 @@ def paper_imagenet_ids(classes: Sequence[str] | None = None) -> list[tuple[str, 
     return out
 
 
-def _resolve_ids(ids: Sequence[str] | str | None) -> Sequence[str] | None:
+def _resolve_ids(ids: Sequence[str | os.PathLike] | str | None) -> list[str] | None:
+    """``ids`` checked and written as POSIX paths relative to the folder (``"paper_imagenet"``:
+    the paper's file names); a ``ValueError`` naming ``ids`` before any file is read: not a
+    list of file names, an absolute path or one through ``..``, a file named twice."""
+    if ids is None:
+        return None
     if isinstance(ids, str):
         if ids != PAPER_IMAGENET:
             raise ValueError(f"ids: expected a list of file names or {PAPER_IMAGENET!r} (the "
                              f"paper's ImageNet validation images), got {ids!r}")  # fmt: skip
         return [f for _, f in paper_imagenet_ids()]
-    return ids
+    if isinstance(ids, (bytes, os.PathLike)) or not isinstance(ids, Iterable):
+        raise ValueError(f"ids: expected a list of file names (paths relative to folder), got "
+                         f"{type(ids).__name__}")  # fmt: skip
+    out = []
+    for i in ids:
+        p = Path(i) if isinstance(i, (str, os.PathLike)) else None
+        if p is None or p.is_absolute() or ".." in p.parts or p.name in ("", "."):
+            raise ValueError(f"ids: expected file names or paths relative to folder (no absolute "
+                             f"path, no '..'), got {i!r}")  # fmt: skip
+        out.append(p.as_posix())
+    if not out:
+        raise ValueError("ids: expected at least one file name")
+    repeated = sorted(i for i, k in Counter(out).items() if k > 1)
+    if repeated:
+        raise ValueError(f"ids: each file may be named once (a parallel list of labels or targets "
+                         f"would no longer line up with the batch), repeated: {repeated}; to use an "
+                         f"image twice, index the batch (batch.x[[0, 0]])")  # fmt: skip
+    return out
 
 
-def _read_folder(folder: Path, ids: Sequence[str] | None,
+def _image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name (none if it is no folder)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _by_stem(files: Iterable[Path]) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for p in files:
+        out.setdefault(p.stem, []).append(p)
+    return out
+
+
+def _find_ids(folder: Path, ids: list[str]) -> list[Path]:
+    """The file of each id (see :func:`load_photos`), or an error naming every id that matches
+    no file (``FileNotFoundError``) or several (``ValueError``, listing them)."""
+    listings: dict[str, dict[str, list[Path]]] = {}  # folder relative path -> stem -> files
+    below: dict[str, list[Path]] | None = None  # every subfolder's files, walked once if needed
+    found, missing, ambiguous = [], [], {}
+    for i in ids:
+        rel = Path(i)
+        ext = rel.suffix.lower() if rel.suffix.lower() in _IMAGE_SUFFIXES else None
+        stem = rel.stem if ext else rel.name
+        parent = rel.parent.as_posix()
+        if parent not in listings:
+            listings[parent] = _by_stem(_image_files(folder / parent))
+        hits = [h for h in listings[parent].get(stem, []) if ext in (None, h.suffix.lower())]
+        if not hits and parent == ".":  # a bare name: looked up in the subfolders
+            if below is None:
+                below = _by_stem(sorted(Path(root, name) for root, _, names in os.walk(folder)
+                                        if Path(root) != folder for name in names
+                                        if Path(name).suffix.lower() in _IMAGE_SUFFIXES))
+            hits = [h for h in below.get(stem, []) if ext in (None, h.suffix.lower())]
+        if not hits:
+            missing.append(i)
+        elif len(hits) > 1:
+            ambiguous[i] = [h.relative_to(folder).as_posix() for h in hits]
+        else:
+            found.append(hits[0])
+    if missing:
+        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+        raise FileNotFoundError(f"{len(missing)} of the {len(ids)} requested images are not in "
+                                f"{folder} (searched with its subfolders): {shown}")  # fmt: skip
+    if ambiguous:
+        shown = "; ".join(f"{i!r} matches {', '.join(c)}" for i, c in ambiguous.items())
+        raise ValueError(f"ids: ambiguous in {folder}: {shown}; name each file by its path "
+                         f"relative to folder, with its extension")  # fmt: skip
+    twice = sorted(p.relative_to(folder).as_posix() for p, k in Counter(found).items() if k > 1)
+    if twice:
+        raise ValueError(f"ids: each file may be named once; these are named by several ids: "
+                         f"{twice}")  # fmt: skip
+    return found
+
+
+def _unique_names(labels: list[str]) -> list[str]:
+    """Image names: each label (a file's path relative to the folder) without its extension,
+    or with it where two labels would otherwise give one name (``cat.jpg`` and ``cat.png``)."""
+    bare = [Path(k).with_suffix("").as_posix() if Path(k).suffix.lower() in _IMAGE_SUFFIXES else k
+            for k in labels]  # fmt: skip
+    count = Counter(bare)
+    return [k if count[b] > 1 else b for k, b in zip(labels, bare)]
+
+
+def _read_folder(folder: Path, ids: list[str] | None,
                  n: int | None = None) -> tuple[list[str], list[np.ndarray]]:  # fmt: skip
-    """Image files of ``folder`` sorted by name; with ``ids``, exactly those files (by stem),
-    found anywhere below ``folder`` (an ImageNet validation folder may have class
-    subfolders), in the order of ``ids``; with ``n``, only the first ``n`` are read."""
+    """Image files of ``folder`` sorted by name; with ``ids``, exactly those files (see
+    :func:`load_photos`), in the order of ``ids``; with ``n``, only the first ``n`` are read."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist (or is not a folder)")
     if ids is None:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        files = _image_files(folder)
+        labels = [p.name for p in files]
     else:
-        wanted = list(dict.fromkeys(Path(i).stem for i in ids))
-        found: dict[str, Path] = {}
-        for root, _, names in os.walk(folder):
-            for name in names:
-                p = Path(root, name)
-                if p.suffix.lower() in _IMAGE_SUFFIXES and p.stem not in found:
-                    found[p.stem] = p
-        missing = [w for w in wanted if w not in found]
-        if missing:
-            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-            raise FileNotFoundError(
-                f"{len(missing)} of the {len(wanted)} requested images are not in {folder} "
-                f"(searched with its subfolders): {shown}"
-            )
-        files = [found[w] for w in wanted]
+        files, labels = _find_ids(folder, ids), list(ids)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
     files = files[:n] if n is not None else files
-    return [p.stem for p in files], [_read_rgb(p) for p in files]
+    return _unique_names(labels)[: len(files)], [_read_rgb(p) for p in files]
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -228,10 +301,21 @@ def load_photos(
             module together with ``preprocess``.
         names: scikit-image photos to use (see :data:`PHOTOS`; one name alone is taken as a
             list of one); default :data:`DEFAULT_PHOTOS`.  Ignored when ``folder`` is given.
-        folder: a folder of image files (sorted by name), e.g. ImageNet validation images.
-        ids: take exactly these files (by stem, searched below ``folder``, in this order), or
-            ``"paper_imagenet"``: the paper's 200 ImageNet validation images
-            (:func:`paper_imagenet_ids`); a missing file is an error that names it.
+        folder: a folder of image files (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.tif``,
+            ``.tiff``, ``.webp``, any case), e.g. ImageNet validation images: those directly in
+            it, sorted by file name (not its subfolders), or those of ``ids``.
+        ids: take exactly these files, in this order: paths relative to ``folder``
+            (``"a/cat.png"``: that file only); a bare file name (``"cat.png"``) is that file
+            directly in ``folder`` or, if there is none, the one file of that name in its
+            subfolders (an ImageNet validation folder may have class subfolders); without an
+            image extension (``"cat"``), a file of that stem with any image extension.  An id
+            that matches no file is a ``FileNotFoundError`` naming it, one that matches several
+            (``"cat"`` for ``cat.jpg`` and ``cat.png``, ``"cat.png"`` in two subfolders) a
+            ``ValueError`` listing them; a file may be named once (a repeated id would misalign
+            a parallel list of labels: index the batch instead).  ``"paper_imagenet"``: the
+            paper's 200 ImageNet validation images (:func:`paper_imagenet_ids`).  Names are the
+            ids (the files' names without ``ids``) without their extension, or with it where two
+            would otherwise share a name.
         n: keep the first ``n`` images (only those are read from ``folder``).
         preprocess: uint8 ``(H, W, 3)`` -> ``(C, H, W)``; defaults to the model's.
 

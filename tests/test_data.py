@@ -209,6 +209,67 @@ def test_folder_missing_ids_and_empty_or_absent_folder(effnet, photo_folder, tmp
         D.load_photos(effnet, folder=tmp_path / "nope")
 
 
+def _flat(value):
+    return np.full((8, 8, 3), value, np.uint8)
+
+
+def _prep8(img):
+    return torch.from_numpy(img).permute(2, 0, 1).float()
+
+
+@pytest.fixture()
+def same_stems(tmp_path):
+    """cat.jpg at the top, cat.png in subfolders a and b, each its own grey level."""
+    folder = tmp_path / "stems"
+    for sub, value in (("a", 250), ("b", 10)):
+        (folder / sub).mkdir(parents=True)
+        Image.fromarray(_flat(value)).save(folder / sub / "cat.png")
+    Image.fromarray(_flat(128)).save(folder / "cat.jpg")
+    return folder
+
+
+def _grey(folder, ids):
+    b = D.load_photos(folder=folder, ids=ids, preprocess=_prep8, verbose=False)
+    return [int(v) for v in b.x.mean((1, 2, 3))], b.names
+
+
+def test_ids_honour_the_path_and_the_extension(same_stems):
+    """``ids`` matched files by stem only: ``"a/cat.png"`` gave the top-level cat.jpg (another
+    image), and a stem in several subfolders was the first that os.walk listed."""
+    assert _grey(same_stems, ["a/cat.png"]) == ([250], ["a/cat"])
+    assert _grey(same_stems, ["b/cat"]) == ([10], ["b/cat"])  # no extension: any image one
+    assert _grey(same_stems, ["cat.jpg", "b/cat.png"]) == ([128, 10], ["cat", "b/cat"])
+    assert _grey(same_stems, ["cat"]) == ([128], ["cat"])  # directly in folder first
+    with pytest.raises(ValueError, match=r"ids: ambiguous.*'cat.png' matches a/cat.png, b/cat.png"):
+        D.load_photos(folder=same_stems, ids=["cat.png"], preprocess=_prep8, verbose=False)
+    Image.fromarray(_flat(50)).save(same_stems / "cat.png")
+    assert _grey(same_stems, ["cat.png"]) == ([50], ["cat"])
+    with pytest.raises(ValueError, match=r"'cat' matches cat.jpg, cat.png"):
+        D.load_photos(folder=same_stems, ids=["cat"], preprocess=_prep8, verbose=False)
+    with pytest.raises(FileNotFoundError, match="a/cat.jpg"):
+        D.load_photos(folder=same_stems, ids=["a/cat.jpg"], preprocess=_prep8, verbose=False)
+    # without ids, two files of one stem keep their extensions in their names
+    assert D.load_photos(folder=same_stems, preprocess=_prep8, verbose=False).names \
+        == ["cat.jpg", "cat.png"]
+
+
+@pytest.mark.parametrize("ids, match", [
+    (["cat.jpg", "b/cat.png", "cat.jpg"], r"named once.*repeated: \['cat.jpg'\]"),  # was dropped
+    (["cat", "cat.jpg"], r"named by several ids: \['cat.jpg'\]"),
+    (["/tmp/cat.jpg"], "relative to folder"),
+    (["../cat.jpg"], "relative to folder"),
+    ([3], "relative to folder"),
+    ([], "at least one"),
+])  # fmt: skip
+def test_repeated_or_bad_ids_are_refused_before_reading(same_stems, monkeypatch, ids, match):
+    """A repeated id was dropped silently (a parallel list of targets then paired each image
+    with another's target); it is refused, as are absolute paths and non-names, before any
+    file is read."""
+    monkeypatch.setattr(D, "_read_rgb", lambda p: pytest.fail(f"read {p}"))
+    with pytest.raises(ValueError, match=f"ids: .*{match}"):
+        D.load_photos(folder=same_stems, ids=ids, preprocess=_prep8, verbose=False)
+
+
 # ---------------------------------------------------------------- the paper's ImageNet images
 def test_paper_imagenet_list_is_the_authors_200_files():
     pairs = D.paper_imagenet_ids()

@@ -61,7 +61,11 @@ class ImageBatch:
     Attributes:
         x: ``(N, C, H, W)`` model input.
         names: one name per image.
-        images: the original uint8 images, resized to the model resolution, ``(N, H, W, 3)``.
+        images: the images to show under or beside the maps, uint8 ``(N, H, W, 3)`` at the
+            input's height and width: by default each whole image resized to it, which is what
+            the preprocessing of :func:`sanitylib.load_model`'s models does (no crop); with a
+            ``preprocess`` that crops or pads, :func:`load_photos` needs ``display=`` (the same
+            geometry) for them to line up with ``x`` and its maps.
         source: where the images came from (printed when loaded).
     """
 
@@ -284,6 +288,20 @@ def _preprocessed(preprocess: Callable[[np.ndarray], torch.Tensor], raw: list[np
     return out
 
 
+def _displayed(display: Callable[[np.ndarray], np.ndarray] | None, raw: np.ndarray,
+               name: str) -> np.ndarray:  # fmt: skip
+    """The image to show for ``raw``: ``display`` of it, checked (a uint8 ``(h, w, 3)`` array;
+    a ``ValueError`` naming ``display`` and the image otherwise), or ``raw`` itself."""
+    img = _to_uint8(raw)
+    if display is None:
+        return img
+    out = np.asarray(display(img))
+    if out.dtype != np.uint8 or out.ndim != 3 or out.shape[-1] != 3 or 0 in out.shape:
+        raise ValueError(f"display must return a uint8 (h, w, 3) image; for image {name!r} it "
+                         f"returned an array of shape {out.shape} and dtype {out.dtype}")  # fmt: skip
+    return np.array(out, order="C")  # a writable copy (PIL arrays are read-only)
+
+
 def load_photos(
     model: nn.Module | None = None,
     names: Sequence[str] | None = None,
@@ -293,6 +311,7 @@ def load_photos(
     preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
     verbose: bool = True,
+    display: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ImageBatch:
     """Load photos and preprocess them for ``model``.
 
@@ -318,6 +337,12 @@ def load_photos(
             would otherwise share a name.
         n: keep the first ``n`` images (only those are read from ``folder``).
         preprocess: uint8 ``(H, W, 3)`` -> ``(C, H, W)``; defaults to the model's.
+        display: uint8 ``(H, W, 3)`` -> the uint8 ``(h, w, 3)`` image to show for it
+            (``ImageBatch.images``, then resized to the input's height and width); default:
+            the whole image.  A ``preprocess`` that crops (e.g. resize the short side to 256,
+            centre crop 224) needs the same crop here, or the shown photo is not the one the
+            maps are of: ``display=lambda im: np.asarray(CenterCrop(224)(Resize(256)(
+            PIL.Image.fromarray(im))))`` with torchvision's transforms.
 
     Returns:
         An :class:`ImageBatch`; its ``source`` is printed unless ``verbose=False``.
@@ -331,6 +356,9 @@ def load_photos(
         )
     if ids is not None and folder is None:
         raise ValueError("ids: selecting files needs folder=... (the folder that holds them)")
+    if display is not None and not callable(display):
+        raise ValueError(f"display must be a function from a uint8 (H, W, 3) image to the uint8 "
+                         f"(h, w, 3) image to show, got {type(display).__name__}")  # fmt: skip
     if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
         raise ValueError(f"n must be an int >= 1 (the number of images to keep) or None, got {n!r}")
     if folder is not None:
@@ -351,9 +379,9 @@ def load_photos(
     size = x.shape[-2:]
     shown = torch.stack([
         torch.nn.functional.interpolate(
-            torch.as_tensor(_to_uint8(r)).permute(2, 0, 1)[None].float(), size=tuple(size),
-            mode="bilinear", antialias=True, align_corners=False)[0]
-        for r in raw
+            torch.as_tensor(_displayed(display, r, k)).permute(2, 0, 1)[None].float(),
+            size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
+        for r, k in zip(raw, names_)
     ]).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # fmt: skip
     if verbose:
         print(f"Images: {source}")
@@ -368,6 +396,7 @@ def load_paper_imagenet(
     preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
     verbose: bool = True,
+    display: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ImageBatch:
     """The paper's 200 ImageNet validation images, from a local copy of the ILSVRC2012
     validation set.
@@ -375,7 +404,7 @@ def load_paper_imagenet(
     Args:
         folder: the validation folder (flat, or with class subfolders); it must hold every file
             of :func:`paper_imagenet_ids` (``ILSVRC2012_val_00000204.JPEG``, ...).
-        model, n, preprocess, device, verbose: as for :func:`load_photos`.
+        model, n, preprocess, device, verbose, display: as for :func:`load_photos`.
         classes: only these classes of the authors' list (see :func:`paper_imagenet_ids`).
 
     Returns:
@@ -388,7 +417,8 @@ def load_paper_imagenet(
     """
     pairs = paper_imagenet_ids(classes)
     batch = load_photos(model, folder=folder, ids=[f for _, f in pairs], n=n,
-                        preprocess=preprocess, device=device, verbose=False)  # fmt: skip
+                        preprocess=preprocess, device=device, verbose=False,
+                        display=display)  # fmt: skip
     batch.source = f"the paper's ImageNet validation images ({len(batch)}) from {folder}"
     batch.meta["classes"] = [c for c, _ in pairs][: len(batch)]
     if verbose:

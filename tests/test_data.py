@@ -270,6 +270,34 @@ def test_repeated_or_bad_ids_are_refused_before_reading(same_stems, monkeypatch,
         D.load_photos(folder=same_stems, ids=ids, preprocess=_prep8, verbose=False)
 
 
+def _resize_crop(img, short=32, crop=24):
+    """A cropping preprocess (torchvision's Resize(256) + CenterCrop(224), scaled down)."""
+    t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    scale = short / min(t.shape[-2:])
+    size = (round(t.shape[-2] * scale), round(t.shape[-1] * scale))
+    t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", antialias=True,
+                                        align_corners=False)[0]  # fmt: skip
+    top, left = (t.shape[1] - crop) // 2, (t.shape[2] - crop) // 2
+    return t[:, top:top + crop, left:left + crop]
+
+
+def test_display_lines_the_shown_images_up_with_a_cropping_preprocess():
+    """With a preprocess that crops, ``images`` was the whole photo squashed: the overlays
+    showed other pixels than the maps are of.  ``display=`` gives the shown images."""
+    crop = lambda img: _resize_crop(img) / 255  # noqa: E731
+    show = lambda img: _resize_crop(img).round().to(torch.uint8).permute(1, 2, 0).numpy()  # noqa: E731
+    b = D.load_photos(names=["chelsea", "coffee"], preprocess=crop, display=show, verbose=False)
+    assert b.images.shape == (2, 24, 24, 3)
+    diff = np.abs(b.images.astype(float) - b.x.permute(0, 2, 3, 1).numpy() * 255)
+    assert diff.max() <= 0.5 + 1e-3
+    squashed = D.load_photos(names=["chelsea"], preprocess=crop, verbose=False)  # the default
+    assert np.abs(squashed.images[0].astype(float) - b.x[0].permute(1, 2, 0).numpy() * 255).mean() > 5
+    with pytest.raises(ValueError, match=r"display must return a uint8 \(h, w, 3\).*'chelsea'.*float"):
+        D.load_photos(names=["chelsea"], preprocess=crop, display=lambda im: im / 255.0, verbose=False)
+    with pytest.raises(ValueError, match="display must be a function"):
+        D.load_photos(names=["chelsea"], preprocess=crop, display="crop", verbose=False)
+
+
 # ---------------------------------------------------------------- the paper's ImageNet images
 def test_paper_imagenet_list_is_the_authors_200_files():
     pairs = D.paper_imagenet_ids()

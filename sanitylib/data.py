@@ -344,6 +344,13 @@ def load_photos(
             maps are of: ``display=lambda im: np.asarray(CenterCrop(224)(Resize(256)(
             PIL.Image.fromarray(im))))`` with torchvision's transforms.
 
+    Files are decoded by Pillow as torchvision's default image loader reads them
+    (``convert("RGB")``): the first frame; grayscale and palette images as RGB; an alpha
+    channel dropped, not composited (a transparent pixel shows its stored colour); the EXIF
+    orientation not applied (the pixels as stored, which a photo viewer may show rotated);
+    16-bit grayscale scaled to 8 bits (divided by 257); 32-bit integer and floating-point images
+    refused (no fixed value range).
+
     Returns:
         An :class:`ImageBatch`; its ``source`` is printed unless ``verbose=False``.
     """

@@ -298,6 +298,24 @@ def test_display_lines_the_shown_images_up_with_a_cropping_preprocess():
         D.load_photos(names=["chelsea"], preprocess=crop, display="crop", verbose=False)
 
 
+def test_files_are_read_as_torchvision_reads_them(tmp_path):
+    """Documented reading (load_photos): alpha dropped without compositing and EXIF orientation
+    not applied, as PIL's convert("RGB") (torchvision's default loader) does."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[:4, :, 3] = 255, 255  # red; the bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    landscape = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = landscape.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    landscape.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    from torchvision.datasets.folder import pil_loader
+
+    assert D._read_rgb(tmp_path / "rgba.png")[7, 0].tolist() == [255, 0, 0]
+    assert D._read_rgb(tmp_path / "rotated.jpg").shape == (20, 40, 3)
+    for f in ("rgba.png", "rotated.jpg"):
+        assert np.array_equal(D._read_rgb(tmp_path / f), np.asarray(pil_loader(tmp_path / f)))
+
+
 # ---------------------------------------------------------------- the paper's ImageNet images
 def test_paper_imagenet_list_is_the_authors_200_files():
     pairs = D.paper_imagenet_ids()

@@ -117,7 +117,20 @@ def test_stop_at_ends_training_once_memorized(small):
     assert s["test_accuracy"] < 0.3
 
 
-def test_cosine_schedule_decays_from_the_peak_to_zero():
+def test_stop_at_measures_the_training_accuracy_only_near_the_goal(small):
+    """The documented rule of ``stop_at`` (its docstring promised a stop after the first epoch
+    whose eval-mode accuracy reaches it, but measured only when the running accuracy was within
+    :data:`STOP_MARGIN`; the book's random-label transformer ran 30 epochs where 29 reached it)."""
+    stop_at = 0.6
+    _, s = T.train_mnist_model("mnist_mlp", small, labels="random", epochs=30, lr=1e-3,
+                               stop_at=stop_at, progress=False)
+    hist = s["history"]
+    measured = [h["running_train_accuracy"] >= stop_at - T.STOP_MARGIN for h in hist]
+    assert measured == ["train_accuracy" in h for h in hist]
+    assert measured[-1] and hist[-1]["train_accuracy"] >= stop_at
+    assert all(h["train_accuracy"] < stop_at for h in hist[:-1] if "train_accuracy" in h)
+    assert not all(measured)  # the first epochs, far from the goal, are not measured
+
     assert T.lr_at(1e-3, "constant", 7, 10) == 1e-3
     lrs = [T.lr_at(1e-3, "cosine", k, 100) for k in range(101)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[50] == pytest.approx(5e-4)

@@ -41,6 +41,7 @@ import math
 import numbers
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Iterator
 
@@ -50,6 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import allocator, models
+from .cache import _global_names  # the names a code object refers to, nested code's too
 from .data import MnistData, load_mnist
 from .models import init_mnist_cnn_, init_mnist_mlp_, load_model, register_weights, vit_init_
 from .utils import atomic_save, cache_dir, check_seed, derive_seed, load_cached, tensor_hash
@@ -258,16 +260,50 @@ def train_mnist_model(name: str, data: MnistData, labels: str = "true",
     return model, stats
 
 
+#: Names the training code refers to that :func:`_code_hash` does not follow: ``load_model``
+#: only looks the architectures up (hashed themselves: :func:`_code_hash`'s roots), and the
+#: allocator's memory reuse (``allocator.if_opted_in``) leaves the weights bit-identical (tested).
+_NOT_HASHED = frozenset({"load_model", "if_opted_in"})
+_PLAIN = (bool, int, float, str, tuple, list, dict, type(None))
+
+
+def _hashed_code(roots) -> dict[str, str]:
+    """``{qualified name: source or value}`` of ``roots`` and, transitively, of every function,
+    class and plain module constant of sanitylib that their code refers to by name (directly, or
+    as an attribute of a sanitylib module: ``models.init_mnist_cnn_``), except
+    :data:`_NOT_HASHED`."""
+    out: dict[str, str] = {}
+    todo, seen = list(roots), set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        out[f"{obj.__module__}.{obj.__qualname__}"] = inspect.getsource(obj)
+        fns = [obj] if callable(obj) and not inspect.isclass(obj) else \
+            [f for f in vars(obj).values() if inspect.isfunction(f)]
+        for fn in map(inspect.unwrap, fns):  # the function under torch.no_grad()
+            names = _global_names(fn.__code__) - _NOT_HASHED
+            scopes = [fn.__globals__] + [vars(v) for n in names if isinstance(
+                v := fn.__globals__.get(n), types.ModuleType) and v.__name__.startswith("sanitylib")]
+            for scope in scopes:
+                for n in sorted(names & scope.keys()):
+                    v = scope[n]
+                    if (inspect.isfunction(v) or inspect.isclass(v)) \
+                            and v.__module__.startswith("sanitylib"):
+                        todo.append(v)
+                    elif isinstance(v, _PLAIN) and not n.startswith("__"):
+                        out[f"{scope['__name__']}.{n}"] = json.dumps(v, sort_keys=True, default=repr)
+    return out
+
+
 def _code_hash() -> str:
     """Hash of the code that determines a trained model: this training loop, the architectures
-    and their initializers, plus :data:`TRAINING_VERSION`."""
-    parts = [TRAINING_VERSION, inspect.getsource(train_mnist_model),
-             inspect.getsource(training_labels), inspect.getsource(paper_weight_decay),
-             inspect.getsource(_decayed), inspect.getsource(lr_at)]  # fmt: skip
-    parts += [inspect.getsource(obj) for obj in (models.MnistCNN, models.MnistMLP,
-                                                 models.init_mnist_cnn_, models.init_mnist_mlp_)]
-    parts += [inspect.getsource(models.mnist_vit), inspect.getsource(models.vit_init_),
-              json.dumps(models.MNIST_VIT_CONFIG, sort_keys=True)]
+    and their initializers, every function, class and constant of sanitylib they use (helpers
+    such as ``_trunc_normal``, :func:`accuracy` for ``stop_at``, ``derive_seed``; see
+    :func:`_hashed_code`), plus :data:`TRAINING_VERSION`."""
+    code = _hashed_code([train_mnist_model, models.MnistCNN, models.MnistMLP, models.mnist_vit])
+    parts = [TRAINING_VERSION] + [f"{k}\n{v}" for k, v in sorted(code.items())]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -197,6 +197,40 @@ def test_checkpoints_are_cached_and_keyed_by_the_full_config(small, cache, monke
         assert field in base
 
 
+
+def _edited_trunc_normal(w, std, gen):  # models._trunc_normal, as someone might edit it
+    torch.nn.init.trunc_normal_(w, 0.0, std, a=-3 * std, b=3 * std, generator=gen)
+
+
+def _edited_accuracy(model, x, y, batch_size=500):  # accuracy() with another rounding
+    return round(T.accuracy.__wrapped__(model, x, y, batch_size), 2)
+
+
+def _edited_derive_seed(*parts):
+    return sl.utils.derive_seed("v2", *parts)
+
+
+_EDITS = [(sl.models, "_trunc_normal", _edited_trunc_normal),  # called by the initializers
+          (T, "accuracy", _edited_accuracy),  # decides when stop_at stops
+          (T, "derive_seed", _edited_derive_seed)]  # seeds the weights, labels and data order
+
+
+@pytest.mark.parametrize("module, name, edited", _EDITS, ids=[e[1] for e in _EDITS])
+def test_editing_a_helper_of_the_training_code_changes_the_checkpoint_key(monkeypatch, module,
+                                                                         name, edited):
+    """The checkpoint key's code hash covered the initializers but not what they and the training
+    loop call (``_trunc_normal``, ``accuracy``, ``derive_seed``): an edit of those would have
+    served checkpoints trained by the old code.  An edit is stood for by a function of another
+    source put in the helper's place, in its module."""
+    base = T._code_hash()
+    assert T._code_hash() == base  # stable
+    monkeypatch.setattr(edited, "__module__", module.__name__)
+    monkeypatch.setattr(module, name, edited)
+    assert T._code_hash() != base
+    monkeypatch.undo()
+    assert T._code_hash() == base == T._CODE_HASH
+
+
 _TRAIN_ONE = """
 import hashlib, torch
 from sanitylib import training as T

@@ -11,9 +11,10 @@ import contextlib
 import io
 import numbers
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -60,7 +61,11 @@ class ImageBatch:
     Attributes:
         x: ``(N, C, H, W)`` model input.
         names: one name per image.
-        images: the original uint8 images, resized to the model resolution, ``(N, H, W, 3)``.
+        images: the images to show under or beside the maps, uint8 ``(N, H, W, 3)`` at the
+            input's height and width: by default each whole image resized to it, which is what
+            the preprocessing of :func:`sanitylib.load_model`'s models does (no crop); with a
+            ``preprocess`` that crops or pads, :func:`load_photos` needs ``display=`` (the same
+            geometry) for them to line up with ``x`` and its maps.
         source: where the images came from (printed when loaded).
     """
 
@@ -115,44 +120,116 @@ def paper_imagenet_ids(classes: Sequence[str] | None = None) -> list[tuple[str, 
     return out
 
 
-def _resolve_ids(ids: Sequence[str] | str | None) -> Sequence[str] | None:
+def _resolve_ids(ids: Sequence[str | os.PathLike] | str | None) -> list[str] | None:
+    """``ids`` checked and written as POSIX paths relative to the folder (``"paper_imagenet"``:
+    the paper's file names); a ``ValueError`` naming ``ids`` before any file is read: not a
+    list of file names, an absolute path or one through ``..``, a file named twice."""
+    if ids is None:
+        return None
     if isinstance(ids, str):
         if ids != PAPER_IMAGENET:
             raise ValueError(f"ids: expected a list of file names or {PAPER_IMAGENET!r} (the "
                              f"paper's ImageNet validation images), got {ids!r}")  # fmt: skip
         return [f for _, f in paper_imagenet_ids()]
-    return ids
+    if isinstance(ids, (bytes, os.PathLike)) or not isinstance(ids, Iterable):
+        raise ValueError(f"ids: expected a list of file names (paths relative to folder), got "
+                         f"{type(ids).__name__}")  # fmt: skip
+    out = []
+    for i in ids:
+        p = Path(i) if isinstance(i, (str, os.PathLike)) else None
+        if p is None or p.is_absolute() or ".." in p.parts or p.name in ("", "."):
+            raise ValueError(f"ids: expected file names or paths relative to folder (no absolute "
+                             f"path, no '..'), got {i!r}")  # fmt: skip
+        out.append(p.as_posix())
+    if not out:
+        raise ValueError("ids: expected at least one file name")
+    repeated = sorted(i for i, k in Counter(out).items() if k > 1)
+    if repeated:
+        raise ValueError(f"ids: each file may be named once (a parallel list of labels or targets "
+                         f"would no longer line up with the batch), repeated: {repeated}; to use an "
+                         f"image twice, index the batch (batch.x[[0, 0]])")  # fmt: skip
+    return out
 
 
-def _read_folder(folder: Path, ids: Sequence[str] | None,
+def _image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name (none if it is no folder)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _by_stem(files: Iterable[Path]) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for p in files:
+        out.setdefault(p.stem, []).append(p)
+    return out
+
+
+def _find_ids(folder: Path, ids: list[str]) -> list[Path]:
+    """The file of each id (see :func:`load_photos`), or an error naming every id that matches
+    no file (``FileNotFoundError``) or several (``ValueError``, listing them)."""
+    listings: dict[str, dict[str, list[Path]]] = {}  # folder relative path -> stem -> files
+    below: dict[str, list[Path]] | None = None  # every subfolder's files, walked once if needed
+    found, missing, ambiguous = [], [], {}
+    for i in ids:
+        rel = Path(i)
+        ext = rel.suffix.lower() if rel.suffix.lower() in _IMAGE_SUFFIXES else None
+        stem = rel.stem if ext else rel.name
+        parent = rel.parent.as_posix()
+        if parent not in listings:
+            listings[parent] = _by_stem(_image_files(folder / parent))
+        hits = [h for h in listings[parent].get(stem, []) if ext in (None, h.suffix.lower())]
+        if not hits and parent == ".":  # a bare name: looked up in the subfolders
+            if below is None:
+                below = _by_stem(sorted(Path(root, name) for root, _, names in os.walk(folder)
+                                        if Path(root) != folder for name in names
+                                        if Path(name).suffix.lower() in _IMAGE_SUFFIXES))
+            hits = [h for h in below.get(stem, []) if ext in (None, h.suffix.lower())]
+        if not hits:
+            missing.append(i)
+        elif len(hits) > 1:
+            ambiguous[i] = [h.relative_to(folder).as_posix() for h in hits]
+        else:
+            found.append(hits[0])
+    if missing:
+        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+        raise FileNotFoundError(f"{len(missing)} of the {len(ids)} requested images are not in "
+                                f"{folder} (searched with its subfolders): {shown}")  # fmt: skip
+    if ambiguous:
+        shown = "; ".join(f"{i!r} matches {', '.join(c)}" for i, c in ambiguous.items())
+        raise ValueError(f"ids: ambiguous in {folder}: {shown}; name each file by its path "
+                         f"relative to folder, with its extension")  # fmt: skip
+    twice = sorted(p.relative_to(folder).as_posix() for p, k in Counter(found).items() if k > 1)
+    if twice:
+        raise ValueError(f"ids: each file may be named once; these are named by several ids: "
+                         f"{twice}")  # fmt: skip
+    return found
+
+
+def _unique_names(labels: list[str]) -> list[str]:
+    """Image names: each label (a file's path relative to the folder) without its extension,
+    or with it where two labels would otherwise give one name (``cat.jpg`` and ``cat.png``)."""
+    bare = [Path(k).with_suffix("").as_posix() if Path(k).suffix.lower() in _IMAGE_SUFFIXES else k
+            for k in labels]  # fmt: skip
+    count = Counter(bare)
+    return [k if count[b] > 1 else b for k, b in zip(labels, bare)]
+
+
+def _read_folder(folder: Path, ids: list[str] | None,
                  n: int | None = None) -> tuple[list[str], list[np.ndarray]]:  # fmt: skip
-    """Image files of ``folder`` sorted by name; with ``ids``, exactly those files (by stem),
-    found anywhere below ``folder`` (an ImageNet validation folder may have class
-    subfolders), in the order of ``ids``; with ``n``, only the first ``n`` are read."""
+    """Image files of ``folder`` sorted by name; with ``ids``, exactly those files (see
+    :func:`load_photos`), in the order of ``ids``; with ``n``, only the first ``n`` are read."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist (or is not a folder)")
     if ids is None:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        files = _image_files(folder)
+        labels = [p.name for p in files]
     else:
-        wanted = list(dict.fromkeys(Path(i).stem for i in ids))
-        found: dict[str, Path] = {}
-        for root, _, names in os.walk(folder):
-            for name in names:
-                p = Path(root, name)
-                if p.suffix.lower() in _IMAGE_SUFFIXES and p.stem not in found:
-                    found[p.stem] = p
-        missing = [w for w in wanted if w not in found]
-        if missing:
-            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-            raise FileNotFoundError(
-                f"{len(missing)} of the {len(wanted)} requested images are not in {folder} "
-                f"(searched with its subfolders): {shown}"
-            )
-        files = [found[w] for w in wanted]
+        files, labels = _find_ids(folder, ids), list(ids)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
     files = files[:n] if n is not None else files
-    return [p.stem for p in files], [_read_rgb(p) for p in files]
+    return _unique_names(labels)[: len(files)], [_read_rgb(p) for p in files]
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -211,6 +288,20 @@ def _preprocessed(preprocess: Callable[[np.ndarray], torch.Tensor], raw: list[np
     return out
 
 
+def _displayed(display: Callable[[np.ndarray], np.ndarray] | None, raw: np.ndarray,
+               name: str) -> np.ndarray:  # fmt: skip
+    """The image to show for ``raw``: ``display`` of it, checked (a uint8 ``(h, w, 3)`` array;
+    a ``ValueError`` naming ``display`` and the image otherwise), or ``raw`` itself."""
+    img = _to_uint8(raw)
+    if display is None:
+        return img
+    out = np.asarray(display(img))
+    if out.dtype != np.uint8 or out.ndim != 3 or out.shape[-1] != 3 or 0 in out.shape:
+        raise ValueError(f"display must return a uint8 (h, w, 3) image; for image {name!r} it "
+                         f"returned an array of shape {out.shape} and dtype {out.dtype}")  # fmt: skip
+    return np.array(out, order="C")  # a writable copy (PIL arrays are read-only)
+
+
 def load_photos(
     model: nn.Module | None = None,
     names: Sequence[str] | None = None,
@@ -220,6 +311,7 @@ def load_photos(
     preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
     verbose: bool = True,
+    display: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ImageBatch:
     """Load photos and preprocess them for ``model``.
 
@@ -228,12 +320,36 @@ def load_photos(
             module together with ``preprocess``.
         names: scikit-image photos to use (see :data:`PHOTOS`; one name alone is taken as a
             list of one); default :data:`DEFAULT_PHOTOS`.  Ignored when ``folder`` is given.
-        folder: a folder of image files (sorted by name), e.g. ImageNet validation images.
-        ids: take exactly these files (by stem, searched below ``folder``, in this order), or
-            ``"paper_imagenet"``: the paper's 200 ImageNet validation images
-            (:func:`paper_imagenet_ids`); a missing file is an error that names it.
+        folder: a folder of image files (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.tif``,
+            ``.tiff``, ``.webp``, any case), e.g. ImageNet validation images: those directly in
+            it, sorted by file name (not its subfolders), or those of ``ids``.
+        ids: take exactly these files, in this order: paths relative to ``folder``
+            (``"a/cat.png"``: that file only); a bare file name (``"cat.png"``) is that file
+            directly in ``folder`` or, if there is none, the one file of that name in its
+            subfolders (an ImageNet validation folder may have class subfolders); without an
+            image extension (``"cat"``), a file of that stem with any image extension.  An id
+            that matches no file is a ``FileNotFoundError`` naming it, one that matches several
+            (``"cat"`` for ``cat.jpg`` and ``cat.png``, ``"cat.png"`` in two subfolders) a
+            ``ValueError`` listing them; a file may be named once (a repeated id would misalign
+            a parallel list of labels: index the batch instead).  ``"paper_imagenet"``: the
+            paper's 200 ImageNet validation images (:func:`paper_imagenet_ids`).  Names are the
+            ids (the files' names without ``ids``) without their extension, or with it where two
+            would otherwise share a name.
         n: keep the first ``n`` images (only those are read from ``folder``).
         preprocess: uint8 ``(H, W, 3)`` -> ``(C, H, W)``; defaults to the model's.
+        display: uint8 ``(H, W, 3)`` -> the uint8 ``(h, w, 3)`` image to show for it
+            (``ImageBatch.images``, then resized to the input's height and width); default:
+            the whole image.  A ``preprocess`` that crops (e.g. resize the short side to 256,
+            centre crop 224) needs the same crop here, or the shown photo is not the one the
+            maps are of: ``display=lambda im: np.asarray(CenterCrop(224)(Resize(256)(
+            PIL.Image.fromarray(im))))`` with torchvision's transforms.
+
+    Files are decoded by Pillow as torchvision's default image loader reads them
+    (``convert("RGB")``): the first frame; grayscale and palette images as RGB; an alpha
+    channel dropped, not composited (a transparent pixel shows its stored colour); the EXIF
+    orientation not applied (the pixels as stored, which a photo viewer may show rotated);
+    16-bit grayscale scaled to 8 bits (divided by 257); 32-bit integer and floating-point images
+    refused (no fixed value range).
 
     Returns:
         An :class:`ImageBatch`; its ``source`` is printed unless ``verbose=False``.
@@ -247,6 +363,9 @@ def load_photos(
         )
     if ids is not None and folder is None:
         raise ValueError("ids: selecting files needs folder=... (the folder that holds them)")
+    if display is not None and not callable(display):
+        raise ValueError(f"display must be a function from a uint8 (H, W, 3) image to the uint8 "
+                         f"(h, w, 3) image to show, got {type(display).__name__}")  # fmt: skip
     if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
         raise ValueError(f"n must be an int >= 1 (the number of images to keep) or None, got {n!r}")
     if folder is not None:
@@ -267,9 +386,9 @@ def load_photos(
     size = x.shape[-2:]
     shown = torch.stack([
         torch.nn.functional.interpolate(
-            torch.as_tensor(_to_uint8(r)).permute(2, 0, 1)[None].float(), size=tuple(size),
-            mode="bilinear", antialias=True, align_corners=False)[0]
-        for r in raw
+            torch.as_tensor(_displayed(display, r, k)).permute(2, 0, 1)[None].float(),
+            size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
+        for r, k in zip(raw, names_)
     ]).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # fmt: skip
     if verbose:
         print(f"Images: {source}")
@@ -284,6 +403,7 @@ def load_paper_imagenet(
     preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
     verbose: bool = True,
+    display: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ImageBatch:
     """The paper's 200 ImageNet validation images, from a local copy of the ILSVRC2012
     validation set.
@@ -291,7 +411,7 @@ def load_paper_imagenet(
     Args:
         folder: the validation folder (flat, or with class subfolders); it must hold every file
             of :func:`paper_imagenet_ids` (``ILSVRC2012_val_00000204.JPEG``, ...).
-        model, n, preprocess, device, verbose: as for :func:`load_photos`.
+        model, n, preprocess, device, verbose, display: as for :func:`load_photos`.
         classes: only these classes of the authors' list (see :func:`paper_imagenet_ids`).
 
     Returns:
@@ -304,7 +424,8 @@ def load_paper_imagenet(
     """
     pairs = paper_imagenet_ids(classes)
     batch = load_photos(model, folder=folder, ids=[f for _, f in pairs], n=n,
-                        preprocess=preprocess, device=device, verbose=False)  # fmt: skip
+                        preprocess=preprocess, device=device, verbose=False,
+                        display=display)  # fmt: skip
     batch.source = f"the paper's ImageNet validation images ({len(batch)}) from {folder}"
     batch.meta["classes"] = [c for c, _ in pairs][: len(batch)]
     if verbose:

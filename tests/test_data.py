@@ -209,6 +209,113 @@ def test_folder_missing_ids_and_empty_or_absent_folder(effnet, photo_folder, tmp
         D.load_photos(effnet, folder=tmp_path / "nope")
 
 
+def _flat(value):
+    return np.full((8, 8, 3), value, np.uint8)
+
+
+def _prep8(img):
+    return torch.from_numpy(img).permute(2, 0, 1).float()
+
+
+@pytest.fixture()
+def same_stems(tmp_path):
+    """cat.jpg at the top, cat.png in subfolders a and b, each its own grey level."""
+    folder = tmp_path / "stems"
+    for sub, value in (("a", 250), ("b", 10)):
+        (folder / sub).mkdir(parents=True)
+        Image.fromarray(_flat(value)).save(folder / sub / "cat.png")
+    Image.fromarray(_flat(128)).save(folder / "cat.jpg")
+    return folder
+
+
+def _grey(folder, ids):
+    b = D.load_photos(folder=folder, ids=ids, preprocess=_prep8, verbose=False)
+    return [int(v) for v in b.x.mean((1, 2, 3))], b.names
+
+
+def test_ids_honour_the_path_and_the_extension(same_stems):
+    """``ids`` matched files by stem only: ``"a/cat.png"`` gave the top-level cat.jpg (another
+    image), and a stem in several subfolders was the first that os.walk listed."""
+    assert _grey(same_stems, ["a/cat.png"]) == ([250], ["a/cat"])
+    assert _grey(same_stems, ["b/cat"]) == ([10], ["b/cat"])  # no extension: any image one
+    assert _grey(same_stems, ["cat.jpg", "b/cat.png"]) == ([128, 10], ["cat", "b/cat"])
+    assert _grey(same_stems, ["cat"]) == ([128], ["cat"])  # directly in folder first
+    with pytest.raises(ValueError, match=r"ids: ambiguous.*'cat.png' matches a/cat.png, b/cat.png"):
+        D.load_photos(folder=same_stems, ids=["cat.png"], preprocess=_prep8, verbose=False)
+    Image.fromarray(_flat(50)).save(same_stems / "cat.png")
+    assert _grey(same_stems, ["cat.png"]) == ([50], ["cat"])
+    with pytest.raises(ValueError, match=r"'cat' matches cat.jpg, cat.png"):
+        D.load_photos(folder=same_stems, ids=["cat"], preprocess=_prep8, verbose=False)
+    with pytest.raises(FileNotFoundError, match="a/cat.jpg"):
+        D.load_photos(folder=same_stems, ids=["a/cat.jpg"], preprocess=_prep8, verbose=False)
+    # without ids, two files of one stem keep their extensions in their names
+    assert D.load_photos(folder=same_stems, preprocess=_prep8, verbose=False).names \
+        == ["cat.jpg", "cat.png"]
+
+
+@pytest.mark.parametrize("ids, match", [
+    (["cat.jpg", "b/cat.png", "cat.jpg"], r"named once.*repeated: \['cat.jpg'\]"),  # was dropped
+    (["cat", "cat.jpg"], r"named by several ids: \['cat.jpg'\]"),
+    (["/tmp/cat.jpg"], "relative to folder"),
+    (["../cat.jpg"], "relative to folder"),
+    ([3], "relative to folder"),
+    ([], "at least one"),
+])  # fmt: skip
+def test_repeated_or_bad_ids_are_refused_before_reading(same_stems, monkeypatch, ids, match):
+    """A repeated id was dropped silently (a parallel list of targets then paired each image
+    with another's target); it is refused, as are absolute paths and non-names, before any
+    file is read."""
+    monkeypatch.setattr(D, "_read_rgb", lambda p: pytest.fail(f"read {p}"))
+    with pytest.raises(ValueError, match=f"ids: .*{match}"):
+        D.load_photos(folder=same_stems, ids=ids, preprocess=_prep8, verbose=False)
+
+
+def _resize_crop(img, short=32, crop=24):
+    """A cropping preprocess (torchvision's Resize(256) + CenterCrop(224), scaled down)."""
+    t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    scale = short / min(t.shape[-2:])
+    size = (round(t.shape[-2] * scale), round(t.shape[-1] * scale))
+    t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", antialias=True,
+                                        align_corners=False)[0]  # fmt: skip
+    top, left = (t.shape[1] - crop) // 2, (t.shape[2] - crop) // 2
+    return t[:, top:top + crop, left:left + crop]
+
+
+def test_display_lines_the_shown_images_up_with_a_cropping_preprocess():
+    """With a preprocess that crops, ``images`` was the whole photo squashed: the overlays
+    showed other pixels than the maps are of.  ``display=`` gives the shown images."""
+    crop = lambda img: _resize_crop(img) / 255  # noqa: E731
+    show = lambda img: _resize_crop(img).round().to(torch.uint8).permute(1, 2, 0).numpy()  # noqa: E731
+    b = D.load_photos(names=["chelsea", "coffee"], preprocess=crop, display=show, verbose=False)
+    assert b.images.shape == (2, 24, 24, 3)
+    diff = np.abs(b.images.astype(float) - b.x.permute(0, 2, 3, 1).numpy() * 255)
+    assert diff.max() <= 0.5 + 1e-3
+    squashed = D.load_photos(names=["chelsea"], preprocess=crop, verbose=False)  # the default
+    assert np.abs(squashed.images[0].astype(float) - b.x[0].permute(1, 2, 0).numpy() * 255).mean() > 5
+    with pytest.raises(ValueError, match=r"display must return a uint8 \(h, w, 3\).*'chelsea'.*float"):
+        D.load_photos(names=["chelsea"], preprocess=crop, display=lambda im: im / 255.0, verbose=False)
+    with pytest.raises(ValueError, match="display must be a function"):
+        D.load_photos(names=["chelsea"], preprocess=crop, display="crop", verbose=False)
+
+
+def test_files_are_read_as_torchvision_reads_them(tmp_path):
+    """Documented reading (load_photos): alpha dropped without compositing and EXIF orientation
+    not applied, as PIL's convert("RGB") (torchvision's default loader) does."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[:4, :, 3] = 255, 255  # red; the bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    landscape = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = landscape.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    landscape.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    from torchvision.datasets.folder import pil_loader
+
+    assert D._read_rgb(tmp_path / "rgba.png")[7, 0].tolist() == [255, 0, 0]
+    assert D._read_rgb(tmp_path / "rotated.jpg").shape == (20, 40, 3)
+    for f in ("rgba.png", "rotated.jpg"):
+        assert np.array_equal(D._read_rgb(tmp_path / f), np.asarray(pil_loader(tmp_path / f)))
+
+
 # ---------------------------------------------------------------- the paper's ImageNet images
 def test_paper_imagenet_list_is_the_authors_200_files():
     pairs = D.paper_imagenet_ids()

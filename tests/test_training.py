@@ -117,7 +117,20 @@ def test_stop_at_ends_training_once_memorized(small):
     assert s["test_accuracy"] < 0.3
 
 
-def test_cosine_schedule_decays_from_the_peak_to_zero():
+def test_stop_at_measures_the_training_accuracy_only_near_the_goal(small):
+    """The documented rule of ``stop_at`` (its docstring promised a stop after the first epoch
+    whose eval-mode accuracy reaches it, but measured only when the running accuracy was within
+    :data:`STOP_MARGIN`; the book's random-label transformer ran 30 epochs where 29 reached it)."""
+    stop_at = 0.6
+    _, s = T.train_mnist_model("mnist_mlp", small, labels="random", epochs=30, lr=1e-3,
+                               stop_at=stop_at, progress=False)
+    hist = s["history"]
+    measured = [h["running_train_accuracy"] >= stop_at - T.STOP_MARGIN for h in hist]
+    assert measured == ["train_accuracy" in h for h in hist]
+    assert measured[-1] and hist[-1]["train_accuracy"] >= stop_at
+    assert all(h["train_accuracy"] < stop_at for h in hist[:-1] if "train_accuracy" in h)
+    assert not all(measured)  # the first epochs, far from the goal, are not measured
+
     assert T.lr_at(1e-3, "constant", 7, 10) == 1e-3
     lrs = [T.lr_at(1e-3, "cosine", k, 100) for k in range(101)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[50] == pytest.approx(5e-4)
@@ -182,6 +195,40 @@ def test_checkpoints_are_cached_and_keyed_by_the_full_config(small, cache, monke
     assert T.checkpoint_config("mnist_cnn", other, epochs=1)["data"] != base["data"]
     for field in ("source", "data", "code", "weight_decay", "n_train"):
         assert field in base
+
+
+
+def _edited_trunc_normal(w, std, gen):  # models._trunc_normal, as someone might edit it
+    torch.nn.init.trunc_normal_(w, 0.0, std, a=-3 * std, b=3 * std, generator=gen)
+
+
+def _edited_accuracy(model, x, y, batch_size=500):  # accuracy() with another rounding
+    return round(T.accuracy.__wrapped__(model, x, y, batch_size), 2)
+
+
+def _edited_derive_seed(*parts):
+    return sl.utils.derive_seed("v2", *parts)
+
+
+_EDITS = [(sl.models, "_trunc_normal", _edited_trunc_normal),  # called by the initializers
+          (T, "accuracy", _edited_accuracy),  # decides when stop_at stops
+          (T, "derive_seed", _edited_derive_seed)]  # seeds the weights, labels and data order
+
+
+@pytest.mark.parametrize("module, name, edited", _EDITS, ids=[e[1] for e in _EDITS])
+def test_editing_a_helper_of_the_training_code_changes_the_checkpoint_key(monkeypatch, module,
+                                                                         name, edited):
+    """The checkpoint key's code hash covered the initializers but not what they and the training
+    loop call (``_trunc_normal``, ``accuracy``, ``derive_seed``): an edit of those would have
+    served checkpoints trained by the old code.  An edit is stood for by a function of another
+    source put in the helper's place, in its module."""
+    base = T._code_hash()
+    assert T._code_hash() == base  # stable
+    monkeypatch.setattr(edited, "__module__", module.__name__)
+    monkeypatch.setattr(module, name, edited)
+    assert T._code_hash() != base
+    monkeypatch.undo()
+    assert T._code_hash() == base == T._CODE_HASH
 
 
 _TRAIN_ONE = """

@@ -56,7 +56,8 @@ class Profile:
             models (authors: 1e-4, constant).
         mnist_random_epochs, mnist_memorize: training of the random-label models: at most
             ``mnist_random_epochs`` epochs (the schedule is planned over them), stopping once
-            the training accuracy reaches ``mnist_memorize`` (authors: 100 epochs, "above
+            the training accuracy reaches ``mnist_memorize`` (measured as the ``stop_at`` of
+            :func:`sanitylib.training.train_mnist_model` says; authors: 100 epochs, "above
             95 %"); their seed is ``seed + 1`` (:func:`sanitylib.mnist.random_label_seed`).
         mnist_n_images: number of test digits whose maps are compared.
         mnist_n_train: train on the first ``mnist_n_train`` training images only (``None``: all;

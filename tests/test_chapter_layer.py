@@ -147,6 +147,8 @@ def test_glue_outside_ipython_prints_the_value(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- profiles and set-up
 def test_chapter_profile_drops_unset_parameters():
+    with pytest.raises(ValueError, match="two sources of images"):  # the photos were ignored
+        book.chapter_profile("smoke", photos=["chelsea", "coffee"], image_folder=".")
     cfg = book.chapter_profile("smoke", model=None, photos=None, n_images=1, seed=3)
     assert cfg == book.get_profile("smoke", n_images=1, seed=3)
     assert book.get_profile("smoke", mnist_n_train=None).mnist_n_train is None  # explicit None

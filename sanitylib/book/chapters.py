@@ -125,9 +125,6 @@ def setup_imagenet_chapter(prefix: str, profile: str | Profile = "book", *,
     :func:`sanitylib.load_paper_imagenet`), and glues ``{prefix}_model``, ``{prefix}_model_sentence``,
     ``{prefix}_n_images`` and ``{prefix}_n_blocks``.
     """
-    if photos is not None and image_folder is not None:  # photos were ignored, silently
-        raise ValueError("photos and image_folder are two sources of images: set one of them "
-                         "(image_ids selects files of image_folder)")
     plots.use_book_style()
     cfg = chapter_profile(profile, model=model, photos=photos, image_folder=image_folder,
                           n_images=n_images, image_ids=image_ids, seed=seed)  # fmt: skip

@@ -356,5 +356,11 @@ def get_profile(name: str, **overrides) -> Profile:
 
 def chapter_profile(name: str | Profile, **overrides) -> Profile:
     """:func:`get_profile` for a chapter's ``parameters`` cell: overrides that are ``None``
-    (parameters left at their default) are dropped, the others applied."""
-    return get_profile(name, **{k: v for k, v in overrides.items() if v is not None})
+    (parameters left at their default) are dropped, the others applied.  ``photos`` and
+    ``image_folder`` are two sources of images: setting both is refused (the photos were
+    ignored)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "photos" in overrides and "image_folder" in overrides:
+        raise ValueError("photos and image_folder are two sources of images: set one of them "
+                         "(image_ids selects files of image_folder)")
+    return get_profile(name, **overrides)

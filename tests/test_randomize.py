@@ -508,3 +508,104 @@ def test_declared_blocks_are_unchanged():
         got, skipped = R.get_blocks(model, None, x, return_skipped=True)
         assert got == model.sanity_info.blocks and skipped == {}
         assert R.inactive_blocks(model, got, x) == {}
+
+
+# ---------------------------------------------------------------- parametrized weights
+P = nn.utils.parametrizations
+
+
+def _effective(layer: nn.Linear) -> torch.Tensor:
+    """The weight the forward pass uses (whatever stores it)."""
+    with torch.no_grad():
+        return (layer(torch.eye(layer.in_features)) - layer(torch.zeros(1, layer.in_features))).T
+
+
+@pytest.mark.parametrize("perturbation", ["he_truncated_normal", "pytorch", "gaussian", "relative"])
+def test_weight_norm_layer_is_randomized_like_the_plain_layer(perturbation):
+    """A ``parametrizations.weight_norm`` layer gets the weights the plain layer gets (the
+    documented He draw reaches the forward pass; its originals got normal(0, 0.02): weights
+    ~100x too small), and noise is added to the weight the forward pass uses."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(50, 40)).eval()
+    wrapped = nn.Sequential(P.weight_norm(nn.Linear(50, 40))).eval()
+    with torch.no_grad():
+        wrapped[0].weight = plain[0].weight.detach().clone()
+        wrapped[0].bias.copy_(plain[0].bias)
+    p = (R.Perturbation("gaussian", sigma=0.05) if perturbation == "gaussian" else
+         R.Perturbation("gaussian", sigma=0.5, relative=True) if perturbation == "relative" else
+         R.Perturbation(init=perturbation))  # fmt: skip
+    trained = _effective(wrapped[0])
+    with R.randomized(plain, [Block("l", ("0",))], p, seed=3) as m:
+        want = _effective(m[0])
+    with R.randomized(wrapped, [Block("l", ("0",))], p, seed=3) as m:
+        got = _effective(m[0])
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(_effective(wrapped[0]), trained)  # restored
+
+
+def test_spectral_norm_layer_is_the_normalized_draw():
+    """A ``parametrizations.spectral_norm`` layer: its original is the documented draw, and the
+    forward pass divides it by its exact spectral norm (the stale power-iteration vectors of
+    the trained weight gave another, arbitrary scale)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(30, 20)).eval()
+        wrapped = nn.Sequential(P.spectral_norm(nn.Linear(30, 20))).eval()
+    R.randomize_(plain, [Block("l", ("0",))], seed=1)
+    with R.randomized(wrapped, [Block("l", ("0",))], seed=1) as m:
+        w = m[0].weight.detach()
+    ref = plain[0].weight.detach()
+    assert torch.allclose(w, ref / torch.linalg.matrix_norm(ref, 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("wrap", [nn.utils.weight_norm, nn.utils.spectral_norm])
+def test_old_style_norm_hooks_are_refused_before_any_work(wrap):
+    """The old-style hooks recompute ``weight`` from ``weight_g``/``weight_v`` (``weight_orig``)
+    before every forward pass: a drawn ``weight`` was thrown away and the "randomized" layer
+    kept its trained weights (similarity 1).  Refused, naming the module, model untouched."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm's deprecation
+        net = nn.Sequential(wrap(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3)).eval()
+    before = clone_state(net)
+    x = torch.rand(2, 8)
+    for call in (lambda: R.get_blocks(net, ["0"], x), lambda: R.randomize_(net, [Block("a", ("0",))]),
+                 lambda: R.randomized(net, [Block("a", ("0",))]).__enter__()):
+        with pytest.raises(ValueError, match=r"module '0' \(Linear\).*old-style.*parametrizations"):
+            call()
+    assert state_equal(clone_state(net), before)
+
+
+def test_parametrization_without_right_inverse_is_refused():
+    class Sym(nn.Module):
+        def forward(self, w):
+            return w + w.T
+
+    net = nn.Sequential(nn.Linear(4, 4))
+    nn.utils.parametrize.register_parametrization(net[0], "weight", Sym())
+    with pytest.raises(ValueError, match="'weight' of module '0'.*Sym without a right_inverse"):
+        R.randomize_(net, [Block("a", ("0",))])
+
+
+def test_a_stage_that_changes_nothing_warns(bnnet):
+    """A randomization that leaves a block as it was (an initializer writing a copy, noise on
+    zeros) scored a similarity of 1 silently: ``randomized`` and ``ModelStates`` warn."""
+    before = clone_state(bnnet)
+
+    def writes_a_copy(module, gen):
+        module.weight.detach().clone().normal_(generator=gen)
+
+    p = R.Perturbation(init=writes_a_copy)
+    with pytest.warns(UserWarning, match="block 'fc'.*left every parameter and buffer"):
+        with R.randomized(bnnet, [Block("fc", ("fc",))], p):
+            pass
+    with pytest.warns(UserWarning, match="block 'fc'"):
+        R.ModelStates(bnnet, [(Block("fc", ("fc",)),)], p, 0)
+    assert state_equal(clone_state(bnnet), before)
+    net = nn.Sequential(nn.Linear(3, 3))
+    with torch.no_grad():
+        net[0].weight.zero_(), net[0].bias.zero_()
+    with pytest.warns(UserWarning, match="multiplicative"):
+        R.ModelStates(net, [(Block("l", ("0",)),)], R.Perturbation("multiplicative", sigma=0.1), 0)

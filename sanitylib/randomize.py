@@ -3,8 +3,9 @@
 Schedules (paper section 3): *cascading* randomizes blocks 1..k (top first) at stage k;
 *independent* randomizes block k alone.  Each block has its own ``torch.Generator`` seeded from
 ``(seed, block name)``, so block ``j`` gets the same random weights at every stage and the stages
-of a cascade are nested.  :func:`randomized` restores every parameter and buffer bit-exactly on
-exit, also when an exception interrupts the run.
+of a cascade are nested.  :func:`randomized` restores every parameter and buffer (non-persistent
+buffers too) bit-exactly and every module's own train/eval mode on exit, also when an exception
+interrupts the run.
 
 What is randomized is what the forward pass uses.  A weight computed from stored originals by
 a ``torch.nn.utils.parametrizations`` wrapper (``weight_norm``, ``spectral_norm``, or any
@@ -451,8 +452,14 @@ def schedule_stages(blocks: Sequence[Block], schedule: str, order: str = "top_do
 
 
 def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and buffer of ``model`` (the live tensors), keyed like ``state_dict``."""
-    return dict(model.state_dict(keep_vars=True))
+    """Every parameter and buffer of ``model`` (the live tensors), keyed like ``state_dict``,
+    with the non-persistent buffers (``register_buffer(..., persistent=False)``, which
+    ``state_dict`` skips) after them under their ``named_buffers`` names."""
+    out = dict(model.state_dict(keep_vars=True))
+    for k, b in model.named_buffers():
+        if b is not None and k not in out:
+            out[k] = b
+    return out
 
 
 def _check_randomized(block: Block, perturbation: Perturbation | None, trained: Sequence[Tensor],
@@ -482,14 +489,15 @@ def _block_tensors(model: nn.Module, block: Block) -> list[Tensor]:
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Clones of every parameter and buffer (keyed like ``state_dict``)."""
-    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    """Clones of every parameter and buffer, non-persistent buffers too (keyed like
+    ``state_dict``; see :func:`_named_tensors`)."""
+    return {k: v.detach().clone() for k, v in _named_tensors(model).items()}
 
 
 @torch.no_grad()
 def restore(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
     """Copy ``snap`` back into the model's tensors in place (bit-exact)."""
-    state = model.state_dict(keep_vars=True)
+    state = _named_tensors(model)
     for k, v in snap.items():
         state[k].data.copy_(v)
 
@@ -655,13 +663,14 @@ def randomize_(model: nn.Module, blocks: Sequence[Block], perturbation: Perturba
 def randomized(model: nn.Module, blocks: Sequence[Block], perturbation: Perturbation | None = None,
                seed: int = 0, snap: dict | None = None) -> Iterator[nn.Module]:  # fmt: skip
     """Context manager: randomize ``blocks`` in eval mode, yield the model, then restore every
-    parameter and buffer bit-exactly (and the train/eval mode), even on error.  A block left as
+    parameter and buffer bit-exactly (non-persistent buffers too) and every module's own
+    ``training`` flag (a model may mix train and eval submodules), even on error.  A block left as
     it was by its randomization gets a warning (:func:`_check_randomized`).
 
     ``snap`` (from :func:`snapshot`) avoids re-cloning the model when called in a loop.
     """
     snap = snap if snap is not None else snapshot(model)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         randomize_(model, blocks, perturbation, seed)
         names = {id(t): k for k, t in _named_tensors(model).items()}
@@ -672,7 +681,8 @@ def randomized(model: nn.Module, blocks: Sequence[Block], perturbation: Perturba
         yield model
     finally:
         restore(model, snap)
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 # ----------------------------------------------------------------------------- model states

@@ -609,3 +609,56 @@ def test_a_stage_that_changes_nothing_warns(bnnet):
         net[0].weight.zero_(), net[0].bias.zero_()
     with pytest.warns(UserWarning, match="multiplicative"):
         R.ModelStates(net, [(Block("l", ("0",)),)], R.Perturbation("multiplicative", sigma=0.1), 0)
+
+
+# ---------------------------------------------------------------- non-persistent buffers, modes
+class Scaled(nn.Linear):
+    """A linear layer times a non-persistent buffer (``state_dict`` skips it)."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__(i, o)
+        self.register_buffer("scale", torch.ones(o), persistent=False)
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def _draws_the_buffer(module, gen):
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.1, generator=gen)
+        if isinstance(m, Scaled):
+            m.scale.uniform_(0, 1, generator=gen)
+
+
+def test_non_persistent_buffers_are_restored_and_kept_out_of_the_trained_state():
+    """An initializer that draws a non-persistent buffer: ``randomized`` left it randomized and
+    the cascade's "trained" maps were computed with the randomized buffer."""
+    import sanitylib as sl
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), Scaled(64, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    p = R.Perturbation(init=_draws_the_buffer)
+    assert "1.scale" in R.snapshot(net)
+    with R.randomized(net, [Block("s", ("1",))], p) as m:
+        assert not torch.all(m[1].scale == 1)
+    assert torch.all(net[1].scale == 1)
+    ref = sl.explain(net, x, "gradient")
+    df = sl.cascading_randomization(net, x, ["gradient"], blocks=["3", "1"], metrics=["spearman"],
+                                    perturbation=p, store_maps=[0, 1, 2], cache=False, progress=False)  # fmt: skip
+    assert torch.equal(df.maps["original"]["gradient"], ref)
+    assert torch.all(net[1].scale == 1)
+
+
+def test_randomized_restores_every_modules_own_mode():
+    """``model.train(was_training)`` flattened mixed modes: an MC-dropout layer in an eval model
+    came back in eval mode, a frozen BatchNorm in a training model in train mode."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    for setup in (lambda: (net.eval(), net[2].train()), lambda: (net.train(), net[1].eval())):
+        setup()
+        modes = [m.training for m in net.modules()]
+        with R.randomized(net, [Block("0", ("0",))], seed=0) as m:
+            assert not any(s.training for s in m.modules())
+        assert [m.training for m in net.modules()] == modes

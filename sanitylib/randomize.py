@@ -43,14 +43,19 @@ __all__ = ["INITS", "Perturbation", "Stage", "get_blocks", "infer_blocks", "casc
 
 Initializer = Callable[[nn.Module, torch.Generator], None]
 
-_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+#: The normalization layers (weight 1, bias 0): batch and instance normalization
+#: (``_NormBase``: also ``SyncBatchNorm`` and an affine ``InstanceNorm``), layer, group and RMS
+#: normalization.
+_NORM = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + \
+    ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())  # fmt: skip
 
 
 @torch.no_grad()
 def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
     """The authors' re-initialization (TF-slim ``variance_scaling_initializer``): conv/linear
     weights from a normal with ``std = sqrt(1.3 * 2 / fan_in)`` truncated at +-2 std, biases 0;
-    normalization layers get weight 1 and bias 0 and KEEP their running statistics.  Beyond
+    normalization layers (:data:`_NORM`) get weight 1 and bias 0 and KEEP their running
+    statistics.  Beyond
     the paper's models: a ``MultiheadAttention``'s input projection is drawn like a dense
     weight (``fan_in`` = the embedding width, bias 0), and parameters registered directly on
     other modules (a vision transformer's class token and position embedding) from a normal
@@ -63,10 +68,7 @@ def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
             if m.bias is not None:
                 m.bias.zero_()
         elif isinstance(m, _NORM):
-            if m.weight is not None:
-                m.weight.fill_(1.0)
-            if m.bias is not None:
-                m.bias.zero_()
+            _norm_identity_(m)
         elif isinstance(m, nn.MultiheadAttention):
             if m.in_proj_weight is not None:
                 s = math.sqrt(2.6 / m.in_proj_weight.shape[1])
@@ -74,6 +76,14 @@ def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
             _zero(m.in_proj_bias)
         else:
             _loose_parameters_(m, gen)
+
+
+def _norm_identity_(m: nn.Module) -> None:
+    """A normalization layer's weight 1 and bias 0 (either may be absent: ``RMSNorm`` has no
+    bias)."""
+    if getattr(m, "weight", None) is not None:
+        m.weight.fill_(1.0)
+    _zero(getattr(m, "bias", None))
 
 
 def _zero(p) -> None:
@@ -97,7 +107,7 @@ def _loose_parameters_(m: nn.Module, gen: torch.Generator) -> None:
 def pytorch_default_(module: nn.Module, gen: torch.Generator) -> None:
     """PyTorch's default initialization (what ``reset_parameters()`` draws), from ``gen``:
     kaiming-uniform(a=sqrt(5)) weights and U(+-1/sqrt(fan_in)) biases; normalization layers
-    get weight 1, bias 0 AND reset running statistics (as ``reset_parameters`` does); a
+    (:data:`_NORM`) get weight 1, bias 0 AND reset running statistics (as ``reset_parameters`` does); a
     ``MultiheadAttention``'s input projection is Xavier uniform with bias 0 (its
     ``_reset_parameters``); parameters registered directly on other modules: normal, std 0.02."""
     for m in module.modules():
@@ -109,10 +119,7 @@ def pytorch_default_(module: nn.Module, gen: torch.Generator) -> None:
         elif isinstance(m, _NORM):
             if hasattr(m, "reset_running_stats"):
                 m.reset_running_stats()
-            if m.weight is not None:
-                m.weight.fill_(1.0)
-            if m.bias is not None:
-                m.bias.zero_()
+            _norm_identity_(m)
         elif isinstance(m, nn.MultiheadAttention):
             if m.in_proj_weight is not None:
                 nn.init.xavier_uniform_(m.in_proj_weight, generator=gen)

@@ -662,3 +662,30 @@ def test_randomized_restores_every_modules_own_mode():
         with R.randomized(net, [Block("0", ("0",))], seed=0) as m:
             assert not any(s.training for s in m.modules())
         assert [m.training for m in net.modules()] == modes
+
+
+# ---------------------------------------------------------------- every normalization layer
+NORMS = {"SyncBatchNorm": lambda: nn.SyncBatchNorm(4), "InstanceNorm2d": lambda: nn.InstanceNorm2d(4, affine=True),
+         "GroupNorm": lambda: nn.GroupNorm(2, 4), "LayerNorm": lambda: nn.LayerNorm(4)}  # fmt: skip
+if hasattr(nn, "RMSNorm"):
+    NORMS["RMSNorm"] = lambda: nn.RMSNorm(4)
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+@pytest.mark.parametrize("init", [R.he_truncated_normal_, R.pytorch_default_])
+def test_every_normalization_layer_gets_weight_1_and_bias_0(name, init):
+    """``SyncBatchNorm``, an affine ``InstanceNorm`` and ``RMSNorm`` got normal(0, 0.02) weights
+    (only BatchNorm1d-3d, LayerNorm and GroupNorm were normalization layers), and
+    ``pytorch_default_`` left a ``SyncBatchNorm``'s running statistics as trained."""
+    layer = NORMS[name]()
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.fill_(3.0)
+        if getattr(layer, "running_mean", None) is not None:
+            layer.running_mean.fill_(5.0)
+    init(layer, torch.Generator().manual_seed(0))
+    assert torch.all(layer.weight == 1)
+    assert getattr(layer, "bias", None) is None or torch.all(layer.bias == 0)
+    if getattr(layer, "running_mean", None) is not None:
+        assert torch.all(layer.running_mean == (0.0 if init is R.pytorch_default_ else 5.0))

@@ -151,7 +151,9 @@ class Perturbation:
             (:func:`sanitylib.models.vit_init_`) for the vision transformers) or a callable
             ``(module, generator) -> None``; used by ``"reinit"``.
         sigma: noise standard deviation.
-        relative: for ``"gaussian"``, scale ``sigma`` by each parameter tensor's std.
+        relative: for ``"gaussian"``, scale ``sigma`` by each parameter tensor's std; a tensor
+            with one element or constant values (std 0) by its root mean square instead
+            (``|w|`` for one element), so only an all-zero tensor is left as it is.
     """
 
     kind: str = "reinit"
@@ -634,6 +636,13 @@ def _write_parametrized(plist: parametrize.ParametrizationList, value: Tensor) -
             inputs = (q(*inputs),)
 
 
+def _relative_scale(w: Tensor) -> float:
+    """The scale of relative noise on ``w``: its std, or its root mean square where the std is
+    undefined or 0 (one element, constant values)."""
+    std = float(w.std()) if w.numel() > 1 else 0.0
+    return std if std > 0 else float(w.double().square().mean().sqrt())
+
+
 @torch.no_grad()
 def randomize_(model: nn.Module, blocks: Sequence[Block], perturbation: Perturbation | None = None,
                seed: int = 0) -> None:  # fmt: skip
@@ -660,8 +669,7 @@ def randomize_(model: nn.Module, blocks: Sequence[Block], perturbation: Perturba
                 for w in _used(module):
                     noise = torch.randn(w.shape, generator=gen, device=w.device, dtype=w.dtype)
                     if p.kind == "gaussian":
-                        scale = p.sigma * (float(w.std()) if p.relative and w.numel() > 1 else 1.0)
-                        w.add_(noise * scale)
+                        w.add_(noise * (p.sigma * (_relative_scale(w) if p.relative else 1.0)))
                     else:
                         w.mul_(1 + p.sigma * noise)
 

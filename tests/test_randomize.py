@@ -689,3 +689,28 @@ def test_every_normalization_layer_gets_weight_1_and_bias_0(name, init):
     assert getattr(layer, "bias", None) is None or torch.all(layer.bias == 0)
     if getattr(layer, "running_mean", None) is not None:
         assert torch.all(layer.running_mean == (0.0 if init is R.pytorch_default_ else 5.0))
+
+
+def test_relative_noise_on_one_element_and_constant_tensors():
+    """Relative noise was absolute (sigma) on a one-element tensor and added nothing to a
+    constant one (std 0): both are scaled by their root mean square now; a tensor with std > 0
+    gets exactly sigma * std as before, an all-zero one nothing."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.LayerNorm(4))
+    with torch.no_grad():
+        net[1].weight.fill_(1e-3)
+        net[2].weight.fill_(-2.0)  # constant, std 0
+    before = clone_state(net)
+    sigma = 0.1
+    R.randomize_(net, [Block("all", ("0", "1", "2"))], R.Perturbation("gaussian", sigma=sigma, relative=True))
+    gen = torch.Generator().manual_seed(R.derive_seed(0, "all"))
+    for k in ("0.weight", "0.bias", "1.weight", "2.weight", "2.bias"):  # the order of the draws
+        w = before[k]
+        noise = torch.randn(w.shape, generator=gen)
+        rms = float(w.double().square().mean().sqrt())
+        scale = float(w.std()) if w.numel() > 1 and float(w.std()) > 0 else rms
+        assert torch.equal(net.state_dict()[k], w + noise * (sigma * scale)), k
+    assert float((net[1].weight.detach() - before["1.weight"]).abs()) < 1e-3  # |w| 1e-3, not sigma
+    assert not torch.equal(net[2].weight, before["2.weight"])
+    assert torch.equal(net[2].bias, before["2.bias"])  # all zero: nothing to scale

@@ -472,7 +472,7 @@ def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _check_randomized(block: Block, perturbation: Perturbation | None, trained: Sequence[Tensor],
-                      now: Sequence[Tensor]) -> None:  # fmt: skip
+                      now: Sequence[Tensor], stacklevel: int = 3) -> None:  # fmt: skip
     """A warning when ``now`` (a block's parameters and buffers after its randomization)
     equals ``trained`` (before it) in every tensor: the stage's maps are the trained model's
     and score a similarity of 1 (an initializer that writes none of the block's weights,
@@ -484,7 +484,7 @@ def _check_randomized(block: Block, perturbation: Perturbation | None, trained: 
                       f"parameter and buffer of the block as it was: its maps equal the trained "
                       f"model's and score a similarity of 1; check that the initializer writes "
                       f"the block's weights (a parametrized weight is written as the module's "
-                      f"plain attribute, e.g. m.weight)", UserWarning, stacklevel=3)  # fmt: skip
+                      f"plain attribute, e.g. m.weight)", UserWarning, stacklevel=stacklevel)  # fmt: skip
 
 
 def _block_tensors(model: nn.Module, block: Block) -> list[Tensor]:
@@ -691,7 +691,8 @@ def randomized(model: nn.Module, blocks: Sequence[Block], perturbation: Perturba
         names = {id(t): k for k, t in _named_tensors(model).items()}
         for b in blocks:
             now = _block_tensors(model, b)
-            _check_randomized(b, perturbation, [snap[names[id(t)]] for t in now], now)
+            # the warning points at the caller's ``with`` (past contextlib's __enter__)
+            _check_randomized(b, perturbation, [snap[names[id(t)]] for t in now], now, stacklevel=4)
         model.eval()
         yield model
     finally:

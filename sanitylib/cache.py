@@ -414,12 +414,12 @@ def _randomized_weights(model: nn.Module, spec) -> str:
     """Hash of the weights every block of the run takes when randomized (all blocks at once;
     each block draws from its own generator): what a user's initializer computes is checked by
     its output, whatever state it reads."""
-    from .randomize import _members, randomized
+    from .randomize import _members, _named_tensors, randomized
 
     blocks = list(spec.blocks)
     with randomized(model, blocks, spec.perturbation, spec.seed) as m:
         tensors = [t for b in blocks for member in _members(m, b)
-                   for t in member.state_dict().values()]  # fmt: skip
+                   for t in _named_tensors(member).values()]  # fmt: skip
         return tensor_hash(tensors)
 
 

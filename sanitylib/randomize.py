@@ -3,8 +3,21 @@
 Schedules (paper section 3): *cascading* randomizes blocks 1..k (top first) at stage k;
 *independent* randomizes block k alone.  Each block has its own ``torch.Generator`` seeded from
 ``(seed, block name)``, so block ``j`` gets the same random weights at every stage and the stages
-of a cascade are nested.  :func:`randomized` restores every parameter and buffer bit-exactly on
-exit, also when an exception interrupts the run.
+of a cascade are nested.  :func:`randomized` restores every parameter and buffer (non-persistent
+buffers too) bit-exactly and every module's own train/eval mode on exit, also when an exception
+interrupts the run.
+
+What is randomized is what the forward pass uses.  A weight computed from stored originals by
+a ``torch.nn.utils.parametrizations`` wrapper (``weight_norm``, ``spectral_norm``, or any
+parametrization with a ``right_inverse``) is drawn, or perturbed, as the plain weight: the
+initializer sees ``m.weight`` as a tensor it can fill in place, and the result is carried to the
+originals through the parametrization's ``right_inverse`` (a spectral norm's power-iteration
+vectors ``_u``/``_v`` are set to the new weight's leading singular vectors, so the forward pass
+divides by its exact spectral norm).  The old-style hooks ``torch.nn.utils.weight_norm`` and
+``torch.nn.utils.spectral_norm``, which recompute ``weight`` before every forward pass, are
+refused (:func:`check_randomizable`).  A stage (:func:`randomized`, :class:`ModelStates`) in
+which a block's randomization left every parameter and buffer of the block equal to the trained
+ones gets a warning (:func:`_check_randomized`): its maps would score a similarity of 1.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from typing import Callable, Iterator, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .models import (Block, block_member, get_info, get_submodule, init_mnist_cnn_, init_mnist_mlp_,
                      is_vit, vit_blocks, vit_init_)
@@ -25,18 +39,23 @@ from .utils import derive_seed
 
 __all__ = ["INITS", "Perturbation", "Stage", "get_blocks", "infer_blocks", "cascading_stages",
            "independent_stages", "inactive_blocks", "NO_PARAMETERS", "NEVER_RUNS", "SCHEDULES", "ORDERS", "check_schedule", "schedule_stages",
-           "randomize_", "randomized", "snapshot", "restore", "ModelStates", "evaluating"]  # fmt: skip
+           "check_randomizable", "randomize_", "randomized", "snapshot", "restore", "ModelStates", "evaluating"]  # fmt: skip
 
 Initializer = Callable[[nn.Module, torch.Generator], None]
 
-_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+#: The normalization layers (weight 1, bias 0): batch and instance normalization
+#: (``_NormBase``: also ``SyncBatchNorm`` and an affine ``InstanceNorm``), layer, group and RMS
+#: normalization.
+_NORM = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + \
+    ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())  # fmt: skip
 
 
 @torch.no_grad()
 def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
     """The authors' re-initialization (TF-slim ``variance_scaling_initializer``): conv/linear
     weights from a normal with ``std = sqrt(1.3 * 2 / fan_in)`` truncated at +-2 std, biases 0;
-    normalization layers get weight 1 and bias 0 and KEEP their running statistics.  Beyond
+    normalization layers (:data:`_NORM`) get weight 1 and bias 0 and KEEP their running
+    statistics.  Beyond
     the paper's models: a ``MultiheadAttention``'s input projection is drawn like a dense
     weight (``fan_in`` = the embedding width, bias 0), and parameters registered directly on
     other modules (a vision transformer's class token and position embedding) from a normal
@@ -49,10 +68,7 @@ def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
             if m.bias is not None:
                 m.bias.zero_()
         elif isinstance(m, _NORM):
-            if m.weight is not None:
-                m.weight.fill_(1.0)
-            if m.bias is not None:
-                m.bias.zero_()
+            _norm_identity_(m)
         elif isinstance(m, nn.MultiheadAttention):
             if m.in_proj_weight is not None:
                 s = math.sqrt(2.6 / m.in_proj_weight.shape[1])
@@ -60,6 +76,14 @@ def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
             _zero(m.in_proj_bias)
         else:
             _loose_parameters_(m, gen)
+
+
+def _norm_identity_(m: nn.Module) -> None:
+    """A normalization layer's weight 1 and bias 0 (either may be absent: ``RMSNorm`` has no
+    bias)."""
+    if getattr(m, "weight", None) is not None:
+        m.weight.fill_(1.0)
+    _zero(getattr(m, "bias", None))
 
 
 def _zero(p) -> None:
@@ -70,7 +94,10 @@ def _zero(p) -> None:
 def _loose_parameters_(m: nn.Module, gen: torch.Generator) -> None:
     """Parameters registered directly on a module that no rule covers (a vision transformer's
     class token and position embedding; every ``Parameter`` of a block's member given by its
-    own path): normal, std 0.02 (the ViT position-embedding initialization)."""
+    own path): normal, std 0.02 (the ViT position-embedding initialization).  The originals
+    of a parametrized weight are not drawn: the weight itself is (see the module docstring)."""
+    if isinstance(m, parametrize.ParametrizationList):
+        return
     for p in m._parameters.values():
         if p is not None:
             nn.init.normal_(p, std=0.02, generator=gen)
@@ -80,7 +107,7 @@ def _loose_parameters_(m: nn.Module, gen: torch.Generator) -> None:
 def pytorch_default_(module: nn.Module, gen: torch.Generator) -> None:
     """PyTorch's default initialization (what ``reset_parameters()`` draws), from ``gen``:
     kaiming-uniform(a=sqrt(5)) weights and U(+-1/sqrt(fan_in)) biases; normalization layers
-    get weight 1, bias 0 AND reset running statistics (as ``reset_parameters`` does); a
+    (:data:`_NORM`) get weight 1, bias 0 AND reset running statistics (as ``reset_parameters`` does); a
     ``MultiheadAttention``'s input projection is Xavier uniform with bias 0 (its
     ``_reset_parameters``); parameters registered directly on other modules: normal, std 0.02."""
     for m in module.modules():
@@ -92,10 +119,7 @@ def pytorch_default_(module: nn.Module, gen: torch.Generator) -> None:
         elif isinstance(m, _NORM):
             if hasattr(m, "reset_running_stats"):
                 m.reset_running_stats()
-            if m.weight is not None:
-                m.weight.fill_(1.0)
-            if m.bias is not None:
-                m.bias.zero_()
+            _norm_identity_(m)
         elif isinstance(m, nn.MultiheadAttention):
             if m.in_proj_weight is not None:
                 nn.init.xavier_uniform_(m.in_proj_weight, generator=gen)
@@ -127,7 +151,9 @@ class Perturbation:
             (:func:`sanitylib.models.vit_init_`) for the vision transformers) or a callable
             ``(module, generator) -> None``; used by ``"reinit"``.
         sigma: noise standard deviation.
-        relative: for ``"gaussian"``, scale ``sigma`` by each parameter tensor's std.
+        relative: for ``"gaussian"``, scale ``sigma`` by each parameter tensor's std; a tensor
+            with one element or constant values (std 0) by its root mean square instead
+            (``|w|`` for one element), so only an all-zero tensor is left as it is.
     """
 
     kind: str = "reinit"
@@ -334,12 +360,20 @@ def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = Non
     (``"relu"``, a pooling layer) or, with ``example``, never runs in the forward pass (an
     auxiliary head in eval mode) is refused (``ValueError`` naming it and why; see
     :func:`inactive_blocks`).  Inferred blocks that never run are left out with a warning.
+    A block that cannot be randomized where the forward pass reads its weights (an old-style
+    ``weight_norm``/``spectral_norm`` hook) is refused (:func:`check_randomizable`).
 
     Returns:
         The blocks ``(Block, ...)`` ordered as given (top to bottom), or with
         ``return_skipped=True`` a pair ``(blocks, skipped)`` where ``skipped`` maps each
         inferred block left out to the reason (empty for declared or explicit blocks).
     """
+    out, skipped = _resolve_blocks(model, blocks, example)
+    check_randomizable(model, out)
+    return (out, skipped) if return_skipped else out
+
+
+def _resolve_blocks(model: nn.Module, blocks, example: torch.Tensor | None):
     info = get_info(model)
     declared = info.blocks if info is not None else None
     if blocks is None:
@@ -348,15 +382,15 @@ def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = Non
         else:
             out, skipped = _infer(model, example)
             _warn_skipped(skipped)
-        return (out, skipped) if return_skipped else out
+        return out, skipped
     if isinstance(blocks, numbers.Integral) and not isinstance(blocks, bool):
-        every, skipped = get_blocks(model, None, example, return_skipped=True)
+        every, skipped = _resolve_blocks(model, None, example)
         if not 1 <= blocks <= len(every):
             raise ValueError(f"blocks: {int(blocks)} top blocks asked for, the model has "
                              f"{len(every)} ({', '.join(b.name for b in every)}); pass an int in "
                              f"[1, {len(every)}]")  # fmt: skip
         out = tuple(every[: int(blocks)])
-        return (out, skipped) if return_skipped else out
+        return out, skipped
     if isinstance(blocks, (str, Block)) or not hasattr(blocks, "__iter__"):
         raise ValueError(f"blocks must be a list of blocks (Block objects, block names or module "
                          f"paths), the number of top blocks or None, got {blocks!r}; e.g. "
@@ -388,7 +422,7 @@ def get_blocks(model: nn.Module, blocks=None, example: torch.Tensor | None = Non
         raise ValueError("blocks: " + "; ".join(f"block {n!r} {why}" for n, why in bad.items())
                          + "; pass only blocks whose randomization can change the output")
     out = tuple(out)
-    return (out, {}) if return_skipped else out
+    return out, {}
 
 
 def cascading_stages(blocks: Sequence[Block]) -> list[Stage]:
@@ -426,15 +460,53 @@ def schedule_stages(blocks: Sequence[Block], schedule: str, order: str = "top_do
 # ----------------------------------------------------------------------------- apply / restore
 
 
+def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``model`` (the live tensors), keyed like ``state_dict``,
+    with the non-persistent buffers (``register_buffer(..., persistent=False)``, which
+    ``state_dict`` skips) after them under their ``named_buffers`` names."""
+    out = dict(model.state_dict(keep_vars=True))
+    for k, b in model.named_buffers():
+        if b is not None and k not in out:
+            out[k] = b
+    return out
+
+
+def _check_randomized(block: Block, perturbation: Perturbation | None, trained: Sequence[Tensor],
+                      now: Sequence[Tensor], stacklevel: int = 3) -> None:  # fmt: skip
+    """A warning when ``now`` (a block's parameters and buffers after its randomization)
+    equals ``trained`` (before it) in every tensor: the stage's maps are the trained model's
+    and score a similarity of 1 (an initializer that writes none of the block's weights,
+    multiplicative noise on zeros, or honestly: a re-initialization that draws the values the
+    block holds, such as an untrained normalization layer's weight 1 and bias 0)."""
+    if all(torch.equal(a, b) for a, b in zip(now, trained)):
+        p = perturbation or Perturbation()
+        warnings.warn(f"randomizing block {block.name!r} with {p.describe()} left every "
+                      f"parameter and buffer of the block as it was: its maps equal the trained "
+                      f"model's and score a similarity of 1; check that the initializer writes "
+                      f"the block's weights (a parametrized weight is written as the module's "
+                      f"plain attribute, e.g. m.weight)", UserWarning, stacklevel=stacklevel)  # fmt: skip
+
+
+def _block_tensors(model: nn.Module, block: Block) -> list[Tensor]:
+    """The parameters and buffers of ``block`` (the live tensors), each once."""
+    out: list[Tensor] = []
+    for member in _members(model, block):
+        for t in _named_tensors(member).values():
+            if all(t is not u for u in out):
+                out.append(t)
+    return out
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Clones of every parameter and buffer (keyed like ``state_dict``)."""
-    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    """Clones of every parameter and buffer, non-persistent buffers too (keyed like
+    ``state_dict``; see :func:`_named_tensors`)."""
+    return {k: v.detach().clone() for k, v in _named_tensors(model).items()}
 
 
 @torch.no_grad()
 def restore(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
     """Copy ``snap`` back into the model's tensors in place (bit-exact)."""
-    state = model.state_dict(keep_vars=True)
+    state = _named_tensors(model)
     for k, v in snap.items():
         state[k].data.copy_(v)
 
@@ -460,48 +532,173 @@ def evaluating(model: nn.Module, buffers: bool = True) -> Iterator[nn.Module]:
                         current[k].copy_(v)
 
 
+def _old_style_hook(m: nn.Module):
+    """The ``torch.nn.utils.weight_norm`` / ``spectral_norm`` hook of ``m`` (old style: it
+    recomputes the weight before every forward pass), or ``None``."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return next((h for h in m._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))),
+                None)  # fmt: skip
+
+
+def check_randomizable(model: nn.Module, blocks: Sequence[Block]) -> None:
+    """``ValueError`` naming the module unless every weight of ``blocks`` can be randomized
+    where the forward pass reads it: a module wrapped with the old-style
+    ``torch.nn.utils.weight_norm`` or ``spectral_norm`` (its hook recomputes ``weight`` from
+    ``weight_g``/``weight_v`` or ``weight_orig`` before every forward pass, so a drawn
+    ``weight`` is thrown away) and a parametrization without ``right_inverse`` (a drawn weight
+    cannot be carried to its originals) are refused."""
+    for b in blocks:
+        for path, member in zip(b.modules, _members(model, b)):
+            for name, m in member.named_modules(prefix=path):
+                hook = _old_style_hook(m)
+                if hook is not None:
+                    kind = "weight_norm" if type(hook).__name__ == "WeightNorm" else "spectral_norm"
+                    undo = "remove_weight_norm" if kind == "weight_norm" else "remove_spectral_norm"
+                    raise ValueError(
+                        f"block {b.name!r}: module {name!r} ({type(m).__name__}) is wrapped with "
+                        f"the old-style torch.nn.utils.{kind}, whose hook recomputes "
+                        f"{hook.name!r} from its originals before every forward pass, so a "
+                        f"randomized {hook.name!r} would be thrown away; wrap it with "
+                        f"torch.nn.utils.parametrizations.{kind} instead (or remove the hook "
+                        f"with torch.nn.utils.{undo})")  # fmt: skip
+                for tensor, plist in _parametrizations(m).items():
+                    lacking = [type(q).__name__ for q in plist if not hasattr(q, "right_inverse")]
+                    if lacking:
+                        raise ValueError(
+                            f"block {b.name!r}: the {tensor!r} of module {name!r} "
+                            f"({type(m).__name__}) is parametrized by {', '.join(lacking)} without "
+                            f"a right_inverse, so a randomized {tensor!r} cannot be carried to its "
+                            f"originals; give the parametrization a right_inverse method")  # fmt: skip
+
+
+def _parametrizations(m: nn.Module) -> dict[str, parametrize.ParametrizationList]:
+    """``{tensor name: its ParametrizationList}`` of the tensors of ``m`` itself (not of its
+    submodules) computed by ``torch.nn.utils.parametrize``."""
+    return dict(m.parametrizations.items()) if parametrize.is_parametrized(m) else {}
+
+
+def _used(module: nn.Module) -> list[Tensor]:
+    """The weights the forward pass of ``module`` uses, each once, in the order of
+    ``module.parameters()``: its parameters, with the originals of a parametrized tensor
+    replaced by the tensor computed from them (inside :func:`_drawable`: the one tensor the
+    initializer fills), placed before the module's own parameters (a weight before its bias)."""
+    out: list[Tensor] = []
+    for m in module.modules():
+        if isinstance(m, parametrize.ParametrizationList):
+            continue
+        out += [getattr(m, name) for name in _parametrizations(m)]
+        for p in m._parameters.values():
+            if p is not None and all(p is not q for q in out):
+                out.append(p)
+    return out
+
+
+@contextlib.contextmanager
+def _drawable(module: nn.Module) -> Iterator[None]:
+    """Inside, every parametrized tensor of ``module`` is one plain tensor (``m.weight`` gives
+    the same tensor at every access: ``torch.nn.utils.parametrize.cached``) that can be drawn
+    or perturbed in place; on exit each one that changed is written to its originals."""
+    owners = [(m, name) for m in module.modules() for name in _parametrizations(m)]
+    if not owners:
+        yield
+        return
+    with parametrize.cached():
+        before = [getattr(m, name).clone() for m, name in owners]
+        yield
+        after = [getattr(m, name) for m, name in owners]
+    for (m, name), old, new in zip(owners, before, after):
+        if not torch.equal(old, new):
+            _write_parametrized(m.parametrizations[name], new)
+
+
+def _write_parametrized(plist: parametrize.ParametrizationList, value: Tensor) -> None:
+    """Set the originals of ``plist`` in place so that it computes ``value`` (through the
+    parametrizations' ``right_inverse``), and a spectral norm's ``_u``/``_v`` to the leading
+    singular vectors of its input (the power iteration's fixed point)."""
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    for q in reversed(plist):
+        value = q.right_inverse(value)
+    originals = ([plist.original] if plist.is_tensor
+                 else [getattr(plist, f"original{i}") for i in range(plist.ntensors)])  # fmt: skip
+    for o, v in zip(originals, [value] if plist.is_tensor else list(value)):
+        o.copy_(v)
+    inputs = tuple(originals)
+    for i, q in enumerate(plist):
+        if isinstance(q, _SpectralNorm) and inputs[0].ndim > 1:
+            mat = q._reshape_weight_to_matrix(inputs[0]).double()
+            u, _, vh = torch.linalg.svd(mat, full_matrices=False)
+            q._u.copy_(u[:, 0])
+            q._v.copy_(vh[0].conj())
+        if i + 1 < len(plist):
+            inputs = (q(*inputs),)
+
+
+def _relative_scale(w: Tensor) -> float:
+    """The scale of relative noise on ``w``: its std, or its root mean square where the std is
+    undefined or 0 (one element, constant values)."""
+    std = float(w.std()) if w.numel() > 1 else 0.0
+    return std if std > 0 else float(w.double().square().mean().sqrt())
+
+
 @torch.no_grad()
 def randomize_(model: nn.Module, blocks: Sequence[Block], perturbation: Perturbation | None = None,
                seed: int = 0) -> None:  # fmt: skip
     """Randomize ``blocks`` of ``model`` in place; each block uses one generator seeded with
-    ``derive_seed(seed, block.name)`` (on the parameters' device), never the global RNG."""
+    ``derive_seed(seed, block.name)`` (on the parameters' device), never the global RNG.
+
+    Raises:
+        ValueError: a block cannot be randomized where the forward pass reads it
+            (:func:`check_randomizable`; before anything is drawn).
+    """
     p = perturbation or Perturbation()
     init = resolve_init(model, p.init) if p.kind == "reinit" else None
+    check_randomizable(model, blocks)
     for block in blocks:
         modules = _members(model, block)
         params = [w for m in modules for w in m.parameters()]
         device = params[0].device if params else torch.device("cpu")
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, block.name))
         for module in modules:
-            if init is not None:
-                init(module, gen)
-                continue
-            for w in module.parameters():
-                noise = torch.randn(w.shape, generator=gen, device=w.device, dtype=w.dtype)
-                if p.kind == "gaussian":
-                    scale = p.sigma * (float(w.std()) if p.relative and w.numel() > 1 else 1.0)
-                    w.add_(noise * scale)
-                else:
-                    w.mul_(1 + p.sigma * noise)
+            with _drawable(module):
+                if init is not None:
+                    init(module, gen)
+                    continue
+                for w in _used(module):
+                    noise = torch.randn(w.shape, generator=gen, device=w.device, dtype=w.dtype)
+                    if p.kind == "gaussian":
+                        w.add_(noise * (p.sigma * (_relative_scale(w) if p.relative else 1.0)))
+                    else:
+                        w.mul_(1 + p.sigma * noise)
 
 
 @contextlib.contextmanager
 def randomized(model: nn.Module, blocks: Sequence[Block], perturbation: Perturbation | None = None,
                seed: int = 0, snap: dict | None = None) -> Iterator[nn.Module]:  # fmt: skip
     """Context manager: randomize ``blocks`` in eval mode, yield the model, then restore every
-    parameter and buffer bit-exactly (and the train/eval mode), even on error.
+    parameter and buffer bit-exactly (non-persistent buffers too) and every module's own
+    ``training`` flag (a model may mix train and eval submodules), even on error.  A block left as
+    it was by its randomization gets a warning (:func:`_check_randomized`).
 
     ``snap`` (from :func:`snapshot`) avoids re-cloning the model when called in a loop.
     """
     snap = snap if snap is not None else snapshot(model)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         randomize_(model, blocks, perturbation, seed)
+        names = {id(t): k for k, t in _named_tensors(model).items()}
+        for b in blocks:
+            now = _block_tensors(model, b)
+            # the warning points at the caller's ``with`` (past contextlib's __enter__)
+            _check_randomized(b, perturbation, [snap[names[id(t)]] for t in now], now, stacklevel=4)
         model.eval()
         yield model
     finally:
         restore(model, snap)
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 # ----------------------------------------------------------------------------- model states
@@ -514,8 +711,9 @@ class ModelStates:
     trained weights.
 
     Each block's random tensors are drawn once with :func:`sanitylib.randomize.randomize_`
-    (its own generator), so a state equals ``randomized(model, blocks, perturbation, seed)``.
-    Blocks sharing tensors fall back to re-randomizing the whole state at every switch."""
+    (its own generator), so a state equals ``randomized(model, blocks, perturbation, seed)``
+    (and a block left as it was gets the same warning).  Blocks sharing tensors
+    fall back to re-randomizing the whole state at every switch."""
 
     def __init__(self, model: nn.Module, states: Sequence[Sequence[Block]],
                  perturbation: Perturbation, seed: int) -> None:  # fmt: skip
@@ -526,21 +724,20 @@ class ModelStates:
         blocks = {b.name: b for st in states for b in st}
         seen: dict[int, str] = {}
         self.shared = False
+        self.blocks = blocks
         for name, b in blocks.items():
-            ts = []
-            for member in _members(model, b):
-                for t in member.state_dict(keep_vars=True).values():
-                    if id(t) in seen and seen[id(t)] != name:
-                        self.shared = True
-                    if id(t) not in {id(u) for u in ts}:
-                        ts.append(t)
-                    seen[id(t)] = name
+            ts = _block_tensors(model, b)
+            for t in ts:
+                if id(t) in seen and seen[id(t)] != name:
+                    self.shared = True
+                seen[id(t)] = name
             self.tensors[name] = ts
             self.trained[name] = [t.detach().clone() for t in ts]
         if not self.shared:
             with torch.no_grad():
                 for name, b in blocks.items():
                     randomize_(model, [b], perturbation, seed)
+                    _check_randomized(b, perturbation, self.trained[name], self.tensors[name])
                     self.random[name] = [t.detach().clone() for t in self.tensors[name]]
                     for t, v in zip(self.tensors[name], self.trained[name]):
                         t.copy_(v)
@@ -556,6 +753,8 @@ class ModelStates:
                 self._write(name, self.trained[name])
             randomize_(self.model, self.states[k], self.perturbation, self.seed)
             for name in want:
+                _check_randomized(self.blocks[name], self.perturbation, self.trained[name],
+                                  self.tensors[name])  # fmt: skip
                 for t in self.tensors[name]:
                     self.dirty[id(t)] = t
         else:

@@ -508,3 +508,209 @@ def test_declared_blocks_are_unchanged():
         got, skipped = R.get_blocks(model, None, x, return_skipped=True)
         assert got == model.sanity_info.blocks and skipped == {}
         assert R.inactive_blocks(model, got, x) == {}
+
+
+# ---------------------------------------------------------------- parametrized weights
+P = nn.utils.parametrizations
+
+
+def _effective(layer: nn.Linear) -> torch.Tensor:
+    """The weight the forward pass uses (whatever stores it)."""
+    with torch.no_grad():
+        return (layer(torch.eye(layer.in_features)) - layer(torch.zeros(1, layer.in_features))).T
+
+
+@pytest.mark.parametrize("perturbation", ["he_truncated_normal", "pytorch", "gaussian", "relative"])
+def test_weight_norm_layer_is_randomized_like_the_plain_layer(perturbation):
+    """A ``parametrizations.weight_norm`` layer gets the weights the plain layer gets (the
+    documented He draw reaches the forward pass; its originals got normal(0, 0.02): weights
+    ~100x too small), and noise is added to the weight the forward pass uses."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(50, 40)).eval()
+    wrapped = nn.Sequential(P.weight_norm(nn.Linear(50, 40))).eval()
+    with torch.no_grad():
+        wrapped[0].weight = plain[0].weight.detach().clone()
+        wrapped[0].bias.copy_(plain[0].bias)
+    p = (R.Perturbation("gaussian", sigma=0.05) if perturbation == "gaussian" else
+         R.Perturbation("gaussian", sigma=0.5, relative=True) if perturbation == "relative" else
+         R.Perturbation(init=perturbation))  # fmt: skip
+    trained = _effective(wrapped[0])
+    with R.randomized(plain, [Block("l", ("0",))], p, seed=3) as m:
+        want = _effective(m[0])
+    with R.randomized(wrapped, [Block("l", ("0",))], p, seed=3) as m:
+        got = _effective(m[0])
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(_effective(wrapped[0]), trained)  # restored
+
+
+def test_spectral_norm_layer_is_the_normalized_draw():
+    """A ``parametrizations.spectral_norm`` layer: its original is the documented draw, and the
+    forward pass divides it by its exact spectral norm (the stale power-iteration vectors of
+    the trained weight gave another, arbitrary scale)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(30, 20)).eval()
+        wrapped = nn.Sequential(P.spectral_norm(nn.Linear(30, 20))).eval()
+    R.randomize_(plain, [Block("l", ("0",))], seed=1)
+    with R.randomized(wrapped, [Block("l", ("0",))], seed=1) as m:
+        w = m[0].weight.detach()
+    ref = plain[0].weight.detach()
+    assert torch.allclose(w, ref / torch.linalg.matrix_norm(ref, 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("wrap", [nn.utils.weight_norm, nn.utils.spectral_norm])
+def test_old_style_norm_hooks_are_refused_before_any_work(wrap):
+    """The old-style hooks recompute ``weight`` from ``weight_g``/``weight_v`` (``weight_orig``)
+    before every forward pass: a drawn ``weight`` was thrown away and the "randomized" layer
+    kept its trained weights (similarity 1).  Refused, naming the module, model untouched."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm's deprecation
+        net = nn.Sequential(wrap(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3)).eval()
+    before = clone_state(net)
+    x = torch.rand(2, 8)
+    for call in (lambda: R.get_blocks(net, ["0"], x), lambda: R.randomize_(net, [Block("a", ("0",))]),
+                 lambda: R.randomized(net, [Block("a", ("0",))]).__enter__()):
+        with pytest.raises(ValueError, match=r"module '0' \(Linear\).*old-style.*parametrizations"):
+            call()
+    assert state_equal(clone_state(net), before)
+
+
+def test_parametrization_without_right_inverse_is_refused():
+    class Sym(nn.Module):
+        def forward(self, w):
+            return w + w.T
+
+    net = nn.Sequential(nn.Linear(4, 4))
+    nn.utils.parametrize.register_parametrization(net[0], "weight", Sym())
+    with pytest.raises(ValueError, match="'weight' of module '0'.*Sym without a right_inverse"):
+        R.randomize_(net, [Block("a", ("0",))])
+
+
+def test_a_stage_that_changes_nothing_warns(bnnet):
+    """A randomization that leaves a block as it was (an initializer writing a copy, noise on
+    zeros) scored a similarity of 1 silently: ``randomized`` and ``ModelStates`` warn."""
+    before = clone_state(bnnet)
+
+    def writes_a_copy(module, gen):
+        module.weight.detach().clone().normal_(generator=gen)
+
+    p = R.Perturbation(init=writes_a_copy)
+    with pytest.warns(UserWarning, match="block 'fc'.*left every parameter and buffer"):
+        with R.randomized(bnnet, [Block("fc", ("fc",))], p):
+            pass
+    with pytest.warns(UserWarning, match="block 'fc'"):
+        R.ModelStates(bnnet, [(Block("fc", ("fc",)),)], p, 0)
+    assert state_equal(clone_state(bnnet), before)
+    net = nn.Sequential(nn.Linear(3, 3))
+    with torch.no_grad():
+        net[0].weight.zero_(), net[0].bias.zero_()
+    with pytest.warns(UserWarning, match="multiplicative"):
+        R.ModelStates(net, [(Block("l", ("0",)),)], R.Perturbation("multiplicative", sigma=0.1), 0)
+
+
+# ---------------------------------------------------------------- non-persistent buffers, modes
+class Scaled(nn.Linear):
+    """A linear layer times a non-persistent buffer (``state_dict`` skips it)."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__(i, o)
+        self.register_buffer("scale", torch.ones(o), persistent=False)
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def _draws_the_buffer(module, gen):
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.1, generator=gen)
+        if isinstance(m, Scaled):
+            m.scale.uniform_(0, 1, generator=gen)
+
+
+def test_non_persistent_buffers_are_restored_and_kept_out_of_the_trained_state():
+    """An initializer that draws a non-persistent buffer: ``randomized`` left it randomized and
+    the cascade's "trained" maps were computed with the randomized buffer."""
+    import sanitylib as sl
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), Scaled(64, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    p = R.Perturbation(init=_draws_the_buffer)
+    assert "1.scale" in R.snapshot(net)
+    with R.randomized(net, [Block("s", ("1",))], p) as m:
+        assert not torch.all(m[1].scale == 1)
+    assert torch.all(net[1].scale == 1)
+    ref = sl.explain(net, x, "gradient")
+    df = sl.cascading_randomization(net, x, ["gradient"], blocks=["3", "1"], metrics=["spearman"],
+                                    perturbation=p, store_maps=[0, 1, 2], cache=False, progress=False)  # fmt: skip
+    assert torch.equal(df.maps["original"]["gradient"], ref)
+    assert torch.all(net[1].scale == 1)
+
+
+def test_randomized_restores_every_modules_own_mode():
+    """``model.train(was_training)`` flattened mixed modes: an MC-dropout layer in an eval model
+    came back in eval mode, a frozen BatchNorm in a training model in train mode."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    for setup in (lambda: (net.eval(), net[2].train()), lambda: (net.train(), net[1].eval())):
+        setup()
+        modes = [m.training for m in net.modules()]
+        with R.randomized(net, [Block("0", ("0",))], seed=0) as m:
+            assert not any(s.training for s in m.modules())
+        assert [m.training for m in net.modules()] == modes
+
+
+# ---------------------------------------------------------------- every normalization layer
+NORMS = {"SyncBatchNorm": lambda: nn.SyncBatchNorm(4), "InstanceNorm2d": lambda: nn.InstanceNorm2d(4, affine=True),
+         "GroupNorm": lambda: nn.GroupNorm(2, 4), "LayerNorm": lambda: nn.LayerNorm(4)}  # fmt: skip
+if hasattr(nn, "RMSNorm"):
+    NORMS["RMSNorm"] = lambda: nn.RMSNorm(4)
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+@pytest.mark.parametrize("init", [R.he_truncated_normal_, R.pytorch_default_])
+def test_every_normalization_layer_gets_weight_1_and_bias_0(name, init):
+    """``SyncBatchNorm``, an affine ``InstanceNorm`` and ``RMSNorm`` got normal(0, 0.02) weights
+    (only BatchNorm1d-3d, LayerNorm and GroupNorm were normalization layers), and
+    ``pytorch_default_`` left a ``SyncBatchNorm``'s running statistics as trained."""
+    layer = NORMS[name]()
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.fill_(3.0)
+        if getattr(layer, "running_mean", None) is not None:
+            layer.running_mean.fill_(5.0)
+    init(layer, torch.Generator().manual_seed(0))
+    assert torch.all(layer.weight == 1)
+    assert getattr(layer, "bias", None) is None or torch.all(layer.bias == 0)
+    if getattr(layer, "running_mean", None) is not None:
+        assert torch.all(layer.running_mean == (0.0 if init is R.pytorch_default_ else 5.0))
+
+
+def test_relative_noise_on_one_element_and_constant_tensors():
+    """Relative noise was absolute (sigma) on a one-element tensor and added nothing to a
+    constant one (std 0): both are scaled by their root mean square now; a tensor with std > 0
+    gets exactly sigma * std as before, an all-zero one nothing."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.LayerNorm(4))
+    with torch.no_grad():
+        net[1].weight.fill_(1e-3)
+        net[2].weight.fill_(-2.0)  # constant, std 0
+    before = clone_state(net)
+    sigma = 0.1
+    R.randomize_(net, [Block("all", ("0", "1", "2"))], R.Perturbation("gaussian", sigma=sigma, relative=True))
+    gen = torch.Generator().manual_seed(R.derive_seed(0, "all"))
+    for k in ("0.weight", "0.bias", "1.weight", "2.weight", "2.bias"):  # the order of the draws
+        w = before[k]
+        noise = torch.randn(w.shape, generator=gen)
+        rms = float(w.double().square().mean().sqrt())
+        scale = float(w.std()) if w.numel() > 1 and float(w.std()) > 0 else rms
+        assert torch.equal(net.state_dict()[k], w + noise * (sigma * scale)), k
+    assert float((net[1].weight.detach() - before["1.weight"]).abs()) < 1e-3  # |w| 1e-3, not sigma
+    assert not torch.equal(net[2].weight, before["2.weight"])
+    assert torch.equal(net[2].bias, before["2.bias"])  # all zero: nothing to scale

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .attribution import explain
 from .metrics import pearson, similarity, spearman
 from .postprocess import abs_normalize
-from .randomize import get_blocks, randomize_, restore, snapshot
+from .randomize import _named_tensors, get_blocks, randomize_, restore, snapshot
 from .utils import derive_seed
 
 __all__ = ["ExerciseFailed", "Variation", "variation", "CHECKS", "check", "check_gradient_map",
@@ -165,7 +165,7 @@ def _guard(model: nn.Module, reference: tuple[dict[str, Tensor], list[bool]] | N
     try:
         yield report
     finally:
-        now = model.state_dict()
+        now = _named_tensors(model)  # snapshot's keys (non-persistent buffers too)
         report["changed"] = [k for k, v in state.items() if not torch.equal(now[k], v)]
         report["mode_changed"] = [m.training for m in modules] != modes
         restore(model, state)

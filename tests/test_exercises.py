@@ -92,6 +92,15 @@ def test_every_check_gives_the_model_back_completely(name):
         model.eval()
 
 
+def test_the_guard_restores_non_persistent_buffers():
+    """The snapshot holds non-persistent buffers (not in state_dict): the guard's comparison
+    read state_dict() and raised a KeyError on such a model."""
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("scale", torch.ones(2), persistent=False)
+    with ex._guard(model) as report:
+        model.scale.mul_(3)
+    assert report["changed"] == ["scale"] and torch.equal(model.scale, torch.ones(2))
+
 def test_a_stub_fails_with_a_clear_message():
     def stub(model, x, target):
         raise NotImplementedError("Exercise 1.1")

@@ -411,8 +411,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
     A table of several runs (``pd.concat`` of results) is summarized per run: the columns of
     :data:`sanitylib.result.RUN_COLUMNS` it has (``model``, ``schedule``, ``perturbation``) come first and are
-    part of the grouping, so a cascading and an independent run, or two models, are never
-    averaged together.  Runs that differ only in their seed are pooled (``n`` counts both)."""
+    part of the grouping, so a cascading and an independent run, or two models of different
+    labels, are never averaged together (two models are told apart by their label: give the
+    runs ``label=``; a model without one is named by its class).  Runs that differ only in their
+    seed are pooled (``n`` counts both)."""
     missing = {"stage_index", "stage", "method", "metric", "value"} - set(df.columns)
     if missing:
         raise ValueError(f"df lacks the columns {sorted(missing)} (expected a table of "

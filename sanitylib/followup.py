@@ -544,6 +544,11 @@ def emprt(model: nn.Module, x: Tensor, methods: Sequence, blocks=None, *, n_bins
     ``(H(e_random) - H(e_trained)) / H(e_trained)``.  No similarity measure is needed; higher is
     better (a map that becomes noise when the model does gains entropy).
 
+    The histogram takes every value of the raw map, all ``C x H x W`` of them; Quantus's
+    ``explain`` sums the channels first, so on 3-channel maps of the built-in methods the two
+    differ (a user probe measured -0.058 here against -0.004 channel-summed on one image);
+    they agree on single-channel maps and on a method that sums its channels itself.
+
     Every block is randomized (the end of a cascade in either order).  ``target``:
     ``"original"`` (the trained model's class, as in the paper) or ``"current"``.
     ``perturbation``: one :class:`~sanitylib.Perturbation` (default: the paper's

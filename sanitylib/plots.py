@@ -244,12 +244,6 @@ def _ylim(metric: str, *values) -> tuple[float, float]:
     return lo, hi
 
 
-def _identity(metric: str) -> float:
-    """The value of a map compared with itself, drawn at "original": 1 for the built-in
-    metrics; unknown (not drawn) for a user's (a distance scores 0)."""
-    return 1.0 if metric in registry.metric_names(builtin=True) else np.nan
-
-
 def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
                       methods: Sequence[str] | None = None, title: str | None = None,
                       floor: pd.DataFrame | Mapping[str, float] | None = None) -> Figure:  # fmt: skip
@@ -275,7 +269,7 @@ def similarity_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None,
         drawn = []
         for j, m in enumerate(methods):
             g = sub[sub["method"] == m].groupby("stage")["value"]
-            mean = np.r_[_identity(metric), g.mean().reindex(stages).to_numpy()]
+            mean = np.r_[registry.metric_identity(metric), g.mean().reindex(stages).to_numpy()]
             std = np.r_[0.0, g.std(ddof=0).reindex(stages).to_numpy()]
             drawn += [mean - std, mean + std]
             color = colors[m]
@@ -326,7 +320,7 @@ def similarity_panels(df: pd.DataFrame, floor: pd.DataFrame, metrics: Sequence[s
         for c, metric in enumerate(metrics):
             ax = axes[r, c]
             g = df[(df["metric"] == metric) & (df["method"] == m)].groupby("stage")["value"]
-            mean = np.r_[_identity(metric), g.mean().reindex(stages).to_numpy()]
+            mean = np.r_[registry.metric_identity(metric), g.mean().reindex(stages).to_numpy()]
             std = np.r_[0.0, g.std(ddof=0).reindex(stages).to_numpy()]
             if cumulative:
                 ax.plot(x, mean, marker="o", ms=2, lw=1.2, color=color)
@@ -573,6 +567,7 @@ def sensitivity_curves(df: pd.DataFrame, metric: str = "spearman",
     fig, axes = plt.subplots(1, len(sigmas), figsize=(size[0] * len(sigmas) + 1.6, size[1]),
                              squeeze=False, sharey=True, constrained_layout=True)  # fmt: skip
     colors = _method_colors(methods)
+    lines = []
     for ax, sigma in zip(axes[0], sigmas):
         for m in methods:
             v = wide.xs((m, sigma), level=("method", "sigma")).to_numpy(dtype=float)
@@ -581,6 +576,7 @@ def sensitivity_curves(df: pd.DataFrame, metric: str = "spearman",
             color = colors[m]
             ax.plot(x, mean, marker="o", ms=3, lw=1.4, color=color, label=METHOD_LABELS.get(m, m))
             ax.fill_between(x, mean - half, mean + half, color=color, alpha=0.15, lw=0)
+            lines += [mean - half, mean + half]
             if floor is not None:
                 fv = floor[(floor["method"] == m) & (floor["metric"] == metric)]["value"]
                 if len(fv) and fv.mean() < 0.999:
@@ -590,8 +586,9 @@ def sensitivity_curves(df: pd.DataFrame, metric: str = "spearman",
         ax.set_xticklabels(list(wide.columns), rotation=45, ha="right", fontsize=7)
         name = "sigma / std" if relative else "sigma"
         ax.set_title(f"{kind} noise, {name} = {sigma:g}")
-        ax.set_ylim(-0.2, 1.05)
         ax.set_xlabel("noise added from the top down to")
+    lo, hi = _ylim("spearman_abs", *lines)  # the panels share it; every value on the axes
+    axes[0, 0].set_ylim(min(lo, -0.2), hi)
     axes[0, 0].set_ylabel(f"{METRIC_LABELS.get(metric, metric)}\nto the trained model's map")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if floor is not None:

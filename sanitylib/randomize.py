@@ -183,7 +183,10 @@ class Perturbation:
         if self.kind == "reinit":
             name = self.init if isinstance(self.init, str) else getattr(self.init, "__name__", "custom")
             return f"reinit({name})"
-        return f"{self.kind}({self.sigma:g}{', relative' if self.relative else ''})"
+        sigma = f"{self.sigma:g}"
+        if float(sigma) != self.sigma:  # 0.5000001 read "0.5": two runs under one name
+            sigma = repr(float(self.sigma))
+        return f"{self.kind}({sigma}{', relative' if self.relative else ''})"
 
 
 def resolve_init(model: nn.Module, init: Union[str, Initializer]) -> Initializer:

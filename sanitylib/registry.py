@@ -23,6 +23,7 @@ This module imports nothing from sanitylib but :mod:`sanitylib.utils`.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -474,6 +475,13 @@ def get_metric(name: str) -> Metric:
     except (KeyError, TypeError):
         raise ValueError(f"unknown metric {name!r}; registered metrics: {', '.join(_METRICS)} "
                          "(or pass a callable metric(a, b) -> (N,) or a sanitylib.Metric)") from None
+
+
+def metric_identity(name: str) -> float:
+    """The value of a map compared with itself under metric ``name``: 1 for the built-in
+    similarity metrics; NaN (unknown) for a user's (a distance scores 0 there)."""
+    spec = _METRICS.get(name)
+    return 1.0 if spec is not None and spec.builtin else math.nan
 
 
 def check_map_size(metrics: Sequence[Metric], x: Tensor, name: str = "metrics") -> None:

@@ -37,8 +37,9 @@ from .attribution import check_seed, derive_seed
 from .experiment import explain_methods, run_randomization
 from .metrics import similarity
 from .randomize import Perturbation
-from .result import stage_order
-from .registry import check_map_size, resolve_methods, resolve_metrics
+from .result import check_one_run, stage_order
+from .registry import (check_map_size, metric_identity, metric_names, resolve_methods,
+                       resolve_metrics)
 from .spec import _is_int
 
 __all__ = ["noise_sensitivity", "same_model_floor", "floor_by_samples", "unit_curves", "sensitivity_summary",
@@ -178,23 +179,33 @@ def floor_by_samples(model: nn.Module, x: Tensor, method: str, sample_counts: Se
 
 def unit_curves(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One similarity curve per (method, sigma, image, draw): a wide table with the stages as
-    columns, preceded by the trained model's 1.0 (column ``"original"``)."""
+    columns, preceded by the trained model's value (column ``"original"``: 1 for the built-in
+    metrics, NaN for a user's, whose value for identical maps is unknown).
+
+    A table of several runs (models, noise kinds, absolute and relative sigmas: ``pd.concat`` of
+    :func:`noise_sensitivity` tables) is refused: their curves were averaged together."""
+    check_one_run(df, "unit_curves", ("model", "kind", "relative"))
     stages = stage_order(df)
     sub = df[df["metric"] == metric]
     if sub.empty:
         raise ValueError(f"no rows for metric {metric!r}")
-    wide = sub.pivot_table(index=["method", "sigma", *UNIT], columns="stage", values="value")
+    index = ["method", "sigma", *UNIT]
+    dup = sub.duplicated([*index, "stage"])
+    if dup.any():
+        raise ValueError(f"df has {int(dup.sum())} repeated (method, sigma, image, draw, stage) "
+                         "rows: it combines runs that unit_curves would average together")
+    wide = sub.pivot(index=index, columns="stage", values="value")
     wide = wide.reindex(columns=stages)
-    wide.insert(0, "original", 1.0)
+    wide.insert(0, "original", metric_identity(metric))
     return wide
 
 
 def bootstrap_ci(values: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
                  seed: int = 0) -> tuple[float, float]:  # fmt: skip
     """Percentile bootstrap interval of the mean of ``values`` (resampled with a seeded
-    generator)."""
+    generator); NaN without at least 2 values (one value gave an interval of width 0)."""
     values = np.asarray(values, dtype=float)
-    if values.size == 0:
+    if values.size < 2:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, values.size, size=(n_boot, values.size))
@@ -211,7 +222,18 @@ def sensitivity_summary(df: pd.DataFrame, metric: str = "spearman", *, n_boot: i
     negative = concave, positive = convex), each with a bootstrap interval over the
     (image, draw) units, and ``shape`` (``"concave"``/``"convex"`` when the interval excludes 0,
     else ``"neither"``); ``rank`` orders the methods per sigma from most (1) to least sensitive
-    by ``auc``."""
+    by ``auc``.
+
+    The interval resamples (image, draw) units as if independent: the images of one draw share
+    its noisy weights, so it is conditional on the draws, and too narrow where the draws differ
+    much (a user probe measured 2 of 12 intervals covering the mean over other seeds on a tiny
+    random CNN; on the book's MNIST models, 17 of 18).  Fewer than 2 units give NaN intervals
+    and ``shape`` ``"neither"``.  Built-in metrics only: the ranking reads higher as more
+    similar, which a user's metric (e.g. a distance) need not be."""
+    if metric_identity(metric) != 1.0:
+        raise ValueError(f"sensitivity_summary takes a built-in similarity metric ("
+                         f"{', '.join(metric_names(builtin=True))}); {metric!r} is not one, and "
+                         "its direction (is higher more similar?) is unknown")
     wide = unit_curves(df, metric)
     values = wide.to_numpy(dtype=float)
     per_unit = pd.DataFrame({

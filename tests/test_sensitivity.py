@@ -53,6 +53,38 @@ def test_summary_auc_curvature_shape_and_rank():
     assert shape == "partly"  # 1 of 3 concave at the smallest sigma, 3 of 3 convex at the largest
 
 
+def test_summary_keeps_runs_apart_and_takes_built_in_metrics():
+    """An absolute and a relative run (or two models, two noise kinds) concatenated were
+    averaged into one curve per unit (auc 0.31 between -0.01 and 0.63, with a narrower
+    interval); a user's distance got a made-up first point at 1 and a ranking that read lower
+    as more sensitive."""
+    lin = [[0.9, 0.8, 0.7]] * 4
+    a, b = synthetic({("g", 0.5): lin}), synthetic({("g", 0.5): [[0.1, 0.0, -0.1]] * 4})
+    both = pd.concat([a.assign(relative=False), b.assign(relative=True)])
+    with pytest.raises(ValueError, match=r"several runs \(relative: \[False, True\]\)"):
+        S.sensitivity_summary(both)
+    with pytest.raises(ValueError, match="repeated .* rows"):  # no column tells them apart
+        S.unit_curves(pd.concat([a, b]), "spearman")
+    dist = a.assign(metric="my_distance")
+    assert S.unit_curves(dist, "my_distance")["original"].isna().all()
+    with pytest.raises(ValueError, match="built-in similarity metric"):
+        S.sensitivity_summary(dist, metric="my_distance")
+
+
+def test_one_unit_gives_no_interval_and_no_shape():
+    """One (image, draw) unit gave an interval of width 0 and a definite shape."""
+    one = synthetic({("a", 0.1): [[0.4, 0.1, 0.0]]})
+    s = S.sensitivity_summary(one, n_boot=50).iloc[0]
+    assert s["n"] == 1 and math.isnan(s["auc_lo"]) and math.isnan(s["curvature_hi"])
+    assert s["shape"] == "neither"
+    assert all(math.isnan(v) for v in S.bootstrap_ci(np.array([0.3])))
+
+
+def test_perturbation_labels_tell_close_sigmas_apart():
+    assert sl.Perturbation("gaussian", sigma=0.5).describe() == "gaussian(0.5)"
+    assert sl.Perturbation("gaussian", sigma=2.0, relative=True).describe() == "gaussian(2, relative)"
+    assert sl.Perturbation("gaussian", sigma=0.5000001).describe() == "gaussian(0.5000001)"
+
 def test_report_claims_by_name():
     """The course report's claims (sanitylib.book.NOISE_CLAIMS) on a sensitivity summary."""
     rows = []

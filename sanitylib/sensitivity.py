@@ -227,7 +227,7 @@ def sensitivity_summary(df: pd.DataFrame, metric: str = "spearman", *, n_boot: i
     The interval resamples (image, draw) units as if independent: the images of one draw share
     its noisy weights, so it is conditional on the draws, and too narrow where the draws differ
     much (a user probe measured 2 of 12 intervals covering the mean over other seeds on a tiny
-    random CNN; on the book's MNIST models, 17 of 18).  Fewer than 2 units give NaN intervals
+    random CNN; on the book's MNIST models, 9 or 10 of 10 (MLP) and 8 of 8 (CNN)).  Fewer than 2 units give NaN intervals
     and ``shape`` ``"neither"``.  Built-in metrics only: the ranking reads higher as more
     similar, which a user's metric (e.g. a distance) need not be."""
     if metric_identity(metric) != 1.0:

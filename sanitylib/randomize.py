@@ -304,11 +304,16 @@ def _infer(model: nn.Module, example: torch.Tensor | None) -> tuple[tuple[Block,
     if is_vit(model):  # an encoder stack: head, each encoder block top-down, the embeddings
         return vit_blocks(model), {}
     children = _param_children(model, "")
+    # parameters registered on the model itself (a hand-built ViT's cls_token and pos_embed,
+    # as timm and DeiT register them) or on a wrapper descended into: in no child's block, they
+    # kept their trained values at every stage, silently
+    loose = [n for n, _ in model.named_parameters(recurse=False)]
     while len(children) == 1:
         name, only = children[0]
         inner = _param_children(only, f"{name}.")
         if not inner:
             break
+        loose += [f"{name}.{n}" for n, _ in only.named_parameters(recurse=False)]
         children = inner
     if not children:
         raise ValueError("cannot infer blocks: the model has no child module with parameters; "
@@ -324,7 +329,10 @@ def _infer(model: nn.Module, example: torch.Tensor | None) -> tuple[tuple[Block,
             raise ValueError("cannot infer blocks: no child module with parameters runs in the "
                              "forward pass; pass blocks=[...] explicitly")  # fmt: skip
         order = seen
-    return tuple(Block(n, (n,)) for n in reversed(order)), skipped
+    blocks = tuple(Block(n, (n,)) for n in reversed(order))
+    if loose:  # their own block, at the bottom: the last stage of a cascade leaves nothing trained
+        blocks += (Block("+".join(loose), tuple(loose)),)
+    return blocks, skipped
 
 
 def _warn_skipped(skipped: dict[str, str]) -> None:
@@ -342,8 +350,11 @@ def infer_blocks(model: nn.Module, example: torch.Tensor | None = None) -> tuple
     parameterized child with parameterized children of its own, and its blocks are named by
     their dotted paths (``"net.fc"``).  A torchvision ``VisionTransformer`` gets its encoder
     stack's blocks (:func:`sanitylib.models.vit_blocks`: the head, each encoder block from the
-    last to the first, the patch and position embeddings with the class token).  With
-    ``example``, the order is the execution order of a
+    last to the first, the patch and position embeddings with the class token).  Parameters
+    registered on the model itself (or on a wrapper descended into), such as a hand-built
+    ViT's ``cls_token`` and ``pos_embed``, form one more block at the bottom, named by their
+    paths joined with ``+`` (``"cls_token+pos_embed"``), so that the last stage of a cascade
+    leaves no parameter trained.  With ``example``, the order is the execution order of a
     traced forward pass (in eval mode; modes and buffers restored), and children that never run
     in it (torchvision's ``inception_v3``/``googlenet`` auxiliary heads in eval mode) are left
     out with a warning naming them; without it, the registration order."""

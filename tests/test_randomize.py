@@ -458,6 +458,43 @@ def _aux_models():
             (googlenet(weights=None, aux_logits=True, init_weights=False), 96, {"aux1", "aux2"})]
 
 
+class _LooseTokens(nn.Module):
+    """A hand-built ViT's way (timm, DeiT): the class token and the position embedding are
+    parameters of the model itself, not of a child module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(1)))
+        self.pos = nn.Parameter(torch.randn(1, 17, 8, generator=torch.Generator().manual_seed(2)))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(x), -1, -1), t], 1) + self.pos
+        return self.head(t[:, 0])
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_inferred_blocks_cover_parameters_registered_on_the_model(wrapped):
+    """They belonged to no block: the "fully randomized" last stage kept the trained class
+    token and position embedding (a user probe measured rollout at 0.12 there instead of -0.09)."""
+    model = _LooseTokens()
+    if wrapped:
+        model = nn.Sequential(model)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    blocks = R.get_blocks(model, None, x)
+    prefix = "0." if wrapped else ""
+    assert blocks[-1] == Block("cls+pos" if not wrapped else "0.cls+0.pos", (f"{prefix}cls", f"{prefix}pos"))
+    from sanitylib.models import block_parameters
+
+    owned = [id(p) for b in blocks for p in block_parameters(model, b)]
+    assert sorted(owned) == sorted(id(p) for p in model.parameters())
+    trained = R.snapshot(model)
+    with R.randomized(model, blocks, None, 0) as rm:
+        assert not any(torch.equal(v, trained[k]) for k, v in R.snapshot(rm).items() if "bias" not in k)
+    assert all(torch.equal(v, trained[k]) for k, v in R.snapshot(model).items())
+
 def test_inferred_blocks_leave_out_heads_that_never_run():
     """Old: the auxiliary heads (they never run in eval mode) were the first stages of the
     cascade: the maps were unchanged and every method scored 1.0, as if it had failed."""

@@ -38,7 +38,8 @@ its per-head attention probabilities (``need_weights=True, average_attn_weights=
 model calls it with ``need_weights=False``), forward hooks keep them; for the gradient methods
 the attention output is recomputed as ``out_proj(A V)`` from the returned ``A``, so that ``A``
 lies on the autograd path (the module returns a view of ``A`` made after its last use, which no
-gradient reaches), and checked against the module's own output.
+gradient reaches), and checked against the module's own output (within ``max(1e-4, 8 eps)`` of
+its scale, ``eps`` the rounding unit of its dtype: bfloat16 and float16 models round more).
 The attention is read only where the model calls each block's ``self_attention`` as a module
 (``self.self_attention(q, k, v)``, as torchvision's ``EncoderBlock``): a block that computes
 its attention otherwise (``F.scaled_dot_product_attention`` on the module's weights,
@@ -75,6 +76,13 @@ __all__ = ["TRANSFORMER_METHODS", "encoder_blocks", "attention_weights", "rollou
 TRANSFORMER_METHODS = ("raw_attention", "attention_rollout", "grad_attention_rollout", "vit_gradcam")
 
 _TOLERANCE = 1e-4  # recomputed attention output vs the module's own, relative to its scale
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """How far the recomputed attention output may be from the module's own, relative to its
+    scale: :data:`_TOLERANCE`, or 8 units of rounding of ``dtype`` where that is coarser
+    (bfloat16: 0.0625, float16: 0.0078; float32 and float64 keep 1e-4)."""
+    return max(_TOLERANCE, 8 * torch.finfo(dtype).eps)
 _MHA_PARAMS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 
 
@@ -257,7 +265,7 @@ class _Capture:
             new = _attend(module, attn, kwargs["value"])
             scale = float(out.detach().abs().max())
             err = float((new.detach() - out.detach()).abs().max())
-            if not err <= _TOLERANCE * max(scale, 1e-12):
+            if not err <= _tolerance(out.dtype) * max(scale, 1e-12):
                 raise RuntimeError(f"block {i}: the attention output recomputed from the "
                                    f"attention weights differs from the module's by {err:.3g} "
                                    f"(scale {scale:.3g}); masks or dropout?")  # fmt: skip

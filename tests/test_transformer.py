@@ -537,3 +537,20 @@ def test_attention_the_hooks_miss_is_refused_by_block(wrap, which, names, xv):
             call()
         assert hooks(m) == hk
 
+
+# ---------------------------------------------------------------- (11) low-precision models
+def test_gradient_methods_on_a_bfloat16_vit():
+    """The recomputed attention output was checked against the module's within 1e-4 of its scale
+    in every dtype: a bfloat16 ViT failed with "masks or dropout?" from ordinary rounding.  The
+    tolerance is 8 rounding units of the dtype where that is coarser (float32 keeps 1e-4); the
+    bfloat16 maps are those of the float32 model up to bfloat16 rounding."""
+    assert TR._tolerance(torch.float32) == TR._tolerance(torch.float64) == 1e-4
+    assert TR._tolerance(torch.bfloat16) == 8 * 2**-7
+    m32 = tiny_vit(seed=1, channels=1, layers=2)
+    m16 = tiny_vit(seed=1, channels=1, layers=2).to(torch.bfloat16)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 1, 2])
+    for method in ("grad_attention_rollout", "vit_gradcam"):
+        got = sl.explain(m16, x.to(torch.bfloat16), method, target=t)
+        assert got.dtype == torch.bfloat16
+        rel_close(got.float(), sl.explain(m32, x, method, target=t), 0.1)

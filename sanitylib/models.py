@@ -224,6 +224,56 @@ def _trunc_normal(w: torch.Tensor, std: float, gen: torch.Generator) -> None:
     nn.init.trunc_normal_(w, 0.0, std, a=-2 * std, b=2 * std, generator=gen)
 
 
+# ----------------------------------------------------------------------------- rules shared by the initializers
+# (here rather than in sanitylib.randomize, which imports this module: vit_init_ uses them too)
+
+#: The normalization layers (weight 1, bias 0): batch and instance normalization
+#: (``_NormBase``: also ``SyncBatchNorm`` and an affine ``InstanceNorm``), layer, group and RMS
+#: normalization.
+_NORM = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + \
+    ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())  # fmt: skip
+
+
+def _zero(p) -> None:
+    if p is not None:
+        p.zero_()
+
+
+def _norm_identity_(m: nn.Module, reset_running_stats: bool = False) -> None:
+    """A normalization layer (:data:`_NORM`)'s weight 1 and bias 0 (either may be absent:
+    ``RMSNorm`` has no bias); with ``reset_running_stats`` also its running statistics reset
+    (mean 0, variance 1, as a new layer's), where it has any."""
+    if reset_running_stats and hasattr(m, "reset_running_stats"):
+        m.reset_running_stats()
+    if getattr(m, "weight", None) is not None:
+        m.weight.fill_(1.0)
+    _zero(getattr(m, "bias", None))
+
+
+def _attention_(m: nn.MultiheadAttention, weight: Callable[[torch.Tensor], None],
+                extra_kv: Callable[[torch.Tensor], None]) -> None:  # fmt: skip
+    """Every parameter a ``MultiheadAttention`` registers itself (its ``out_proj`` is a
+    ``Linear`` module of its own, drawn by the ``Linear`` rule): the input projection --
+    ``in_proj_weight``, or ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` in this order
+    where the key/value widths (``kdim``/``vdim``) differ from ``embed_dim`` -- by ``weight``;
+    ``in_proj_bias`` 0; the learned extra key and value ``bias_k``, ``bias_v``
+    (``add_bias_kv=True``) by ``extra_kv``.  Absent tensors draw nothing."""
+    for w in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight):
+        if w is not None:
+            weight(w)
+    _zero(m.in_proj_bias)
+    for b in (m.bias_k, m.bias_v):
+        if b is not None:
+            extra_kv(b)
+
+
+def _pytorch_attention_(m: nn.MultiheadAttention, gen: torch.Generator) -> None:
+    """PyTorch's own ``MultiheadAttention._reset_parameters``, drawn from ``gen`` (:func:`_attention_`):
+    Xavier uniform input projection, bias 0, Xavier normal ``bias_k``/``bias_v``."""
+    _attention_(m, lambda w: nn.init.xavier_uniform_(w, generator=gen),
+                lambda b: nn.init.xavier_normal_(b, generator=gen))  # fmt: skip
+
+
 @torch.no_grad()
 def init_mnist_cnn_(module: nn.Module, gen: torch.Generator) -> None:
     """The authors' CNN initializer: weights truncated normal std 0.1, biases 0.1."""
@@ -284,8 +334,11 @@ def vit_init_(module: nn.Module, gen: torch.Generator) -> None:
 
     * patch embedding (``Conv2d``): truncated normal, std ``sqrt(1 / fan_in)``, bias 0;
     * ``Linear`` layers (MLPs, attention output, head): Xavier uniform, bias normal(0, 1e-6);
-    * ``MultiheadAttention`` input projection: Xavier uniform, bias 0;
-    * ``LayerNorm``: weight 1, bias 0;
+    * ``MultiheadAttention``: PyTorch's own rule (:func:`_pytorch_attention_`): the input
+      projection (``in_proj_weight``, or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ
+      from the width) Xavier uniform, bias 0, ``bias_k``/``bias_v`` Xavier normal;
+    * normalization layers (``LayerNorm``, also a conv stem's ``BatchNorm``: any of
+      :data:`_NORM`): weight 1, bias 0, running statistics reset (a new layer's);
     * parameters registered directly on other modules (the class token, the position
       embedding), and a parameter given on its own: normal, std 0.02.
     """
@@ -300,15 +353,9 @@ def vit_init_(module: nn.Module, gen: torch.Generator) -> None:
             if m.bias is not None:
                 nn.init.normal_(m.bias, std=1e-6, generator=gen)
         elif isinstance(m, nn.MultiheadAttention):
-            if m.in_proj_weight is not None:
-                nn.init.xavier_uniform_(m.in_proj_weight, generator=gen)
-            if m.in_proj_bias is not None:
-                m.in_proj_bias.zero_()
-        elif isinstance(m, nn.LayerNorm):
-            if m.weight is not None:
-                m.weight.fill_(1.0)
-            if m.bias is not None:
-                m.bias.zero_()
+            _pytorch_attention_(m, gen)
+        elif isinstance(m, _NORM):
+            _norm_identity_(m, reset_running_stats=True)
         else:
             for p in m._parameters.values():
                 if p is not None:

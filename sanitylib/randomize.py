@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .models import (Block, block_member, get_info, get_submodule, init_mnist_cnn_, init_mnist_mlp_,
-                     is_vit, vit_blocks, vit_init_)
+from .models import (_NORM, Block, _attention_, _norm_identity_, _pytorch_attention_, _zero, block_member,
+                     get_info, get_submodule, init_mnist_cnn_, init_mnist_mlp_, is_vit, vit_blocks, vit_init_)
 from .utils import derive_seed
 
 __all__ = ["INITS", "Perturbation", "Stage", "get_blocks", "infer_blocks", "cascading_stages",
@@ -43,52 +43,35 @@ __all__ = ["INITS", "Perturbation", "Stage", "get_blocks", "infer_blocks", "casc
 
 Initializer = Callable[[nn.Module, torch.Generator], None]
 
-#: The normalization layers (weight 1, bias 0): batch and instance normalization
-#: (``_NormBase``: also ``SyncBatchNorm`` and an affine ``InstanceNorm``), layer, group and RMS
-#: normalization.
-_NORM = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + \
-    ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())  # fmt: skip
-
 
 @torch.no_grad()
 def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
     """The authors' re-initialization (TF-slim ``variance_scaling_initializer``): conv/linear
     weights from a normal with ``std = sqrt(1.3 * 2 / fan_in)`` truncated at +-2 std, biases 0;
-    normalization layers (:data:`_NORM`) get weight 1 and bias 0 and KEEP their running
-    statistics.  Beyond
-    the paper's models: a ``MultiheadAttention``'s input projection is drawn like a dense
-    weight (``fan_in`` = the embedding width, bias 0), and parameters registered directly on
-    other modules (a vision transformer's class token and position embedding) from a normal
-    with std 0.02 (:func:`_loose_parameters_`)."""
+    normalization layers (:data:`sanitylib.models._NORM`) get weight 1 and bias 0 and KEEP
+    their running statistics.  Beyond the paper's models: a ``MultiheadAttention``'s input
+    projection (``in_proj_weight``, or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ from
+    the width) is drawn like a dense weight (``fan_in`` = its input width, bias 0), and its
+    learned extra key and value ``bias_k``/``bias_v`` (``add_bias_kv=True``) are biases: 0
+    (:func:`sanitylib.models._attention_`); parameters registered directly on other modules (a
+    vision transformer's class token and position embedding) from a normal with std 0.02
+    (:func:`_loose_parameters_`)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            fan_in = m.weight[0].numel()
-            s = math.sqrt(2.6 / fan_in)
-            nn.init.trunc_normal_(m.weight, 0.0, s, a=-2 * s, b=2 * s, generator=gen)
+            _he_trunc_(m.weight, m.weight[0].numel(), gen)
             if m.bias is not None:
                 m.bias.zero_()
         elif isinstance(m, _NORM):
             _norm_identity_(m)
         elif isinstance(m, nn.MultiheadAttention):
-            if m.in_proj_weight is not None:
-                s = math.sqrt(2.6 / m.in_proj_weight.shape[1])
-                nn.init.trunc_normal_(m.in_proj_weight, 0.0, s, a=-2 * s, b=2 * s, generator=gen)
-            _zero(m.in_proj_bias)
+            _attention_(m, lambda w: _he_trunc_(w, w.shape[1], gen), _zero)
         else:
             _loose_parameters_(m, gen)
 
 
-def _norm_identity_(m: nn.Module) -> None:
-    """A normalization layer's weight 1 and bias 0 (either may be absent: ``RMSNorm`` has no
-    bias)."""
-    if getattr(m, "weight", None) is not None:
-        m.weight.fill_(1.0)
-    _zero(getattr(m, "bias", None))
-
-
-def _zero(p) -> None:
-    if p is not None:
-        p.zero_()
+def _he_trunc_(w: Tensor, fan_in: int, gen: torch.Generator) -> None:
+    s = math.sqrt(2.6 / fan_in)
+    nn.init.trunc_normal_(w, 0.0, s, a=-2 * s, b=2 * s, generator=gen)
 
 
 def _loose_parameters_(m: nn.Module, gen: torch.Generator) -> None:
@@ -107,9 +90,12 @@ def _loose_parameters_(m: nn.Module, gen: torch.Generator) -> None:
 def pytorch_default_(module: nn.Module, gen: torch.Generator) -> None:
     """PyTorch's default initialization (what ``reset_parameters()`` draws), from ``gen``:
     kaiming-uniform(a=sqrt(5)) weights and U(+-1/sqrt(fan_in)) biases; normalization layers
-    (:data:`_NORM`) get weight 1, bias 0 AND reset running statistics (as ``reset_parameters`` does); a
-    ``MultiheadAttention``'s input projection is Xavier uniform with bias 0 (its
-    ``_reset_parameters``); parameters registered directly on other modules: normal, std 0.02."""
+    (:data:`sanitylib.models._NORM`) get weight 1, bias 0 AND reset running statistics (as
+    ``reset_parameters`` does); a ``MultiheadAttention``'s own parameters as its
+    ``_reset_parameters`` draws them (:func:`sanitylib.models._pytorch_attention_`: the input
+    projection, ``in_proj_weight`` or ``q/k/v_proj_weight``, Xavier uniform with bias 0,
+    ``bias_k``/``bias_v`` Xavier normal); parameters registered directly on other modules:
+    normal, std 0.02."""
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=gen)
@@ -117,13 +103,9 @@ def pytorch_default_(module: nn.Module, gen: torch.Generator) -> None:
                 bound = 1 / math.sqrt(m.weight[0].numel())
                 nn.init.uniform_(m.bias, -bound, bound, generator=gen)
         elif isinstance(m, _NORM):
-            if hasattr(m, "reset_running_stats"):
-                m.reset_running_stats()
-            _norm_identity_(m)
+            _norm_identity_(m, reset_running_stats=True)
         elif isinstance(m, nn.MultiheadAttention):
-            if m.in_proj_weight is not None:
-                nn.init.xavier_uniform_(m.in_proj_weight, generator=gen)
-            _zero(m.in_proj_bias)
+            _pytorch_attention_(m, gen)
         else:
             _loose_parameters_(m, gen)
 

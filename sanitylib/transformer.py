@@ -38,7 +38,14 @@ its per-head attention probabilities (``need_weights=True, average_attn_weights=
 model calls it with ``need_weights=False``), forward hooks keep them; for the gradient methods
 the attention output is recomputed as ``out_proj(A V)`` from the returned ``A``, so that ``A``
 lies on the autograd path (the module returns a view of ``A`` made after its last use, which no
-gradient reaches), and checked against the module's own output.  The hooks are removed
+gradient reaches), and checked against the module's own output (within ``max(1e-4, 8 eps)`` of
+its scale, ``eps`` the rounding unit of its dtype: bfloat16 and float16 models round more).
+The attention is read only where the model calls each block's ``self_attention`` as a module
+(``self.self_attention(q, k, v)``, as torchvision's ``EncoderBlock``): a block that computes
+its attention otherwise (``F.scaled_dot_product_attention`` on the module's weights,
+``self_attention.forward(...)``), and an ``nn.MultiheadAttention`` that runs but is no block's
+``self_attention`` (stored under another name), are refused after the forward pass with a
+``ValueError`` naming them, never read around.  The hooks are removed
 afterwards, also on error.  :func:`attention_weights`, :func:`sanitylib.explain` and the runners
 run the model in eval mode and restore its training flags and buffers
 (:func:`sanitylib.randomize.evaluating`).
@@ -69,6 +76,13 @@ __all__ = ["TRANSFORMER_METHODS", "encoder_blocks", "attention_weights", "rollou
 TRANSFORMER_METHODS = ("raw_attention", "attention_rollout", "grad_attention_rollout", "vit_gradcam")
 
 _TOLERANCE = 1e-4  # recomputed attention output vs the module's own, relative to its scale
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """How far the recomputed attention output may be from the module's own, relative to its
+    scale: :data:`_TOLERANCE`, or 8 units of rounding of ``dtype`` where that is coarser
+    (bfloat16: 0.0625, float16: 0.0078; float32 and float64 keep 1e-4)."""
+    return max(_TOLERANCE, 8 * torch.finfo(dtype).eps)
 _MHA_PARAMS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 
 
@@ -86,7 +100,14 @@ def encoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def check_transformer(model: nn.Module, method: str = "attention_weights") -> list[nn.Module]:
     """The model's encoder blocks (:func:`encoder_blocks`); ``ValueError`` naming ``method``
     unless ``model`` is a vision transformer whose blocks' attention sanitylib can read
-    (``batch_first=True`` as torchvision's, no ``bias_k``/``bias_v``, no ``add_zero_attn``)."""
+    (``batch_first=True`` as torchvision's, no ``bias_k``/``bias_v``, no ``add_zero_attn``).
+    Whether every block's attention is called as a module is only known from a forward pass:
+    the methods check it there (see the module docstring)."""
+    return [b for _, b in _named_blocks(model, method)]
+
+
+def _named_blocks(model: nn.Module, method: str) -> list[tuple[str, nn.Module]]:
+    """:func:`check_transformer`'s blocks with their paths."""
     check_model(model)
     blocks = encoder_blocks(model)
     if not blocks:
@@ -104,7 +125,7 @@ def check_transformer(model: nn.Module, method: str = "attention_weights") -> li
             raise ValueError(f"method {method!r}: the attention of block {name!r} is not batch_first "
                              "(tokens (B, T, D), as torchvision's EncoderBlock), which sanitylib "
                              "does not support")  # fmt: skip
-    return [b for _, b in blocks]
+    return blocks
 
 
 def patch_grid(model: nn.Module, x: Tensor, n_patches: int) -> tuple[int, int]:
@@ -150,20 +171,30 @@ def tokens_to_map(values: Tensor, model: nn.Module, x: Tensor) -> Tensor:
 
 
 class _Capture:
-    """Hooks on every block's attention: ``attn[i]`` the last forward pass's attention
-    probabilities ``(B, heads, T, T)`` of block ``i``, ``tokens[i]`` its query input
-    ``(B, T, D)``.  With ``grad=True`` the attention output is recomputed from ``attn[i]`` so
-    that gradients reach it."""
+    """Hooks on the blocks' attention: ``attn[i]`` the last forward pass's attention
+    probabilities ``(B, heads, T, T)`` of the ``i``-th captured block, ``tokens[i]`` its query
+    input ``(B, T, D)``; every block is captured, or with ``last=True`` the last one only.
+    With ``grad=True`` the attention output is recomputed from ``attn[i]`` so that gradients
+    reach it.  Every ``nn.MultiheadAttention`` of the model is also watched, so that
+    :meth:`run` can refuse a forward pass that did not call each block's ``self_attention``
+    as a module, or that ran an attention which is no block's (see :meth:`check`)."""
 
-    def __init__(self, blocks: Sequence[nn.Module], grad: bool) -> None:
-        self.mhas = [b.self_attention for b in blocks]
-        self.grad = grad
-        self.attn: list[Tensor | None] = [None] * len(blocks)
-        self.tokens: list[Tensor | None] = [None] * len(blocks)
+    def __init__(self, model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], method: str,
+                 grad: bool, last: bool = False) -> None:  # fmt: skip
+        self.model, self.method, self.grad = model, method, grad
+        self.names = [n for n, _ in blocks]
+        self.block_mhas = [b.self_attention for _, b in blocks]
+        self.mhas = self.block_mhas[-1:] if last else self.block_mhas
+        self.attn: list[Tensor | None] = [None] * len(self.mhas)
+        self.tokens: list[Tensor | None] = [None] * len(self.mhas)
+        self.ran: set[int] = set()  # id() of every MultiheadAttention that ran as a module
         self.handles: list = []
 
     def __enter__(self) -> "_Capture":
         try:
+            for mha in {id(m): m for m in self.model.modules() if isinstance(m, nn.MultiheadAttention)}.values():
+                self.handles.append(mha.register_forward_hook(
+                    lambda module, args, output: self.ran.add(id(module))))  # fmt: skip
             for i, mha in enumerate(self.mhas):
                 self.handles.append(mha.register_forward_pre_hook(self._pre(i), with_kwargs=True))
                 self.handles.append(mha.register_forward_hook(self._post(i), with_kwargs=True))
@@ -176,6 +207,42 @@ class _Capture:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+    def run(self, x: Tensor) -> Tensor:
+        """``model(x)``, then :meth:`check`."""
+        self.ran.clear()
+        out = self.model(x)
+        self.check()
+        return out
+
+    def check(self) -> None:
+        """``ValueError`` naming every block whose ``self_attention`` did not run as a module in
+        the forward pass (its hooks never fired: the block computes its attention some other
+        way), and every ``nn.MultiheadAttention`` that ran but is no block's ``self_attention``
+        (with its block: the attention methods would read around it, e.g. take an earlier
+        block's attention for the last one's)."""
+        missing = [n for n, m in zip(self.names, self.block_mhas) if id(m) not in self.ran]
+        own = {id(m) for m in self.block_mhas}
+        stray = [n for n, m in self.model.named_modules()
+                 if isinstance(m, nn.MultiheadAttention) and id(m) in self.ran and id(m) not in own]  # fmt: skip
+        if not missing and not stray:
+            return
+        parts = []
+        if missing:
+            parts.append(f"the attention of block(s) {', '.join(map(repr, missing))} was not captured: "
+                         "their `self_attention` never ran as a module in the forward pass (the block "
+                         "computes its attention otherwise, e.g. with F.scaled_dot_product_attention "
+                         "or by calling self_attention.forward(...))")  # fmt: skip
+        if stray:
+            blocks = [n.rpartition(".")[0] or "(the model)" for n in stray]
+            parts.append(f"the nn.MultiheadAttention {', '.join(map(repr, stray))} ran but is not the "
+                         f"`self_attention` of its block ({', '.join(map(repr, blocks))}), so its "
+                         "attention was not captured")  # fmt: skip
+        raise ValueError(f"method {self.method!r}: {'; '.join(parts)}.  The attention methods read "
+                         "every block's attention through hooks: each block needs an "
+                         "nn.MultiheadAttention stored as its `self_attention` and called as a module "
+                         "(`self.self_attention(q, k, v)`, as torchvision's EncoderBlock), and no "
+                         "other attention may run")  # fmt: skip
 
     def _pre(self, i: int):
         def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict):
@@ -198,7 +265,7 @@ class _Capture:
             new = _attend(module, attn, kwargs["value"])
             scale = float(out.detach().abs().max())
             err = float((new.detach() - out.detach()).abs().max())
-            if not err <= _TOLERANCE * max(scale, 1e-12):
+            if not err <= _tolerance(out.dtype) * max(scale, 1e-12):
                 raise RuntimeError(f"block {i}: the attention output recomputed from the "
                                    f"attention weights differs from the module's by {err:.3g} "
                                    f"(scale {scale:.3g}); masks or dropout?")  # fmt: skip
@@ -223,12 +290,6 @@ def _attend(mha: nn.MultiheadAttention, attn: Tensor, value: Tensor) -> Tensor:
     return mha.out_proj(out)
 
 
-def _check_batch(model: nn.Module, x: Tensor, method: str) -> list[nn.Module]:
-    blocks = check_transformer(model, method)
-    check_input(model, x)
-    return blocks
-
-
 def attention_weights(model: nn.Module, x: Tensor) -> list[Tensor]:
     """The attention probabilities of every encoder block of a vision transformer.
 
@@ -244,11 +305,14 @@ def attention_weights(model: nn.Module, x: Tensor) -> list[Tensor]:
 
     Raises:
         ValueError: ``model`` is not a vision transformer (before any work) or ``x`` does not
-            fit it.
+            fit it; after the forward pass, a block's attention was not captured (its
+            ``self_attention`` not called as a module) or an attention that is no block's
+            ``self_attention`` ran (see the module docstring).
     """
-    blocks = _check_batch(model, x, "attention_weights")
-    with evaluating(model), torch.no_grad(), _Capture(blocks, grad=False) as cap:
-        model(x)
+    blocks = _named_blocks(model, "attention_weights")
+    check_input(model, x)
+    with evaluating(model), torch.no_grad(), _Capture(model, blocks, "attention_weights", grad=False) as cap:
+        cap.run(x)
         return [a.detach() for a in cap.attn]
 
 
@@ -296,13 +360,13 @@ def grad_rollout(attentions: Sequence[Tensor], grads: Sequence[Tensor]) -> Tenso
 
 
 @contextlib.contextmanager
-def _graph(model: nn.Module, blocks: Sequence[nn.Module], x: Tensor,
-           target: Tensor) -> Iterator[tuple[_Capture, Tensor, Tensor]]:  # fmt: skip
+def _graph(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], method: str, x: Tensor,
+           target: Tensor, last: bool = False) -> Iterator[tuple[_Capture, Tensor, Tensor]]:  # fmt: skip
     """One forward pass of ``x`` with the attention on the autograd path: the capture, the
     input (requiring grad) and the summed target logits."""
-    with torch.enable_grad(), _Capture(blocks, grad=True) as cap:
+    with torch.enable_grad(), _Capture(model, blocks, method, grad=True, last=last) as cap:
         xg = x.detach().requires_grad_(True)
-        logits = model(xg)
+        logits = cap.run(xg)
         yield cap, xg, logits.gather(1, target.to(logits.device)[:, None]).sum()
 
 
@@ -310,33 +374,32 @@ def _chunks(x: Tensor, target: Tensor, ctx: Context) -> Iterator[tuple[Tensor, T
     return zip(x.split(ctx.batch_size), target.split(ctx.batch_size))
 
 
-def _raw_attention(model, x, target, ctx: Context) -> Tensor:
-    blocks = check_transformer(model, "raw_attention")
+def _attentions(model, x, target, ctx: Context, method: str, last: bool, reduce) -> Tensor:
+    """The maps ``tokens_to_map(reduce(attentions))`` of every chunk, the attention of every
+    block (``last=False``) or of the last one, without gradients."""
+    blocks = _named_blocks(model, method)
     out = []
     with torch.no_grad():
         for xc, _ in _chunks(x, target, ctx):
-            with _Capture(blocks[-1:], grad=False) as cap:
-                model(xc)
-            out.append(tokens_to_map(cap.attn[0].mean(1)[:, 0, 1:], model, xc))
+            with _Capture(model, blocks, method, grad=False, last=last) as cap:
+                cap.run(xc)
+            out.append(tokens_to_map(reduce(cap.attn), model, xc))
     return torch.cat(out)
+
+
+def _raw_attention(model, x, target, ctx: Context) -> Tensor:
+    return _attentions(model, x, target, ctx, "raw_attention", True, lambda a: a[0].mean(1)[:, 0, 1:])
 
 
 def _attention_rollout(model, x, target, ctx: Context) -> Tensor:
-    blocks = check_transformer(model, "attention_rollout")
-    out = []
-    with torch.no_grad():
-        for xc, _ in _chunks(x, target, ctx):
-            with _Capture(blocks, grad=False) as cap:
-                model(xc)
-            out.append(tokens_to_map(rollout(cap.attn)[:, 0, 1:], model, xc))
-    return torch.cat(out)
+    return _attentions(model, x, target, ctx, "attention_rollout", False, lambda a: rollout(a)[:, 0, 1:])
 
 
 def _grad_attention_rollout(model, x, target, ctx: Context) -> Tensor:
-    blocks = check_transformer(model, "grad_attention_rollout")
+    blocks = _named_blocks(model, "grad_attention_rollout")
     out = []
     for xc, tc in _chunks(x, target, ctx):
-        with _graph(model, blocks, xc, tc) as (cap, _, sel):
+        with _graph(model, blocks, "grad_attention_rollout", xc, tc) as (cap, _, sel):
             grads = torch.autograd.grad(sel, cap.attn)
             attn = [a.detach() for a in cap.attn]
         out.append(tokens_to_map(grad_rollout(attn, grads)[:, 0, 1:], model, xc))
@@ -344,10 +407,10 @@ def _grad_attention_rollout(model, x, target, ctx: Context) -> Tensor:
 
 
 def _vit_gradcam(model, x, target, ctx: Context) -> Tensor:
-    blocks = check_transformer(model, "vit_gradcam")
+    blocks = _named_blocks(model, "vit_gradcam")
     out = []
     for xc, tc in _chunks(x, target, ctx):
-        with _graph(model, blocks[-1:], xc, tc) as (cap, _, sel):
+        with _graph(model, blocks, "vit_gradcam", xc, tc, last=True) as (cap, _, sel):
             tokens = cap.tokens[0]
             (grad,) = torch.autograd.grad(sel, tokens)
         feats, g = tokens.detach()[:, 1:], grad[:, 1:]  # (n, patches, D)

@@ -751,3 +751,58 @@ def test_relative_noise_on_one_element_and_constant_tensors():
     assert float((net[1].weight.detach() - before["1.weight"]).abs()) < 1e-3  # |w| 1e-3, not sigma
     assert not torch.equal(net[2].weight, before["2.weight"])
     assert torch.equal(net[2].bias, before["2.bias"])  # all zero: nothing to scale
+
+
+# ---------------------------------------------------------------- attention and vision transformers
+ATTENTIONS = {"kdim/vdim": dict(kdim=6, vdim=5), "add_bias_kv": dict(add_bias_kv=True),
+              "both": dict(kdim=6, vdim=5, add_bias_kv=True)}  # fmt: skip
+OWN = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v")
+
+
+@pytest.mark.parametrize("kind", list(ATTENTIONS))
+@pytest.mark.parametrize("init", ["vit", "pytorch", "he_truncated_normal"])
+def test_every_attention_parameter_is_redrawn(kind, init):
+    """A ``MultiheadAttention`` with separate query/key/value weights (``kdim``/``vdim`` differ
+    from the width) or ``add_bias_kv`` kept its trained ``q/k/v_proj_weight`` and
+    ``bias_k``/``bias_v`` under every initializer (only ``in_proj_weight`` was drawn).  The vit
+    and pytorch rules now draw them as PyTorch's ``_reset_parameters`` does (the same values
+    from the same seed); He draws the projections like a dense weight and zeroes the extra
+    key and value (biases)."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, **ATTENTIONS[kind])
+    own = {n: p for n, p in mha.named_parameters(recurse=False) if n in OWN}
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.fill_(3.0)  # "trained": every rule changes it
+    R.INITS[init](mha, torch.Generator().manual_seed(4))
+    for n, p in own.items():
+        assert not torch.any(p == 3.0), (init, n)
+    if init == "he_truncated_normal":
+        for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            if n in own:
+                assert own[n].abs().max() <= 2 * math.sqrt(2.6 / own[n].shape[1]), n
+        assert all(torch.all(own[n] == 0) for n in ("bias_k", "bias_v") if n in own)
+        return
+    ref = nn.MultiheadAttention(8, 2, batch_first=True, **ATTENTIONS[kind])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        ref._reset_parameters()
+    for n, p in own.items():
+        assert torch.equal(p, getattr(ref, n)), (init, n)
+
+
+def test_vit_init_gives_a_conv_stem_batchnorm_weight_1_and_bias_0():
+    """torchvision's conv-stem ViT: ``vit_init_`` drew the stem's BatchNorm weight and bias from
+    normal(0, 0.02) (its catch-all rule); now the normalization rule of the other initializers
+    (weight 1, bias 0, running statistics of a new layer, as ``pytorch_default_``)."""
+    from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        m = VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                              conv_stem_configs=[ConvStemConfig(out_channels=4, kernel_size=3, stride=2)])  # fmt: skip
+    bn = m.conv_proj.conv_bn_relu_0[1]
+    assert isinstance(bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        bn.weight.fill_(3.0), bn.bias.fill_(3.0), bn.running_mean.fill_(5.0), bn.running_var.fill_(5.0)
+    R.INITS["vit"](m, torch.Generator().manual_seed(0))
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)

@@ -133,13 +133,13 @@ def test_hooked_forward_equals_the_plain_forward(vit, xv):
     """The hooks switch the attention to its weights-returning path (need_weights=True): the
     logits equal those of the model's own (fast) path, with and without the gradient
     recomputation."""
-    blocks = TR.check_transformer(vit)
+    blocks = TR.encoder_blocks(vit)
     with torch.no_grad():
         plain = vit(xv)
-        with TR._Capture(blocks, grad=False):
-            hooked = vit(xv)
-    with TR._Capture(blocks, grad=True):
-        recomputed = vit(xv)
+        with TR._Capture(vit, blocks, "test", grad=False) as cap:
+            hooked = cap.run(xv)
+    with TR._Capture(vit, blocks, "test", grad=True) as cap:
+        recomputed = cap.run(xv)
     rel_close(hooked, plain, 1e-5)
     rel_close(recomputed, plain, 1e-5)
 
@@ -468,3 +468,89 @@ def test_a_wrongly_sized_image_on_a_torchvision_vit_is_named():
     for call in (lambda: sl.explain(m, x, "gradient"), lambda: TR.attention_weights(m, x)):
         with pytest.raises(ValueError, match=r"x of shape .* does not fit the model"):
             call()
+
+
+# ---------------------------------------------------------------- (10) attention that the hooks miss
+class _FusedBlock(nn.Module):
+    """An EncoderBlock that computes its attention with F.scaled_dot_product_attention on its
+    ``self_attention``'s weights (the module is never called: its hooks never fire)."""
+
+    def __init__(self, blk: nn.Module) -> None:
+        super().__init__()
+        self.ln_1, self.self_attention, self.ln_2, self.mlp = blk.ln_1, blk.self_attention, blk.ln_2, blk.mlp
+
+    def forward(self, h):
+        mha, u = self.self_attention, self.ln_1(h)
+        n, T, E = u.shape
+        q, k, v = (t.reshape(n, T, mha.num_heads, -1).transpose(1, 2)
+                   for t in F.linear(u, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))  # fmt: skip
+        h = h + mha.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, T, E))
+        return h + self.mlp(self.ln_2(h))
+
+
+class _DirectForwardBlock(_FusedBlock):
+    """Calls ``self_attention.forward(...)`` itself (no hooks run)."""
+
+    def forward(self, h):
+        u = self.ln_1(h)
+        h = h + self.self_attention.forward(u, u, u, need_weights=False)[0]
+        return h + self.mlp(self.ln_2(h))
+
+
+class _OtherNameBlock(_FusedBlock):
+    """Its attention, called as a module, stored as ``attn`` (not ``self_attention``): not an
+    encoder block, so the last block found is an earlier one."""
+
+    def __init__(self, blk: nn.Module) -> None:
+        super().__init__(blk)
+        self.attn = self.self_attention
+        del self.self_attention
+
+    def forward(self, h):
+        u = self.ln_1(h)
+        h = h + self.attn(u, u, u, need_weights=False)[0]
+        return h + self.mlp(self.ln_2(h))
+
+
+@pytest.mark.parametrize("wrap, which, names", [
+    (_FusedBlock, [1], r"'encoder\.layers\.encoder_layer_1' was not captured"),
+    (_FusedBlock, [0, 1], r"'encoder\.layers\.encoder_layer_0', 'encoder\.layers\.encoder_layer_1' was not captured"),
+    (_DirectForwardBlock, [0], r"'encoder\.layers\.encoder_layer_0' was not captured"),
+    (_OtherNameBlock, [1], r"'encoder\.layers\.encoder_layer_1\.attn' ran but is not the `self_attention` "
+                           r"of its block \('encoder\.layers\.encoder_layer_1'\)"),
+])  # fmt: skip
+def test_attention_the_hooks_miss_is_refused_by_block(wrap, which, names, xv):
+    """A block whose attention does not run through its ``self_attention`` module
+    (F.scaled_dot_product_attention, ``self_attention.forward(...)``) failed with an
+    AttributeError/TypeError on None, or (the first block, for raw attention and GradCAM)
+    silently gave a map; a last block whose attention is stored under another name made raw
+    attention read the block before it, silently.  Each is a ValueError naming the blocks now,
+    after the forward pass, with the hooks removed."""
+    m = tiny_vit(seed=2, layers=2)
+    for i in which:
+        m.encoder.layers[i] = wrap(m.encoder.layers[i])
+    hk = hooks(m)
+    calls = {method: (lambda method=method: sl.explain(m, xv, method)) for method in METHODS}
+    calls["attention_weights"] = lambda: TR.attention_weights(m, xv)
+    for method, call in calls.items():
+        with pytest.raises(ValueError, match=rf"method '{method}': .*{names}.*called as a module"):
+            call()
+        assert hooks(m) == hk
+
+
+# ---------------------------------------------------------------- (11) low-precision models
+def test_gradient_methods_on_a_bfloat16_vit():
+    """The recomputed attention output was checked against the module's within 1e-4 of its scale
+    in every dtype: a bfloat16 ViT failed with "masks or dropout?" from ordinary rounding.  The
+    tolerance is 8 rounding units of the dtype where that is coarser (float32 keeps 1e-4); the
+    bfloat16 maps are those of the float32 model up to bfloat16 rounding."""
+    assert TR._tolerance(torch.float32) == TR._tolerance(torch.float64) == 1e-4
+    assert TR._tolerance(torch.bfloat16) == 8 * 2**-7
+    m32 = tiny_vit(seed=1, channels=1, layers=2)
+    m16 = tiny_vit(seed=1, channels=1, layers=2).to(torch.bfloat16)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 1, 2])
+    for method in ("grad_attention_rollout", "vit_gradcam"):
+        got = sl.explain(m16, x.to(torch.bfloat16), method, target=t)
+        assert got.dtype == torch.bfloat16
+        rel_close(got.float(), sl.explain(m32, x, method, target=t), 0.1)

@@ -329,7 +329,19 @@ def checkpoint_config(name: str, data: MnistData, labels: str = "true",
         "weight_decay": paper_weight_decay(name) if weight_decay is None else float(weight_decay),
         "source": data.source, "n_train": len(data.y_train), "n_test": len(data.y_test),
         "data": _data_hash(data), "code": _CODE_HASH, "torch": torch.__version__.split("+")[0],
+        # the MNIST ViT is torchvision's VisionTransformer (read from the package's metadata:
+        # importing sanitylib does not import torchvision)
+        "torchvision": _package_version("torchvision"),
     }  # fmt: skip
+
+
+def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name).split("+")[0]
+    except PackageNotFoundError:
+        return None
 
 
 def _cached_checkpoint(path: Path, cfg: dict, progress: bool) -> tuple[dict, dict] | None:

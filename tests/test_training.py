@@ -193,6 +193,9 @@ def test_checkpoints_are_cached_and_keyed_by_the_full_config(small, cache, monke
     other = MnistData(small.x_train[:299], small.y_train[:299], small.x_test, small.y_test,
                       small.source)  # same source string, different data
     assert T.checkpoint_config("mnist_cnn", other, epochs=1)["data"] != base["data"]
+    import torchvision  # the MNIST ViT's architecture is torchvision's: its version is in the key
+
+    assert base["torchvision"] == torchvision.__version__.split("+")[0]
     for field in ("source", "data", "code", "weight_decay", "n_train"):
         assert field in base
 

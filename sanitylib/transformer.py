@@ -27,6 +27,14 @@ Raw attention and attention rollout do not depend on the target class (nor on an
 the last attention, e.g. the classification head): they ignore ``target``.  That is part of
 what the sanity checks measure.
 
+The three attention methods read the class token's row: they explain a classifier that reads
+the class token alone (torchvision's, the original ViT's).  A model with a class token whose
+head averages the tokens instead ("global pool", as in MAE or DeiT fine-tuning) is explained
+through a token the head reads as one of many: nothing here detects that, so check how your
+model's head pools before reading these maps (a user probe found the gradient of the logit equal
+on the class token and on every patch token of such a model).  Maps of the gradient methods
+(``gradient``, ``vit_gradcam``, ...) follow the head whatever it reads.
+
 Maps are ``(N, C, H, W)`` like every other method's (the same map in every channel): the
 patch-grid map ``(N, 1, h, w)`` is upsampled bilinearly (``align_corners=False``) to the input's
 ``(H, W)``, as GradCAM here (:func:`sanitylib.attribution.cam_to_map`) and as ViT explanations

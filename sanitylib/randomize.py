@@ -94,12 +94,16 @@ def pytorch_default_(module: nn.Module, gen: torch.Generator) -> None:
     ``reset_parameters`` does); a ``MultiheadAttention``'s own parameters as its
     ``_reset_parameters`` draws them (:func:`sanitylib.models._pytorch_attention_`: the input
     projection, ``in_proj_weight`` or ``q/k/v_proj_weight``, Xavier uniform with bias 0,
-    ``bias_k``/``bias_v`` Xavier normal); parameters registered directly on other modules:
-    normal, std 0.02."""
+    ``bias_k``/``bias_v`` Xavier normal, and its output projection's bias 0: its weight is drawn
+    as a ``Linear``'s); parameters registered directly on other modules: normal, std 0.02."""
+    # an attention's output projection: a Linear whose bias MultiheadAttention sets to 0
+    out_proj = {id(m.out_proj) for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=gen)
-            if m.bias is not None:
+            if m.bias is not None and id(m) in out_proj:
+                nn.init.zeros_(m.bias)
+            elif m.bias is not None:
                 bound = 1 / math.sqrt(m.weight[0].numel())
                 nn.init.uniform_(m.bias, -bound, bound, generator=gen)
         elif isinstance(m, _NORM):

@@ -790,6 +790,19 @@ def test_every_attention_parameter_is_redrawn(kind, init):
         assert torch.equal(p, getattr(ref, n)), (init, n)
 
 
+def test_pytorch_default_gives_an_attention_output_projection_bias_0():
+    """MultiheadAttention sets its out_proj.bias to 0; pytorch_default_ drew it as a Linear's
+    bias (uniform), unlike what PyTorch's own initialization draws."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.fill_(3.0)
+    R.pytorch_default_(mha, torch.Generator().manual_seed(4))
+    assert torch.all(mha.out_proj.bias == 0) and not torch.any(mha.out_proj.weight == 3.0)
+    lin = nn.Linear(8, 8)  # a Linear elsewhere keeps its uniform bias
+    R.pytorch_default_(lin, torch.Generator().manual_seed(4))
+    assert lin.bias.abs().max() > 0
+
 def test_vit_init_gives_a_conv_stem_batchnorm_weight_1_and_bias_0():
     """torchvision's conv-stem ViT: ``vit_init_`` drew the stem's BatchNorm weight and bias from
     normal(0, 0.02) (its catch-all rule); now the normalization rule of the other initializers

@@ -118,7 +118,10 @@ def run_randomization(
         engine: ``"batched"`` (:mod:`sanitylib.engine`: shared passes, batched rows, forward
             replay) or ``"reference"`` (``explain`` per method and stage; slow, for checks).
         amp: ``None`` (default), ``"bfloat16"`` or ``"float16"``: autocast of the forward
-            passes (batched engine; changes the numbers slightly).
+            passes (batched engine; changes the numbers slightly).  Methods without shared
+            passes (users' callables and captum classes, the attention methods) run in the
+            model's own precision: their maps do not change, only the targets (``"current"``)
+            come from the autocast forward pass.
         group_size: images computed together (default: automatic).
         floor: compute the noise floors (``df.floor``).
         order: ``"top_down"`` (the paper: the output block first) or ``"bottom_up"`` (the input

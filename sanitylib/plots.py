@@ -18,7 +18,7 @@ from . import attribution as _attribution  # noqa: F401  (registers the built-in
 from . import metrics as _metrics  # noqa: F401  (registers the built-in metrics)
 from . import registry
 from .postprocess import abs_normalize, diverging_normalize
-from .result import check_one_run, stage_order
+from .result import RUN_COLUMNS, check_one_run, stage_order
 
 __all__ = ["METHOD_LABELS", "METRIC_LABELS", "use_book_style", "to_display", "method_grid",
            "stage_grid", "pick_stages", "similarity_curves", "similarity_panels", "stage_heatmap",
@@ -482,6 +482,7 @@ def similarity_bars(df: pd.DataFrame, metrics: Sequence[str] = ("spearman_abs", 
     drawn = []
     for ax, p in zip(axes[0], panels):
         sub = df[df[panel] == p]
+        check_one_run(sub, f"similarity_bars (panel {p!r})", [c for c in RUN_COLUMNS if c != panel])
         ms = [m for m in all_methods if m in set(sub["method"])]
         x = np.arange(len(ms))
         for j, metric in enumerate(metrics):

@@ -90,7 +90,8 @@ def abs_normalize(maps: Tensor, percentile: float = 99.0) -> Tensor:
 
     C > 1: ``m = sum_c |E_c|``, then ``(m - min) / (p99 - min)`` clipped to [0, 1] per image,
     so the top 1 % become ties at 1; where ``p99 == min`` (a sparse map) ``max`` takes the
-    place of ``p99``. C == 1: ``|E| / max|E|``.  A constant image maps to all zeros.
+    place of ``p99``. C == 1: ``|E| / max|E|``.  An all-zero image, and for C > 1 a constant
+    one, maps to all zeros (C == 1: a constant non-zero image maps to all ones).
     """
     check_maps(maps)
     if maps.shape[1] == 1:

@@ -171,7 +171,7 @@ class Perturbation:
             return f"reinit({name})"
         sigma = f"{self.sigma:g}"
         if float(sigma) != self.sigma:  # 0.5000001 read "0.5": two runs under one name
-            sigma = repr(float(self.sigma))
+            sigma = f"{self.sigma:.12g}"  # np.linspace's 0.30000000000000004 reads 0.3
         return f"{self.kind}({sigma}{', relative' if self.relative else ''})"
 
 

@@ -76,6 +76,7 @@ def noise_sensitivity(model: nn.Module, x: Tensor, methods: Sequence[str],
         draw`` added; ``df.attrs["stages"]`` holds the stage order.
     """
     sigmas = _positive_levels(sigmas)
+    check_seed(seed)  # -1 and 1.5 went into derive_seed; same_model_floor refused them
     if not _is_int(draws) or draws < 1:
         raise ValueError(f"draws must be an int >= 1, got {draws!r}")
     if kind not in ("gaussian", "multiplicative"):

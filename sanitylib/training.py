@@ -330,8 +330,8 @@ def checkpoint_config(name: str, data: MnistData, labels: str = "true",
         "source": data.source, "n_train": len(data.y_train), "n_test": len(data.y_test),
         "data": _data_hash(data), "code": _CODE_HASH, "torch": torch.__version__.split("+")[0],
         # the MNIST ViT is torchvision's VisionTransformer (read from the package's metadata:
-        # importing sanitylib does not import torchvision)
-        "torchvision": _package_version("torchvision"),
+        # importing sanitylib does not import torchvision); the CNN and MLP do not use it
+        **({"torchvision": _package_version("torchvision")} if name == "mnist_vit" else {}),
     }  # fmt: skip
 
 

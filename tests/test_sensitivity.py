@@ -80,6 +80,12 @@ def test_one_unit_gives_no_interval_and_no_shape():
     assert all(math.isnan(v) for v in S.bootstrap_ci(np.array([0.3])))
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5])
+def test_noise_sensitivity_checks_its_seed(seed):
+    with pytest.raises(ValueError, match="seed must"):
+        S.noise_sensitivity(torch.nn.Linear(4, 2), torch.rand(2, 4), ["gradient"], [0.1], seed=seed)
+
+
 def test_perturbation_labels_tell_close_sigmas_apart():
     assert sl.Perturbation("gaussian", sigma=0.5).describe() == "gaussian(0.5)"
     assert sl.Perturbation("gaussian", sigma=2.0, relative=True).describe() == "gaussian(2, relative)"

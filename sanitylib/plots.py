@@ -556,7 +556,6 @@ def sensitivity_curves(df: pd.DataFrame, metric: str = "spearman",
     :func:`sanitylib.sensitivity.same_model_floor`) adds each stochastic method's same-model
     floor as a dashed line: what independent noise draws alone score."""
     (metric,), methods = _selection(df, [metric], _names(methods), metric_arg="metric")
-    check_one_run(df, "sensitivity_curves", ("model", "kind", "relative"))
     from .sensitivity import unit_curves
 
     wide = unit_curves(df, metric)

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .models import (_NORM, Block, _attention_, _norm_identity_, _pytorch_attention_, _zero, block_member,
-                     get_info, get_submodule, init_mnist_cnn_, init_mnist_mlp_, is_vit, vit_blocks, vit_init_)
+from .models import (_NORM, Block, _attention_, _norm_identity_, _pytorch_attention_, _trunc_normal, _zero,
+                     block_member, get_info, get_submodule, init_mnist_cnn_, init_mnist_mlp_, is_vit, vit_blocks, vit_init_)
 from .utils import derive_seed
 
 __all__ = ["INITS", "Perturbation", "Stage", "get_blocks", "infer_blocks", "cascading_stages",
@@ -70,8 +70,7 @@ def he_truncated_normal_(module: nn.Module, gen: torch.Generator) -> None:
 
 
 def _he_trunc_(w: Tensor, fan_in: int, gen: torch.Generator) -> None:
-    s = math.sqrt(2.6 / fan_in)
-    nn.init.trunc_normal_(w, 0.0, s, a=-2 * s, b=2 * s, generator=gen)
+    _trunc_normal(w, math.sqrt(2.6 / fan_in), gen)  # He's std, truncated at 2 std
 
 
 def _loose_parameters_(m: nn.Module, gen: torch.Generator) -> None:

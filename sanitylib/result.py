@@ -27,11 +27,14 @@ import pandas as pd
 from torch import Tensor
 
 __all__ = ["MapStore", "RunParts", "ResultTable", "NoRunParts", "parts_of", "stage_order",
-           "RUN_COLUMNS", "check_one_run"]
+           "RUN_COLUMNS", "NOISE_RUN_COLUMNS", "check_one_run"]
 
 #: Columns that tell runs apart in a table of several (``pd.concat`` of two results):
 #: :func:`sanitylib.summarize` and the figures never pool rows that differ in them.
 RUN_COLUMNS = ("model", "schedule", "perturbation")
+#: The same for the weight-noise tables (:func:`sanitylib.sensitivity.noise_sensitivity`), whose
+#: ``perturbation`` varies with sigma within one run.
+NOISE_RUN_COLUMNS = ("model", "kind", "relative")
 
 
 def check_one_run(df: pd.DataFrame, what: str, columns: Sequence[str] = RUN_COLUMNS) -> None:

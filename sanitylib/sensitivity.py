@@ -37,7 +37,7 @@ from .attribution import check_seed, derive_seed
 from .experiment import explain_methods, run_randomization
 from .metrics import similarity
 from .randomize import Perturbation
-from .result import check_one_run, stage_order
+from .result import NOISE_RUN_COLUMNS, check_one_run, stage_order
 from .registry import (check_map_size, metric_identity, metric_names, resolve_methods,
                        resolve_metrics)
 from .spec import _is_int
@@ -185,7 +185,7 @@ def unit_curves(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 
     A table of several runs (models, noise kinds, absolute and relative sigmas: ``pd.concat`` of
     :func:`noise_sensitivity` tables) is refused: their curves were averaged together."""
-    check_one_run(df, "unit_curves", ("model", "kind", "relative"))
+    check_one_run(df, "unit_curves", NOISE_RUN_COLUMNS)
     stages = stage_order(df)
     sub = df[df["metric"] == metric]
     if sub.empty:
